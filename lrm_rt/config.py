@@ -1,0 +1,216 @@
+"""Model configurations: one dataclass for every supported checkpoint, and the named releases.
+
+A ``ModelConfig`` is built from the files a checkpoint ships with (TripoSR ``config.yaml``, OpenLRM
+v1.1 ``config.json`` kwargs, OpenLRM v1.0 ``model.pth['kwargs']``) or taken from ``NAMED_CONFIGS``
+(the released checkpoints, whose hyper-parameters are in the fixtures' manifests).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+
+from .errors import ConfigError
+from .field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec
+from .models.dinov2 import Dinov2Config, dinov2_config
+from .models.vit import DINO_VITB16, ViTConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+EncoderConfig = Union[ViTConfig, Dinov2Config]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a model and run it with its family's reference defaults."""
+
+    name: str
+    family: Literal["triposr", "openlrm"]
+    version: Literal["triposr", "1.0", "1.1"]
+    encoder: EncoderConfig
+    input_size: int  # square side fed to the encoder
+    image_mean: Optional[Tuple[float, float, float]]  # None: the encoder takes [0,1] RGB (OpenLRM v1.1)
+    image_std: Optional[Tuple[float, float, float]]
+    transformer_dim: int  # width of the triplane tokens (TripoSR: tokenizer channels)
+    transformer_layers: int
+    transformer_heads: int
+    head_dim: int  # TripoSR sets it explicitly; OpenLRM: dim // heads
+    encoder_feat_dim: int
+    camera_embed_dim: int  # 0 for TripoSR (no camera input)
+    triplane_low_res: int
+    triplane_dim: int  # channels per plane after the upsampler
+    decoder_in: int
+    decoder_hidden: int
+    decoder_linear_layers: int  # number of nn.Linear in the NeRF MLP
+    samples_per_ray: int
+    # Inference defaults of the family's reference code.
+    mc_resolution: int
+    mc_threshold: float
+    render_size: int
+    foreground_ratio: Optional[float]  # TripoSR recentres the object; OpenLRM's CLI does not
+    background: float  # grey level behind the object: TripoSR 0.5, OpenLRM 1.0 (white)
+    source_cam_dist: float = 2.0
+
+    @property
+    def field_spec(self) -> FieldSpec:
+        return TRIPOSR_FIELD if self.family == "triposr" else OPENLRM_FIELD
+
+    @property
+    def triplane_high_res(self) -> int:
+        return 2 * self.triplane_low_res
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(cfg: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in cfg:
+        raise ConfigError(f"{where}: missing key {key!r}")
+    return cfg[key]
+
+
+def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
+                   vit: Optional[ViTConfig] = None) -> ModelConfig:
+    """From TripoSR's config.yaml (already parsed; ``${...}`` interpolations resolved or not)."""
+    where = f"TripoSR config of {name}"
+    try:
+        tok = _require(yaml_cfg, "tokenizer", where)
+        bb = _require(yaml_cfg, "backbone", where)
+        post = _require(yaml_cfg, "post_processor", where)
+        dec = _require(yaml_cfg, "decoder", where)
+        ren = yaml_cfg.get("renderer", {})
+        channels = int(tok["num_channels"])
+        if float(ren.get("radius", 0.87)) != TRIPOSR_FIELD.radius:
+            raise ConfigError(f"{where}: renderer.radius {ren.get('radius')} is not supported (only 0.87)")
+        if ren.get("density_activation", "exp") != "exp" or dec.get("activation", "silu") != "silu":
+            raise ConfigError(f"{where}: only exp density and SiLU decoders are supported")
+        if ren.get("feature_reduction", "concat") != "concat":
+            raise ConfigError(f"{where}: only feature_reduction 'concat' is supported")
+        return ModelConfig(
+            name=name, family="triposr", version="triposr",
+            encoder=vit or DINO_VITB16,
+            input_size=int(yaml_cfg.get("cond_image_size", 512)),
+            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+            transformer_dim=channels,
+            transformer_layers=int(bb["num_layers"]),
+            transformer_heads=int(bb["num_attention_heads"]),
+            head_dim=int(bb["attention_head_dim"]),
+            encoder_feat_dim=int(bb.get("cross_attention_dim", 768)),
+            camera_embed_dim=0,
+            triplane_low_res=int(tok["plane_size"]),
+            triplane_dim=int(post["out_channels"]),
+            decoder_in=int(dec["in_channels"]),
+            decoder_hidden=int(dec["n_neurons"]),
+            decoder_linear_layers=int(dec["n_hidden_layers"]) + 1,
+            samples_per_ray=int(ren.get("num_samples_per_ray", 128)),
+            mc_resolution=256, mc_threshold=25.0, render_size=256,
+            foreground_ratio=0.85, background=0.5,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid or missing value ({exc})") from None
+
+
+# OpenLRM v1.1 inference yamls (configs/infer-{s,b,l}.yaml), chosen by transformer width.
+_V11_INFER = {512: (224, 192), 768: (336, 288), 1024: (448, 384)}
+
+
+def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], name: str,
+                   infer: Optional[Mapping[str, Any]] = None, vit: Optional[ViTConfig] = None) -> ModelConfig:
+    """From OpenLRM's model kwargs (v1.1 config.json, v1.0 model.pth['kwargs']['model'])."""
+    where = f"OpenLRM {version} config of {name}"
+    infer = dict(infer or {})
+    try:
+        dim = int(kwargs["transformer_dim"])
+        heads = int(kwargs["transformer_heads"])
+        if version == "1.1":
+            if kwargs.get("encoder_type", "dinov2") != "dinov2":
+                raise ConfigError(f"{where}: encoder_type {kwargs.get('encoder_type')!r} is not supported")
+            encoder: EncoderConfig = dinov2_config(str(kwargs["encoder_model_name"]))
+            mean = std = None  # DINOv2 in OpenLRM v1.1 takes the [0,1] image as is
+            size, render = _V11_INFER.get(dim, (224, 192))
+        else:
+            encoder = dataclasses.replace(vit or DINO_VITB16, with_pooler=False)
+            # facebook/dino-vitb16's image processor normalises with ImageNet statistics.
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            size, render = 512, 384  # only used without a checkpoint: real ones carry kwargs.infer
+        size = int(infer.get("source_size", size))
+        return ModelConfig(
+            name=name, family="openlrm", version=version, encoder=encoder,
+            input_size=size, image_mean=mean, image_std=std,
+            transformer_dim=dim, transformer_layers=int(kwargs["transformer_layers"]),
+            transformer_heads=heads, head_dim=dim // heads,
+            encoder_feat_dim=int(kwargs["encoder_feat_dim"]),
+            camera_embed_dim=int(kwargs["camera_embed_dim"]),
+            triplane_low_res=int(kwargs["triplane_low_res"]),
+            triplane_dim=int(kwargs["triplane_dim"]),
+            decoder_in=3 * int(kwargs["triplane_dim"]), decoder_hidden=64, decoder_linear_layers=4,
+            samples_per_ray=int(kwargs.get("rendering_samples_per_ray", 96)),
+            mc_resolution=int(infer.get("mesh_size", 384)),
+            mc_threshold=float(infer.get("mesh_thres", 3.0)),
+            render_size=int(infer.get("render_size", render)),
+            foreground_ratio=None, background=1.0,
+            source_cam_dist=float(infer.get("source_cam_dist", 2.0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid or missing value ({exc})") from None
+
+
+# Hyper-parameters of the released checkpoints (HF config.json / config.yaml / model.pth kwargs).
+_V11 = {
+    "small": dict(camera_embed_dim=1024, rendering_samples_per_ray=96, transformer_dim=512,
+                  transformer_layers=12, transformer_heads=8, triplane_low_res=32, triplane_high_res=64,
+                  triplane_dim=32, encoder_type="dinov2", encoder_model_name="dinov2_vits14_reg",
+                  encoder_feat_dim=384),
+    "base": dict(camera_embed_dim=1024, rendering_samples_per_ray=96, transformer_dim=768,
+                 transformer_layers=12, transformer_heads=12, triplane_low_res=32, triplane_high_res=64,
+                 triplane_dim=48, encoder_type="dinov2", encoder_model_name="dinov2_vitb14_reg",
+                 encoder_feat_dim=768),
+    "large": dict(camera_embed_dim=1024, rendering_samples_per_ray=128, transformer_dim=1024,
+                  transformer_layers=16, transformer_heads=16, triplane_low_res=32, triplane_high_res=64,
+                  triplane_dim=80, encoder_type="dinov2", encoder_model_name="dinov2_vitb14_reg",
+                  encoder_feat_dim=768),
+}
+# v1.0: reconstructed from the README table and the published file sizes (see fixtures manifests).
+_V10 = {
+    "small": dict(camera_embed_dim=768, rendering_samples_per_ray=96, transformer_dim=768,
+                  transformer_layers=12, transformer_heads=12, triplane_low_res=32, triplane_dim=32,
+                  encoder_feat_dim=768),
+    "base": dict(camera_embed_dim=1024, rendering_samples_per_ray=128, transformer_dim=1024,
+                 transformer_layers=12, transformer_heads=16, triplane_low_res=32, triplane_dim=40,
+                 encoder_feat_dim=768),
+    "large": dict(camera_embed_dim=1024, rendering_samples_per_ray=128, transformer_dim=1024,
+                  transformer_layers=16, transformer_heads=16, triplane_low_res=32, triplane_dim=80,
+                  encoder_feat_dim=768),
+}
+TRIPOSR_YAML: Dict[str, Any] = {
+    "cond_image_size": 512,
+    "image_tokenizer": {"pretrained_model_name_or_path": "facebook/dino-vitb16"},
+    "tokenizer": {"plane_size": 32, "num_channels": 1024},
+    "backbone": {"in_channels": 1024, "num_attention_heads": 16, "attention_head_dim": 64,
+                 "num_layers": 16, "cross_attention_dim": 768},
+    "post_processor": {"in_channels": 1024, "out_channels": 40},
+    "decoder": {"in_channels": 120, "n_neurons": 64, "n_hidden_layers": 9, "activation": "silu"},
+    "renderer": {"radius": 0.87, "feature_reduction": "concat", "density_activation": "exp",
+                 "density_bias": -1.0, "num_samples_per_ray": 128},
+}
+
+NAMED_CONFIGS: Dict[str, ModelConfig] = {"triposr": triposr_config(TRIPOSR_YAML, "triposr")}
+for _size, _kw in _V11.items():
+    for _data in ("obj", "mix"):
+        _name = f"openlrm-{_data}-{_size}-1.1"
+        NAMED_CONFIGS[_name] = openlrm_config(_kw, "1.1", _name)
+for _size, _kw in _V10.items():
+    _name = f"openlrm-{_size}-obj-1.0"
+    NAMED_CONFIGS[_name] = openlrm_config(_kw, "1.0", _name)
+
+# Hugging Face repos of the released checkpoints, for ``--model NAME`` with network access.
+HF_REPOS: Dict[str, str] = {"triposr": "stabilityai/TripoSR"}
+HF_REPOS.update({n: f"zxhezexin/{n}" for n in NAMED_CONFIGS if n.startswith("openlrm-")})
+
+
+def named_config(name: str) -> ModelConfig:
+    try:
+        return NAMED_CONFIGS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(NAMED_CONFIGS))}") from None

@@ -1,0 +1,34 @@
+"""Errors raised by lrm_rt.
+
+Every failure caused by user input (images, checkpoints, options, engines) is an
+``LrmError`` with a one-line message that names the problem; the CLI prints it
+and exits non-zero instead of showing a traceback.
+"""
+
+
+class LrmError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class ImageError(LrmError):
+    """An input image cannot be read or used."""
+
+
+class CheckpointError(LrmError):
+    """A checkpoint or model directory is missing, malformed or mismatched."""
+
+
+class ConfigError(LrmError):
+    """An unknown model name or an invalid option value."""
+
+
+class BackendError(LrmError):
+    """A requested backend is unavailable or was built for another machine."""
+
+
+class ResourceError(LrmError):
+    """A request needs more memory than is available."""
+
+
+class FieldError(LrmError):
+    """A triplane or field holds values that cannot be meshed (NaN / inf)."""

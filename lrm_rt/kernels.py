@@ -1,0 +1,89 @@
+"""Locate the kernel sources and load the CPU build of them (a plain C ABI, called through ctypes).
+
+The library is normally built by ``pip install`` (setup.py). When it is missing or older than the
+sources (a developer editing cuda/*.cu in a checkout), it is compiled just in time with g++ into a
+per-user cache, so tests always run the code that is on disk.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+from ._build import native_compile_command
+from .errors import BackendError
+
+_PKG = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+
+
+def cuda_source_dir() -> Path:
+    """The .cu/.cuh sources: the checkout's cuda/ folder, else the copy shipped in the package."""
+    for cand in (_PKG.parent / "cuda", _PKG / "cuda_src"):
+        if (cand / "compat.cuh").is_file():
+            return cand
+    raise BackendError("kernel sources not found (neither cuda/ in a checkout nor lrm_rt/cuda_src)")
+
+
+def _sources_digest(src: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(src.glob("*.cu*")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(os.environ.get("LRM_RT_PORTABLE", "").encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(src: Path, out: Path) -> None:
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = native_compile_command(src, tmp)
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise BackendError(f"native kernels need a C++ compiler ({cmd[0]}) to build: {e}") from None
+    except subprocess.CalledProcessError as e:
+        raise BackendError(f"building the native kernels failed:\n{e.stderr[-4000:]}") from None
+    os.replace(tmp, out)
+
+
+def _built_library() -> Optional[Path]:
+    libs = sorted(_PKG.glob("_lrm_native*.so")) + sorted(_PKG.glob("_lrm_native*.pyd"))
+    return libs[0] if libs else None
+
+
+def native_library_path() -> Path:
+    """Path of an up-to-date CPU build, compiling one into the cache when needed."""
+    src = cuda_source_dir()
+    built = _built_library()
+    newest_src = max(p.stat().st_mtime for p in src.glob("*.cu*"))
+    if built is not None and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
+        return built
+    cache = Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"lrm_native-{_sources_digest(src)}-py{sys.version_info[0]}.so"
+    if not out.exists():
+        _compile(src, out)
+    return out
+
+
+def native() -> ctypes.CDLL:
+    """The loaded CPU kernel library (built once per process)."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            _lib = ctypes.CDLL(str(native_library_path()))
+        return _lib
+
+
+def native_available() -> bool:
+    try:
+        native()
+        return True
+    except (BackendError, OSError):
+        return False
