@@ -1,0 +1,146 @@
+"""``lrm-rt`` command line: reconstruct, info."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import LrmError
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="image(s) -> textured (vertex-coloured) mesh(es)")
+    p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background)")
+    p.add_argument("--model", default=None,
+                   help="built-in name (default lrm-tiny), a release name (e.g. triposr), a model directory "
+                        "or a Hugging Face repo id")
+    p.add_argument("--out", default="out", help="output directory (default: out)")
+    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
+    p.add_argument("--mc-resolution", type=int, default=None, help="marching-cubes grid size (family default)")
+    p.add_argument("--mc-threshold", type=float, default=None, help="density iso-level (family default)")
+    p.add_argument("--render-views", type=int, default=0, help="also render N novel views as PNG")
+    p.add_argument("--render-size", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--network-backend", default="torch", choices=["torch"])
+    p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--orientation", default="native", choices=["native", "y_up"],
+                   help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
+    p.add_argument("--foreground-ratio", type=float, default=None)
+    p.add_argument("--no-vertex-colors", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_reconstruct(args) -> int:
+    from .pipeline import DEFAULT_MODEL, Reconstructor
+
+    model = args.model or DEFAULT_MODEL
+    if args.mc_resolution is not None and args.mc_resolution < 2:
+        raise LrmError(f"--mc-resolution must be >= 2, got {args.mc_resolution}")
+    _log(args, f"loading {model} ...")
+    rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
+                        field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
+    _log(args, f"  {rec.config.name} ({rec.config.family} {rec.config.version}) from {rec.model.source}; "
+               f"field backend {rec.field.name}; {rec.load_seconds:.2f} s")
+    # Read and preprocess every image before writing anything, so a bad input leaves --out untouched.
+    pres = []
+    for img in args.images:
+        pres.append(rec.preprocess(img, args.foreground_ratio))
+        for w in pres[-1].warnings:
+            _log(args, f"  warning: {w}")
+    names = _unique_names(args.images)
+    totals: dict = {}
+    for img, pre, name in zip(args.images, pres, names):
+        _log(args, f"[{name}] reconstructing {img}")
+        t0 = time.perf_counter()
+        res = rec.reconstruct(pre, mc_resolution=args.mc_resolution, mc_threshold=args.mc_threshold,
+                              vertex_colors=not args.no_vertex_colors, render_views=args.render_views,
+                              render_size=args.render_size)
+        t1 = time.perf_counter()
+        paths = rec.save(res, args.out, name, args.format, args.orientation)
+        res.timings["export"] = time.perf_counter() - t1
+        res.timings["total"] = time.perf_counter() - t0
+        m = res.mesh
+        _log(args, f"  mesh: {m.num_vertices} vertices, {m.num_faces} faces -> {', '.join(str(p) for p in paths)}")
+        _log(args, "  " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.timings.items()))
+        for k, v in res.timings.items():
+            totals[k] = totals.get(k, 0.0) + v
+    if len(args.images) > 1:
+        _log(args, "total: " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in totals.items()))
+    return 0
+
+
+def _unique_names(images: List[str]) -> List[str]:
+    names, seen = [], {}
+    for img in images:
+        stem = Path(img).stem or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def cmd_info(args) -> int:
+    import numpy
+    import torch
+
+    from .config import NAMED_CONFIGS
+    from . import models_dir
+
+    print(f"lrm_rt {__version__}  python {platform.python_version()}  {platform.platform()}")
+    print(f"torch {torch.__version__}  numpy {numpy.__version__}  threads {torch.get_num_threads()}")
+    print(f"cpu: {platform.processor() or platform.machine()}  capability {torch.backends.cpu.get_cpu_capability()}")
+    cuda = torch.cuda.is_available()
+    print("cuda (torch): " + (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+                              if cuda else "no GPU"))
+    for mod in ("cupy", "onnxruntime", "tensorrt", "trimesh", "mcubes", "rembg", "huggingface_hub"):
+        try:
+            m = __import__(mod)
+            print(f"{mod}: {getattr(m, '__version__', 'available')}")
+        except Exception:
+            print(f"{mod}: not installed")
+    from .kernels import native_available
+
+    print(f"field backends: torch, native {'yes' if native_available() else 'no (build failed)'}, "
+          f"cuda {'yes' if cuda else 'no'}")
+    print("network backends: torch")
+    builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
+    print(f"built-in models: {', '.join(builtin) or 'none'}")
+    print(f"release configs: {', '.join(sorted(NAMED_CONFIGS))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrm-rt", description="Fast inference for Large Reconstruction Models")
+    parser.add_argument("--version", action="version", version=f"lrm_rt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_reconstruct(sub)
+    sub.add_parser("info", help="versions, backends and devices")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"reconstruct": cmd_reconstruct, "info": cmd_info}[args.command](args)
+    except LrmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (try a smaller --mc-resolution)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Density grid -> marching cubes -> world-space mesh with vertex colours -> GLB / OBJ / PLY.
+
+Output frame: by default the model's native frame, the same one the reference code writes: z up, the
+object in [-r, r]^3 (TripoSR r = 0.87, OpenLRM r = 1). ``orientation="y_up"`` rotates it by -90°
+about x into glTF's y-up convention (x, y, z) -> (x, z, -y), identically for every family.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Literal, Optional
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, FieldError, LrmError
+from .field.base import FieldBackend
+from .field.spec import TriplaneField
+
+MeshFormat = Literal["glb", "obj", "ply"]
+Orientation = Literal["native", "y_up"]
+FORMATS = ("glb", "obj", "ply")
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray  # (V, 3) float32, world units
+    faces: np.ndarray  # (F, 3) int64, outward (counter-clockwise seen from outside)
+    vertex_colors: Optional[np.ndarray] = None  # (V, 3) float32 in [0, 1]
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.vertices.shape[0])
+
+    @property
+    def num_faces(self) -> int:
+        return int(self.faces.shape[0])
+
+
+def check_finite(field_: TriplaneField) -> None:
+    """NaN/inf in the triplane would give a silently wrong mesh: refuse it."""
+    planes = field_.planes
+    if not bool(torch.isfinite(planes).all()):
+        bad = int((~torch.isfinite(planes)).sum())
+        raise FieldError(f"the triplane holds {bad} NaN/inf values; the network output is not meshable "
+                         "(check the input image and the checkpoint)")
+
+
+def grid_to_world(vertices: np.ndarray, resolution: int, radius: float) -> np.ndarray:
+    """Grid index units -> world: both families use linspace(-r, r, R) grids with endpoints."""
+    return (vertices / (resolution - 1) * (2.0 * radius) - radius).astype(np.float32)
+
+
+def extract_mesh(field_: TriplaneField, backend: FieldBackend, resolution: int, threshold: float,
+                 vertex_colors: bool = True, mc_backend: str = "auto") -> Mesh:
+    """Evaluate the density grid, run marching cubes at ``threshold`` and colour the vertices."""
+    from .mc import marching_cubes
+
+    if resolution < 2:
+        raise ConfigError(f"marching-cubes resolution must be >= 2, got {resolution}")
+    check_finite(field_)
+    t = {}
+    t0 = time.perf_counter()
+    grid = backend.density_grid(field_, resolution, level=threshold)
+    t["density_grid"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    verts, faces = marching_cubes(grid, threshold, backend=mc_backend)
+    t["marching_cubes"] = time.perf_counter() - t0
+    verts = grid_to_world(np.asarray(verts, dtype=np.float64), resolution, field_.spec.radius)
+    colors = None
+    if vertex_colors and len(verts):
+        t0 = time.perf_counter()
+        _, rgb = backend.query(field_, torch.from_numpy(verts))
+        colors = rgb.detach().cpu().float().numpy()
+        t["vertex_colors"] = time.perf_counter() - t0
+    return Mesh(verts, np.asarray(faces, dtype=np.int64), colors, t)
+
+
+def oriented_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndarray:
+    if orientation == "native":
+        return vertices
+    if orientation == "y_up":
+        return np.stack([vertices[:, 0], vertices[:, 2], -vertices[:, 1]], axis=1)
+    raise ConfigError(f"unknown orientation {orientation!r} (native or y_up)")
+
+
+def to_trimesh(mesh: Mesh, orientation: Orientation = "native"):
+    import trimesh
+
+    colors = None
+    if mesh.vertex_colors is not None:
+        rgb = np.clip(np.rint(mesh.vertex_colors * 255.0), 0, 255).astype(np.uint8)
+        colors = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+    return trimesh.Trimesh(vertices=oriented_vertices(mesh.vertices, orientation), faces=mesh.faces,
+                           vertex_colors=colors, process=False)
+
+
+def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
+                orientation: Orientation = "native") -> Path:
+    """Write atomically (temp file + rename), so a failure never leaves a partial file behind."""
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".").lower()  # type: ignore[assignment]
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if mesh.num_faces == 0:
+        raise LrmError("the mesh is empty: no surface at this threshold (try a lower --mc-threshold)")
+    data = to_trimesh(mesh, orientation).export(file_type=fmt)
+    if isinstance(data, str):
+        data = data.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,69 @@
+"""Network backends: image pixels (+ camera) -> triplane. One interface, several engines.
+
+``torch`` is the reference (fp32) and also runs reduced precision (bf16/fp16); ONNX Runtime and
+TensorRT backends (from ``lrm-rt export``) implement the same interface.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import ModelConfig
+from .errors import BackendError, ConfigError
+from .field.spec import TriplaneField
+from .models.network import LRMNetwork, default_source_camera
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NetworkBackend(ABC):
+    name = "abstract"
+    config: ModelConfig
+    weights: List[torch.Tensor]
+    biases: List[torch.Tensor]
+
+    @abstractmethod
+    def run(self, pixels: torch.Tensor, camera: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(B, 3, S, S) normalised pixels -> (triplane (B, 3, C, H, W) float32, per-stage seconds)."""
+
+    def triplane_field(self, triplane: torch.Tensor) -> TriplaneField:
+        """The decodable field of one object; the triplane hand-off stays float32."""
+        if triplane.dim() == 5:
+            triplane = triplane[0]
+        return TriplaneField(triplane.float().contiguous(), self.weights, self.biases, self.config.field_spec)
+
+
+class TorchNetworkBackend(NetworkBackend):
+    name = "torch"
+
+    def __init__(self, network: LRMNetwork, device: str = "cpu", precision: str = "fp32"):
+        if precision not in DTYPES:
+            raise ConfigError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError("--device cuda was requested but torch sees no CUDA GPU")
+        self.config = network.config
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        self.weights, self.biases = network.decoder_params()  # fp32 copies for the field
+        self.network = network.to(self.device, self.dtype).eval()
+
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, camera: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        net = self.network
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        x = pixels.to(self.device, self.dtype)
+        if camera is None and self.config.family == "openlrm":
+            camera = default_source_camera(self.config.source_cam_dist, x.shape[0])
+        if camera is not None:
+            camera = camera.to(self.device, self.dtype)
+        t0 = time.perf_counter()
+        tokens = net.encode(x)
+        sync()
+        t1 = time.perf_counter()
+        triplane = net.image_to_triplane(tokens, camera).float()
+        sync()
+        t2 = time.perf_counter()
+        return triplane.cpu() if self.device.type == "cpu" else triplane, {"encoder": t1 - t0, "transformer": t2 - t1}

@@ -1,0 +1,174 @@
+"""The reconstruction pipeline, one place per stage:
+
+image -> preprocess -> network backend (image -> triplane) -> field backend (queries) ->
+density grid + marching cubes + vertex colours -> mesh export; novel views by volume rendering.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel, load_model
+from .config import ModelConfig
+from .errors import BackendError, ConfigError
+from .field.base import FieldBackend
+from .mesh import Mesh, MeshFormat, Orientation, export_mesh, extract_mesh
+from .network_backends import NetworkBackend, TorchNetworkBackend
+from .preprocess import PreprocessConfig, PreprocessResult, load_image, preprocess
+
+DEFAULT_MODEL = "lrm-tiny"
+ImageInput = Union[str, Path, np.ndarray]
+
+
+def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
+                      background_removal: str = "auto") -> PreprocessConfig:
+    """The family's reference preprocessing for ``cfg`` (TripoSR run.py / OpenLRM infer_single)."""
+    ratio = cfg.foreground_ratio if foreground_ratio is None else foreground_ratio
+    if cfg.family == "triposr":
+        return PreprocessConfig("triposr", cfg.input_size, ratio, cfg.background, "bilinear_aa",
+                                cfg.image_mean, cfg.image_std, background_removal=background_removal)
+    return PreprocessConfig("openlrm", cfg.input_size, None, cfg.background, "bicubic_ac",
+                            cfg.image_mean, cfg.image_std, recenter=foreground_ratio is not None,
+                            recenter_border=1.0 - (foreground_ratio or 0.8),
+                            background_removal=background_removal)
+
+
+def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:
+    """``torch`` (reference), ``native`` (CPU kernels), ``cuda`` (CuPy kernels) or ``auto``."""
+    from .field.torch_ref import TorchFieldBackend
+
+    if name == "torch":
+        return TorchFieldBackend()
+    if name == "cuda" or (name == "auto" and device.startswith("cuda")):
+        try:
+            from .field.cuda import CudaFieldBackend
+        except ImportError as exc:
+            raise BackendError(f"CUDA field backend unavailable: {exc}") from None
+        return CudaFieldBackend()
+    if name in ("native", "auto"):
+        try:
+            from .field.native import NativeFieldBackend
+
+            return NativeFieldBackend()
+        except (ImportError, BackendError) as exc:
+            if name == "native":
+                raise BackendError(f"native field backend unavailable: {exc}") from None
+            return TorchFieldBackend()
+    raise ConfigError(f"unknown field backend {name!r} (auto, torch, native, cuda)")
+
+
+@dataclass
+class Reconstruction:
+    """One image's result. ``timings`` holds seconds per stage."""
+
+    source: str
+    mesh: Optional[Mesh]
+    triplane: torch.Tensor
+    views: List[np.ndarray] = field(default_factory=list)  # (H, W, 3) uint8 novel views
+    preprocessed: Optional[np.ndarray] = None  # the framed, composited input (uint8)
+    timings: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+
+class Reconstructor:
+    """Load a model once, then reconstruct images to meshes.
+
+    >>> rec = Reconstructor("lrm-tiny")                      # doctest: +SKIP
+    >>> result = rec.reconstruct("chair.png")                # doctest: +SKIP
+    >>> rec.save(result, "out/", fmt="glb")                  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, *, device: str = "cpu",
+                 network_backend: Union[str, NetworkBackend] = "torch", field_backend_name: str = "auto",
+                 precision: str = "fp32", threads: Optional[int] = None, random_weights: bool = False):
+        if threads:
+            torch.set_num_threads(int(threads))
+        t0 = time.perf_counter()
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
+        self.config: ModelConfig = self.model.config
+        if isinstance(network_backend, NetworkBackend):
+            self.network = network_backend
+        elif network_backend == "torch":
+            self.network = TorchNetworkBackend(self.model.network, device, precision)
+        else:
+            raise ConfigError(f"unknown network backend {network_backend!r} (torch)")
+        self.field = field_backend(field_backend_name, device)
+        self.load_seconds = time.perf_counter() - t0
+
+    def preprocess(self, image: ImageInput, foreground_ratio: Optional[float] = None,
+                   background_removal: str = "auto") -> PreprocessResult:
+        cfg = preprocess_config(self.config, foreground_ratio, background_removal)
+        if isinstance(image, np.ndarray):
+            return preprocess(image, cfg)
+        return preprocess(load_image(image), cfg, source=str(image))
+
+    def triplane(self, pre: PreprocessResult, camera: Optional[torch.Tensor] = None):
+        return self.network.run(pre.pixel_values, camera)
+
+    def reconstruct(self, image: Union[ImageInput, PreprocessResult], *, mc_resolution: Optional[int] = None,
+                    mc_threshold: Optional[float] = None, vertex_colors: bool = True, render_views: int = 0,
+                    render_size: Optional[int] = None, make_mesh: bool = True,
+                    foreground_ratio: Optional[float] = None) -> Reconstruction:
+        cfg = self.config
+        timings: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        pre = image if isinstance(image, PreprocessResult) else self.preprocess(image, foreground_ratio)
+        timings["preprocess"] = time.perf_counter() - t0
+        triplane, net_t = self.triplane(pre)
+        timings.update(net_t)
+        fld = self.network.triplane_field(triplane)
+        mesh = None
+        if make_mesh:
+            mesh = extract_mesh(fld, self.field, mc_resolution or cfg.mc_resolution,
+                                cfg.mc_threshold if mc_threshold is None else mc_threshold, vertex_colors)
+            timings.update(mesh.timings)
+        views: List[np.ndarray] = []
+        if render_views:
+            t0 = time.perf_counter()
+            views = self.render(fld, render_views, render_size or min(cfg.render_size, 256))
+            timings["render"] = time.perf_counter() - t0
+        source = str(image) if isinstance(image, (str, Path)) else "<array>"
+        return Reconstruction(source, mesh, triplane, views, pre.display_rgb, timings, list(pre.warnings))
+
+    def render(self, fld, n_views: int, size: int) -> List[np.ndarray]:
+        """Novel views on an orbit around the object (the family's default video cameras)."""
+        from . import render as R
+
+        cfg = self.config
+        if cfg.family == "triposr":
+            rays_o, rays_d = R.spherical_cameras(n_views, 0.0, 1.9, 40.0, size, size)
+            images = [self.field.render(fld, rays_o[i], rays_d[i]).rgb for i in range(n_views)]
+        else:
+            cams = R.surrounding_cameras(n_views + (cfg.version == "1.1"), version=cfg.version)[:n_views]
+            opts = R.OpenLRMRenderOptions(n_coarse=cfg.samples_per_ray // 2, n_fine=cfg.samples_per_ray // 2,
+                                          version=cfg.version)
+            images = []
+            for cam in cams:
+                o, d = R.openlrm_rays(cam, size)
+                images.append(self.field.render(fld, o, d, opts).rgb)
+        return [(img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for img in images]
+
+    @staticmethod
+    def save(result: Reconstruction, out_dir: Union[str, Path], name: str, fmt: MeshFormat = "glb",
+             orientation: Orientation = "native") -> List[Path]:
+        """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths."""
+        from PIL import Image
+
+        out = Path(out_dir)
+        written: List[Path] = []
+        if result.mesh is not None:
+            written.append(export_mesh(result.mesh, out / f"{name}.{fmt}", fmt, orientation))
+        for k, img in enumerate(result.views):
+            p = out / f"{name}_view{k:03d}.png"
+            Image.fromarray(img).save(p)
+            written.append(p)
+        return written
+
+
+def reconstruct_files(rec: Reconstructor, images: Sequence[str], **kw) -> List[Reconstruction]:
+    return [rec.reconstruct(img, **kw) for img in images]

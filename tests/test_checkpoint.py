@@ -1,0 +1,110 @@
+"""Checkpoint layouts and the errors a wrong or damaged checkpoint must produce."""
+import shutil
+
+import pytest
+import torch
+
+from lrm_rt.checkpoint import load_model, read_checkpoint_dir
+from lrm_rt.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture
+def ckpts(fixtures_dir):
+    return fixtures_dir / "checkpoints"
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def test_triposr_reads_vit_config_from_checkpoint_dir(ckpts):
+    cfg, _ = read_checkpoint_dir(ckpts / "triposr-tiny")
+    assert cfg.encoder.hidden_size == 48 and cfg.encoder.image_size == 112  # ./vit_config.json, not ViT-B/16
+    assert cfg.input_size == 256 and cfg.mc_threshold == 25.0
+
+
+def test_openlrm_v10_reads_kwargs_from_model_pth(ckpts):
+    cfg, sd = read_checkpoint_dir(ckpts / "openlrm-tiny-1.0")
+    assert cfg.version == "1.0" and cfg.input_size == 224 and cfg.encoder.hidden_size == 48
+    assert "transformer.deconv.weight" in sd
+
+
+def test_openlrm_v11_infer_yaml(ckpts):
+    cfg, _ = read_checkpoint_dir(ckpts / "openlrm-tiny-1.1")
+    assert cfg.mc_resolution == 64 and cfg.mc_threshold == 3.0 and cfg.input_size == 224
+
+
+def test_missing_and_mismatched_tensors_listed(ckpts, tmp_path):
+    d = _copy(ckpts / "triposr-tiny", tmp_path)
+    sd = torch.load(d / "model.ckpt", weights_only=True)
+    del sd["backbone.proj_in.weight"]
+    sd["decoder.layers.0.weight"] = torch.zeros(3, 3)
+    sd["extra.thing"] = torch.zeros(1)
+    torch.save(sd, d / "model.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(d))
+    msg = str(e.value)
+    assert "backbone.proj_in.weight" in msg and "extra.thing" in msg and "decoder.layers.0.weight" in msg
+    assert "\n" not in msg
+
+
+def test_truncated_checkpoint(ckpts, tmp_path):
+    for name, fname in [("triposr-tiny", "model.ckpt"), ("openlrm-tiny-1.1", "model.safetensors"),
+                        ("openlrm-tiny-1.0", "model.pth")]:
+        d = _copy(ckpts / name, tmp_path / name)
+        data = (d / fname).read_bytes()
+        (d / fname).write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+            load_model(str(d))
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no model config"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="unknown model"):
+        load_model("no-such-model")
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="(cannot download|huggingface_hub)"):
+        load_model("someorg/some-lrm-model-that-is-not-cached")
+
+
+def test_pickle_with_code_is_refused(ckpts, tmp_path):
+    """weights_only=True: a pickle that would run code is rejected, not executed."""
+    d = _copy(ckpts / "triposr-tiny", tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"x": Evil()}, d / "model.ckpt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_model(str(d))
+
+
+def test_fused_and_separate_cross_attention_are_interchangeable(ckpts, tmp_path):
+    """Tiny v1.1 has kdim != dim (separate q/k/v); a packed in_proj_weight holding the same numbers loads too."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(ckpts / "openlrm-tiny-1.1", tmp_path)
+    sd = load_file(d / "model.safetensors")
+    ref = load_model(str(ckpts / "openlrm-tiny-1.1")).network.state_dict()
+    # Only possible to pack when q/k/v have the same shape: emulate a base-like re-save on the self-attn side
+    # by splitting the packed self-attention into q/k/v (the reverse direction).
+    key = "transformer.layers.0.self_attn.in_proj_weight"
+    q, k, v = sd.pop(key).chunk(3)
+    base = key[: -len("in_proj_weight")]
+    sd.update({base + "q_proj_weight": q, base + "k_proj_weight": k, base + "v_proj_weight": v})
+    save_file(sd, d / "model.safetensors")
+    net = load_model(str(d)).network
+    assert torch.equal(net.state_dict()[key], ref[key])
