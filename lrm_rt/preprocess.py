@@ -1,0 +1,705 @@
+"""Image loading and family-specific preprocessing (image file -> encoder input tensor).
+
+Two stages, kept separate so each can be checked against the reference fixtures:
+
+1. *Framing* (uint8/RGBA space): find the foreground (alpha, a removed uniform background, or
+   rembg), optionally crop/pad it (TripoSR ``resize_foreground``) or recentre it (OpenLRM Gradio),
+   and composite it over the family's background colour.
+2. *Model side* (float space): resize to the encoder's input size with the family's exact
+   interpolation and normalise with the encoder's mean/std.
+
+Reference pipelines reproduced bit-for-bit (see the fixtures README §3-§5, §9):
+
+* TripoSR ``run.py``: ``resize_foreground(0.85)`` -> ``rgb*a + 0.5*(1-a)`` -> ``(x*255).astype(uint8)``
+  (the saved ``input.png``) -> u8/255 -> bilinear, align_corners=False, antialias=True -> ImageNet
+  mean/std.
+* OpenLRM ``infer_single`` (v1.1 and v1.0): u8/255 -> ``rgb*a + (1-a)`` (white) in float -> bicubic,
+  align_corners=True, no antialias -> clamp [0, 1]; v1.1 feeds that to DINOv2 as is, v1.0 normalises
+  (mean = std = 0.5 for facebook/dino-vitb16).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Literal, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lrm_rt.errors import ConfigError, ImageError
+
+log = logging.getLogger(__name__)
+
+Family = Literal["triposr", "openlrm"]
+ResizeMode = Literal["bilinear_aa", "bicubic_ac"]
+MaskSource = Literal["alpha", "uniform_background", "rembg", "none"]
+BackgroundRemoval = Literal["auto", "uniform", "rembg", "off"]
+Background = Union[float, Tuple[float, float, float]]
+
+# Refuse images above this many pixels before decoding them (decompression-bomb guard). 8192^2 RGBA
+# is 256 MiB as uint8 and 1 GiB once the float pipeline converts it; nothing an LRM needs (inputs are
+# resized to <= 512 px) justifies more. Module-level so tests and callers can adjust it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINO_VITB16_MEAN = (0.5, 0.5, 0.5)  # facebook/dino-vitb16 preprocessor (real OpenLRM v1.0)
+DINO_VITB16_STD = (0.5, 0.5, 0.5)
+
+PathLike = Union[str, Path]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _header_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a PNG/GIF/BMP header, for files Pillow refuses to identify.
+
+    Pillow will not open zero-sized images at all, so without this a 0xN PNG would be reported as
+    "not an image", which hides the actual problem.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    return None
+
+
+def _too_large_message(path: PathLike, w: int, h: int) -> str:
+    return (
+        f"image is too large ({w}x{h} = {w * h} pixels, limit {MAX_IMAGE_PIXELS}; refusing to decode a "
+        f"possible decompression bomb): {path}"
+    )
+
+
+def _to_rgba_array(im: Image.Image, path: PathLike) -> np.ndarray:
+    """Convert any Pillow mode to an (H, W, 4) uint8 RGBA array."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow's own convert() clips high-bit-depth values to 255 instead of rescaling them, which
+        # turns most 16-bit images white; rescale explicitly.
+        a = np.asarray(im)
+        if mode.startswith("I;16"):
+            g = a.astype(np.float64) / 257.0
+        elif mode == "I":
+            # "I" (32-bit int) carries no bit depth: values that fit in 8 bits are taken as 8-bit,
+            # up to 65535 as 16-bit (older Pillow opens 16-bit PNGs as "I"), else scaled by the max.
+            vmax = float(a.max()) if a.size else 0.0
+            scale = 1.0 if vmax <= 255 else 257.0 if vmax <= 65535 else vmax / 255.0
+            g = a.astype(np.float64) / scale
+        else:  # "F": [0, 1] floats are the common convention, otherwise assume 0..255
+            finite = a[np.isfinite(a)]
+            vmax = float(finite.max()) if finite.size else 0.0
+            g = np.nan_to_num(a.astype(np.float64)) * (255.0 if vmax <= 1.0 else 1.0)
+        g = np.clip(np.rint(g), 0, 255).astype(np.uint8)
+        out = np.empty(g.shape + (4,), dtype=np.uint8)
+        out[..., :3] = g[..., None]
+        out[..., 3] = 255
+        return out
+    try:
+        # Handles palette/L/RGB "transparency" entries (tRNS) as alpha, CMYK, YCbCr, LA, ...
+        rgba = im.convert("RGBA")
+    except ValueError:
+        try:  # modes without a direct RGBA conversion (e.g. "La") usually have one to RGB
+            rgba = im.convert("RGB").convert("RGBA")
+        except (ValueError, OSError) as e:
+            raise ImageError(f"unsupported colour mode {mode!r} ({_one_line(e)}): {path}") from e
+    return np.array(rgba, dtype=np.uint8)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def load_image(path: PathLike) -> np.ndarray:
+    """Read an image file as an (H, W, 4) uint8 RGBA array (alpha 255 when the file has none).
+
+    Accepts every Pillow mode (L, LA, I;16, I, F, P with transparency, CMYK, YCbCr, RGB, RGBA, ...)
+    and applies the EXIF orientation. Raises ``ImageError`` for a missing file, a non-image, a
+    truncated/corrupt file (the image is fully decoded here, not lazily), a zero-sized image, an image
+    above ``MAX_IMAGE_PIXELS``, or an alpha channel that is entirely 0.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(f"image file not found: {path}")
+    if p.is_dir():
+        raise ImageError(f"image path is a directory, not a file: {path}")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read image file ({_one_line(e)}): {path}") from e
+    if not data:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+
+    with warnings.catch_warnings():
+        # Pillow warns (DecompressionBombWarning) above its own limit; our stricter check below
+        # replaces that warning with an error.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            size = _header_size(data)
+            if size is not None:
+                raise ImageError(_too_large_message(path, *size)) from e
+            raise ImageError(f"image is too large (decompression-bomb guard: {_one_line(e)}): {path}") from e
+        except UnidentifiedImageError as e:
+            size = _header_size(data)
+            if size is not None and (size[0] == 0 or size[1] == 0):
+                raise ImageError(f"image has zero size ({size[0]}x{size[1]}): {path}") from e
+            raise ImageError(f"not a recognised image file (cannot identify format): {path}") from e
+        except Exception as e:  # malformed headers surface as assorted exception types
+            raise ImageError(f"cannot open image ({_one_line(e)}): {path}") from e
+
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"image has zero size ({w}x{h}): {path}")
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ImageError(_too_large_message(path, w, h))
+
+        # Pillow decodes lazily and, with LOAD_TRUNCATED_IMAGES set (some libraries set it globally),
+        # silently pads truncated files with black; force a strict, complete decode here.
+        prev = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        except MemoryError as e:
+            raise ImageError(f"not enough memory to decode image ({w}x{h}): {path}") from e
+        except Image.DecompressionBombError as e:
+            raise ImageError(_too_large_message(path, w, h)) from e
+        except Exception as e:
+            raise ImageError(f"image data is truncated or corrupt ({_one_line(e)}): {path}") from e
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = prev
+
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:  # a broken EXIF block should not make a decodable image unusable
+        log.warning("ignoring unreadable EXIF orientation of %s: %s", path, _one_line(e))
+
+    rgba = _to_rgba_array(im, path)
+    if rgba.ndim != 3 or rgba.shape[0] == 0 or rgba.shape[1] == 0:
+        raise ImageError(f"image has zero size: {path}")
+    if rgba[..., 3].max() == 0:
+        raise ImageError(f"alpha channel is empty (every pixel fully transparent): {path}")
+    return rgba
+
+
+# --------------------------------------------------------------------------------------------------
+# Foreground mask
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForegroundResult:
+    """RGBA image whose alpha is the foreground mask, and where that mask came from."""
+
+    rgba: np.ndarray
+    mask_source: MaskSource
+    warnings: List[str] = field(default_factory=list)
+
+
+def _border_pixels(rgb: np.ndarray, width: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    width = max(1, min(width, h // 2, w // 2)) if min(h, w) >= 2 else 1
+    parts = [rgb[:width], rgb[-width:], rgb[:, :width], rgb[:, -width:]]
+    return np.concatenate([q.reshape(-1, 3) for q in parts], axis=0)
+
+
+# RGB -> (Y, Cb, Cr) rows (BT.601, as JPEG uses).
+_YCBCR = np.array(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32
+)
+# JPEG stores chroma at half resolution, so saturated objects bleed colour 2-4 px into the background;
+# counting chroma at half weight keeps that halo out of the mask while luminance edges stay sharp.
+_CHROMA_WEIGHT = 0.5
+
+
+def _colour_distance(rgb: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to ``colour`` in luma/half-weighted-chroma space (0-255 scale)."""
+    diff = (rgb.astype(np.float32) - colour.astype(np.float32)) @ _YCBCR.T
+    diff[..., 1:] *= _CHROMA_WEIGHT
+    return np.sqrt((diff * diff).sum(axis=-1))
+
+
+def estimate_uniform_background(
+    rgb: np.ndarray, uniform_tolerance: float = 24.0, min_inlier_fraction: float = 0.85
+) -> Optional[Tuple[np.ndarray, float]]:
+    """Background colour and noise level from the image border, or None if the border is not uniform.
+
+    The border is "uniform" when at least ``min_inlier_fraction`` of its pixels lie within
+    ``uniform_tolerance`` (``_colour_distance``, 0-255 scale) of the border's median colour; the
+    fraction is below 1 so that objects touching one edge (a building on its ground line) still qualify.
+    """
+    border = _border_pixels(rgb, max(1, min(rgb.shape[:2]) // 100)).astype(np.float32)
+    colour = np.median(border, axis=0)
+    dist = _colour_distance(border, colour)
+    inliers = dist <= uniform_tolerance
+    if inliers.mean() < min_inlier_fraction:
+        return None
+    # Robust noise scale of the background (JPEG ringing, gradients) to set the mask tolerance.
+    noise = float(np.percentile(dist[inliers], 95)) if inliers.any() else 0.0
+    return colour, noise
+
+
+def _max3x3(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 3, stride=1, padding=1)
+
+
+def _reconstruct(seed: torch.Tensor, allowed: torch.Tensor, check_every: int = 8) -> torch.Tensor:
+    """Morphological reconstruction: grow ``seed`` (8-connected) inside ``allowed`` until stable."""
+    cur = seed * allowed
+    while True:
+        prev = cur
+        for _ in range(check_every):
+            cur = _max3x3(cur) * allowed
+        if torch.equal(cur, prev):
+            return cur
+
+
+def _border_seed(like: torch.Tensor) -> torch.Tensor:
+    seed = torch.zeros_like(like)
+    seed[..., 0, :] = 1
+    seed[..., -1, :] = 1
+    seed[..., :, 0] = 1
+    seed[..., :, -1] = 1
+    return seed
+
+
+def _border_connected(candidate: np.ndarray) -> np.ndarray:
+    """Pixels of ``candidate`` connected (8-neighbourhood) to the image border: a flood fill.
+
+    Done coarse-to-fine over a pyramid so a large image needs few iterations per level: a fill over
+    blocks that are entirely candidate is a subset of the true region, so growing from it at the next
+    finer level converges to exactly the same region, just faster.
+    """
+    allowed = torch.from_numpy(candidate.astype(np.float32))[None, None]
+    h, w = candidate.shape
+    k = 1
+    while max(h, w) // (2 * k) >= 96:
+        k *= 2
+    region: Optional[torch.Tensor] = None
+    while k >= 1:
+        hp, wp = math.ceil(h / k) * k, math.ceil(w / k) * k
+        padded = F.pad(allowed, (0, wp - w, 0, hp - h), value=1.0)  # outside the image counts as background
+        level_allowed = -F.max_pool2d(-padded, k) if k > 1 else padded  # block allowed only if all pixels are
+        seed = _border_seed(level_allowed)
+        if region is not None:
+            up = region.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            seed = torch.maximum(seed, up[..., : seed.shape[2], : seed.shape[3]])
+        region = _reconstruct(seed, level_allowed)
+        k //= 2
+    assert region is not None
+    return region[0, 0, :h, :w].numpy() > 0.5
+
+
+def remove_uniform_background(
+    rgba: np.ndarray,
+    uniform_tolerance: float = 24.0,
+    min_inlier_fraction: float = 0.85,
+    edge_width: int = 2,
+) -> Optional[np.ndarray]:
+    """Alpha mask (H, W) uint8 separating the object from a near-uniform background, or None.
+
+    No model weights: the background colour is the border median; the background is the region of
+    pixels within the noise tolerance of that colour that is connected to the border (so regions inside
+    the object that happen to match the background colour are kept, and shading does not leak); a band
+    of ``edge_width`` pixels around it gets a soft alpha ramp on colour distance (anti-aliased edges);
+    isolated specks are dropped.
+    """
+    rgb = rgba[..., :3]
+    est = estimate_uniform_background(rgb, uniform_tolerance, min_inlier_fraction)
+    if est is None:
+        return None
+    colour, noise = est
+    dist = _colour_distance(rgb, colour)
+    lo = max(6.0, 1.5 * noise + 2.0)  # below: background noise (JPEG ringing, dithering)
+    hi = lo + 40.0  # edge pixels between lo and hi are partial mixes of object and background
+    core = _border_connected(dist < lo)
+    core_t = torch.from_numpy(core.astype(np.float32))[None, None]
+    band = F.max_pool2d(core_t, 2 * edge_width + 1, stride=1, padding=edge_width)[0, 0].numpy() > 0.5
+    ramp = np.clip((dist - lo) / (hi - lo), 0.0, 1.0)
+    alpha = np.where(core, 0.0, np.where(band, ramp, 1.0)).astype(np.float32)
+
+    # Clean-up: an opening (erode, dilate) of the solid foreground removes specks of noise; keep the
+    # soft pixels that touch what survived (the object's own anti-aliased edge).
+    solid = torch.from_numpy((alpha >= 0.5).astype(np.float32))[None, None]
+    opened = _max3x3(-_max3x3(-solid))
+    near = _max3x3(_max3x3(opened))[0, 0].numpy() > 0.5
+    alpha = np.where(near, alpha, 0.0)
+    return np.rint(alpha * 255.0).astype(np.uint8)
+
+
+_REMBG_SESSION = None
+
+
+def _rembg_available() -> bool:
+    try:
+        import rembg  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _rembg_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Alpha from rembg's default model (optional dependency; may download weights on first use)."""
+    global _REMBG_SESSION
+    import rembg
+
+    if _REMBG_SESSION is None:
+        _REMBG_SESSION = rembg.new_session()
+    out = rembg.remove(Image.fromarray(np.ascontiguousarray(rgba[..., :3]), "RGB"), session=_REMBG_SESSION)
+    return np.array(out.convert("RGBA"), dtype=np.uint8)[..., 3]
+
+
+def foreground(rgba: np.ndarray, removal: BackgroundRemoval = "auto", source: str = "<array>") -> ForegroundResult:
+    """Decide the foreground mask and return it as the alpha channel.
+
+    * alpha with any value < 255 -> used as is ("alpha"), like both references;
+    * otherwise ("auto"): a uniform background is removed without weights ("uniform_background"); if
+      the background is not uniform, rembg is used when importable ("rembg"); else the whole image is
+      kept ("none") with a warning, because framing and compositing then cannot isolate the object.
+    ``removal`` = "uniform" / "rembg" forces one method, "off" keeps the image as is ("none").
+    """
+    _check_rgba(rgba, source)
+    msgs: List[str] = []
+    if rgba[..., 3].min() < 255:
+        return ForegroundResult(rgba, "alpha", msgs)
+    if removal == "off":
+        return ForegroundResult(rgba, "none", msgs)
+
+    if removal in ("auto", "uniform"):
+        alpha = remove_uniform_background(rgba)
+        if alpha is not None:
+            if alpha.max() == 0:
+                raise ImageError(f"no foreground found: the image is a single uniform colour: {source}")
+            return ForegroundResult(_with_alpha(rgba, alpha), "uniform_background", msgs)
+        if removal == "uniform":
+            msgs.append(f"background is not uniform, kept the whole image as foreground: {source}")
+            return _none_with_warning(rgba, msgs)
+
+    if _rembg_available():
+        try:
+            alpha = _rembg_alpha(rgba)
+        except Exception as e:  # e.g. model download impossible offline
+            msgs.append(f"rembg failed ({_one_line(e)}), kept the whole image as foreground: {source}")
+            return _none_with_warning(rgba, msgs)
+        if alpha.max() == 0:
+            raise ImageError(f"no foreground found (rembg removed everything): {source}")
+        return ForegroundResult(_with_alpha(rgba, alpha), "rembg", msgs)
+
+    if removal == "rembg":
+        msgs.append(f"rembg is not installed, kept the whole image as foreground: {source}")
+    else:
+        msgs.append(
+            f"background is not uniform and rembg is not installed: the whole image is used as foreground "
+            f"(pass an RGBA image with alpha, or install rembg): {source}"
+        )
+    return _none_with_warning(rgba, msgs)
+
+
+def _none_with_warning(rgba: np.ndarray, msgs: List[str]) -> ForegroundResult:
+    for m in msgs:
+        log.warning(m)
+    return ForegroundResult(rgba, "none", msgs)
+
+
+def _with_alpha(rgba: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    out = rgba.copy()
+    out[..., 3] = alpha
+    return out
+
+
+def _check_rgba(rgba: np.ndarray, source: str) -> None:
+    if not isinstance(rgba, np.ndarray) or rgba.dtype != np.uint8 or rgba.ndim != 3 or rgba.shape[2] != 4:
+        desc = f"{getattr(rgba, 'dtype', type(rgba).__name__)} {getattr(rgba, 'shape', '')}"
+        raise ImageError(f"expected an (H, W, 4) uint8 RGBA array, got {desc}: {source}")
+    if rgba.shape[0] == 0 or rgba.shape[1] == 0:
+        raise ImageError(f"image has zero size ({rgba.shape[1]}x{rgba.shape[0]}): {source}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Framing (uint8 space)
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_foreground(rgba: np.ndarray, ratio: float, source: str = "<array>") -> np.ndarray:
+    """TripoSR's framing: crop to the alpha > 0 box, pad to a square, pad so the object spans ``ratio``.
+
+    Reproduces the reference's integer arithmetic exactly, including its exclusive box maximum (the last
+    foreground row and column are dropped) and ``int(side / ratio)`` for the final size; padding is
+    transparent black and split with the extra pixel at the bottom/right.
+    """
+    ys, xs = np.nonzero(rgba[..., 3] > 0)
+    if ys.size == 0:
+        raise ImageError(f"alpha channel is empty (every pixel fully transparent): {source}")
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    if y1 <= y0 or x1 <= x0:
+        raise ImageError(f"foreground is too small to frame (under 2 pixels wide or tall): {source}")
+    crop = rgba[y0:y1, x0:x1]  # exclusive max, as the reference
+    h, w = crop.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    new_side = int(side / ratio)
+    off = (new_side - side) // 2
+    out = np.zeros((new_side, new_side, 4), dtype=np.uint8)
+    out[off + top : off + top + h, off + left : off + left + w] = crop
+    return out
+
+
+def recenter(rgba: np.ndarray, size: int = 512, border_ratio: float = 0.2, source: str = "<array>") -> np.ndarray:
+    """OpenLRM Gradio-style recentring: object scaled to ``(1 - border_ratio) * size`` on its longer side,
+    centred on a transparent ``size`` x ``size`` canvas.
+
+    The Gradio app uses OpenCV INTER_AREA; here Pillow's box filter (area average, on premultiplied
+    alpha so transparent pixels do not darken the edge) shrinks and bilinear enlarges. Not bit-exact
+    with the app (which also pre-resizes to 1024 px), which is fine: no reference tensor depends on it.
+    """
+    ys, xs = np.nonzero(rgba[..., 3] > 0)
+    if ys.size == 0:
+        raise ImageError(f"alpha channel is empty (every pixel fully transparent): {source}")
+    crop = rgba[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = crop.shape[:2]
+    target = int(size * (1.0 - border_ratio))
+    scale = target / max(h, w)
+    h2, w2 = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    resample = Image.Resampling.BOX if scale < 1.0 else Image.Resampling.BILINEAR
+    resized = np.array(Image.fromarray(np.ascontiguousarray(crop), "RGBA").resize((w2, h2), resample), dtype=np.uint8)
+    out = np.zeros((size, size, 4), dtype=np.uint8)
+    top, left = (size - h2) // 2, (size - w2) // 2
+    out[top : top + h2, left : left + w2] = resized
+    return out
+
+
+def composite_uint8(rgba: np.ndarray, background: Background = 0.5) -> np.ndarray:
+    """TripoSR's ``rgb*a + bg*(1-a)`` in float32, then ``(x*255).astype(uint8)`` (truncation, not rounding).
+
+    Operation order and dtypes follow ``run.py`` so the result is bit-identical to its ``input.png``.
+    """
+    x = rgba.astype(np.float32) / 255.0
+    a = x[..., 3:4]
+    bg = float(background) if np.isscalar(background) else np.asarray(background, dtype=np.float32)
+    rgb = x[..., :3] * a + (1 - a) * bg
+    return (rgb * 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side (float space)
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_uint8_bilinear_aa(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """TripoSR ``ImagePreprocessor``: u8/255 -> bilinear (align_corners=False, antialias=True).
+
+    Returns (1, 3, size, size) float32 in [0, 1] (the reference's ``rgb_cond`` is the same data
+    channel-last: ``out.permute(0, 2, 3, 1)[:, None]``).
+    """
+    x = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
+    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.contiguous()
+
+
+def composite_resize_bicubic(rgba: np.ndarray, size: int, background: Background = 1.0) -> torch.Tensor:
+    """OpenLRM ``infer_single``: u8/255 NCHW -> ``rgb*a + bg*(1-a)`` -> bicubic (align_corners=True,
+    no antialias) -> clamp [0, 1]. Returns (1, 3, size, size) float32.
+
+    Compositing happens in float before resizing (unlike TripoSR), so the uint8 composite is not an
+    intermediate here.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(rgba)).permute(2, 0, 1).unsqueeze(0) / 255.0
+    a = x[:, 3:]
+    if np.isscalar(background):
+        bg: Union[float, torch.Tensor] = float(background)
+    else:
+        bg = torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1)
+    # "+ (1 - a) * 1.0" is exact, so the white case is bit-identical to the reference "+ (1 - a)".
+    x = x[:, :3] * a + (1 - a) * bg
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
+    return torch.clamp(x, 0, 1).contiguous()
+
+
+def normalize(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel on an NCHW tensor; identity when mean/std are None."""
+    if mean is None and std is None:
+        return x
+    m = torch.tensor(mean if mean is not None else (0.0, 0.0, 0.0), dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std if std is not None else (1.0, 1.0, 1.0), dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+# --------------------------------------------------------------------------------------------------
+# Configured pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one model family turns an RGBA image into encoder input.
+
+    family: "triposr" composites to uint8 first (its saved ``input.png``) then resizes; "openlrm"
+        composites in float and resizes in one go (its ``infer_single``).
+    input_size: encoder input side (TripoSR ``cond_image_size``, OpenLRM ``source_size``).
+    foreground_ratio: TripoSR ``resize_foreground`` ratio (0.85 in ``run.py``), None = no cropping.
+    background: compositing colour in [0, 1] (0.5 TripoSR, 1.0 OpenLRM); scalar or RGB triple.
+    resize: "bilinear_aa" (TripoSR) or "bicubic_ac" (OpenLRM).
+    mean, std: encoder normalisation; None = feed [0, 1] (OpenLRM v1.1's DINOv2).
+    recenter: OpenLRM Gradio recentring (object at ``1 - recenter_border`` of the side); off by default
+        because the reference CLI does not do it.
+    background_removal: "auto" | "uniform" | "rembg" | "off", used only when the alpha is all 255.
+    """
+
+    family: Family
+    input_size: int
+    foreground_ratio: Optional[float] = None
+    background: Background = 0.5
+    resize: ResizeMode = "bilinear_aa"
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
+    recenter: bool = False
+    recenter_border: float = 0.2
+    recenter_size: int = 512
+    background_removal: BackgroundRemoval = "auto"
+
+    def __post_init__(self) -> None:
+        if self.family not in ("triposr", "openlrm"):
+            raise ConfigError(f"unknown preprocessing family {self.family!r} (expected 'triposr' or 'openlrm')")
+        if int(self.input_size) != self.input_size or self.input_size < 1:
+            raise ConfigError(f"input_size must be a positive integer, got {self.input_size!r}")
+        if self.foreground_ratio is not None and not (0.0 < self.foreground_ratio <= 1.0):
+            raise ConfigError(f"foreground_ratio must be in (0, 1], got {self.foreground_ratio!r}")
+        if self.recenter and self.foreground_ratio is not None:
+            raise ConfigError(
+                "choose either foreground_ratio (TripoSR framing) or recenter (OpenLRM framing), not both"
+            )
+        if not (0.0 <= self.recenter_border < 1.0):
+            raise ConfigError(f"recenter_border must be in [0, 1), got {self.recenter_border!r}")
+        if self.resize not in ("bilinear_aa", "bicubic_ac"):
+            raise ConfigError(f"unknown resize mode {self.resize!r} (expected 'bilinear_aa' or 'bicubic_ac')")
+        if self.background_removal not in ("auto", "uniform", "rembg", "off"):
+            raise ConfigError(f"unknown background_removal {self.background_removal!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("mean and std must be given together")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise ConfigError("std must not contain 0")
+
+    @classmethod
+    def triposr(cls, input_size: int = 512, foreground_ratio: Optional[float] = 0.85, **kw) -> "PreprocessConfig":
+        """TripoSR ``run.py`` defaults (real model: ``cond_image_size`` 512)."""
+        return cls("triposr", input_size, foreground_ratio, 0.5, "bilinear_aa", IMAGENET_MEAN, IMAGENET_STD, **kw)
+
+    @classmethod
+    def openlrm_v11(cls, input_size: int = 224, **kw) -> "PreprocessConfig":
+        """OpenLRM v1.1 ``infer_single`` (source_size 224/336/448 for small/base/large); no normalisation."""
+        return cls("openlrm", input_size, None, 1.0, "bicubic_ac", None, None, **kw)
+
+    @classmethod
+    def openlrm_v10(
+        cls,
+        input_size: int = 224,
+        mean: Tuple[float, float, float] = DINO_VITB16_MEAN,
+        std: Tuple[float, float, float] = DINO_VITB16_STD,
+        **kw,
+    ) -> "PreprocessConfig":
+        """OpenLRM v1.0: same image as v1.1, then the ViT processor's normalisation (0.5/0.5 for
+        facebook/dino-vitb16; the tiny fixture uses ImageNet values)."""
+        return cls("openlrm", input_size, None, 1.0, "bicubic_ac", mean, std, **kw)
+
+
+@dataclass
+class PreprocessResult:
+    """Output of ``preprocess``.
+
+    pixel_values: (1, 3, S, S) float32, normalised: what the image encoder consumes.
+    rgb01: (1, 3, S, S) float32 in [0, 1] before normalisation (TripoSR ``rgb_cond`` channel-first,
+        OpenLRM ``image``).
+    display_rgb: (H, W, 3) uint8 composited, framed image before the model-side resize. For TripoSR this
+        is exactly the reference ``input.png`` (and the tensor the model side starts from); for OpenLRM it
+        is a rounded view for display only (the model side composites in float).
+    framed_rgba: (H, W, 4) uint8 after foreground masking and framing.
+    mask_source: "alpha" | "uniform_background" | "rembg" | "none".
+    warnings: human-readable problems that did not stop preprocessing (e.g. background kept).
+    """
+
+    pixel_values: torch.Tensor
+    rgb01: torch.Tensor
+    display_rgb: np.ndarray
+    framed_rgba: np.ndarray
+    mask_source: MaskSource
+    warnings: List[str] = field(default_factory=list)
+
+
+def frame(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>") -> Tuple[np.ndarray, MaskSource, List[str]]:
+    """Stage 1a: foreground mask + framing; returns (framed RGBA, mask source, warnings)."""
+    fg = foreground(rgba, cfg.background_removal, source)
+    msgs = list(fg.warnings)
+    out = fg.rgba
+    if fg.mask_source == "none":
+        # Framing needs a mask; cropping to an all-opaque box would only drop a row and a column (the
+        # reference's exclusive max), so skip it, like TripoSR's --no-remove-bg path.
+        if (cfg.foreground_ratio is not None or cfg.recenter) and cfg.background_removal != "off":
+            msgs.append(f"no foreground mask, object not re-framed: {source}")
+        return out, fg.mask_source, msgs
+    if cfg.foreground_ratio is not None:
+        out = resize_foreground(out, cfg.foreground_ratio, source)
+    elif cfg.recenter:
+        out = recenter(out, cfg.recenter_size, cfg.recenter_border, source)
+    return out, fg.mask_source, msgs
+
+
+def preprocess(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>") -> PreprocessResult:
+    """RGBA uint8 image (from ``load_image``) -> encoder input for ``cfg``'s model family.
+
+    ``source`` names the image in error and warning messages (pass the file path).
+    """
+    _check_rgba(rgba, source)
+    framed, mask_source, msgs = frame(rgba, cfg, source)
+
+    if cfg.family == "triposr":
+        # Opaque images with no mask go in unchanged (reference: Image.convert("RGB"), no composite,
+        # whose truncating round-trip could otherwise shift some values by 1).
+        if mask_source == "none":
+            display = np.ascontiguousarray(framed[..., :3])
+        else:
+            display = composite_uint8(framed, cfg.background)
+        rgb01 = _resize_rgb_uint8(display, cfg)
+    else:
+        rgb01 = _resize_rgba_float(framed, cfg)
+        x = framed.astype(np.float32) / 255.0
+        bg = np.float32(cfg.background) if np.isscalar(cfg.background) else np.asarray(cfg.background, np.float32)
+        display = np.clip(np.rint((x[..., :3] * x[..., 3:] + (1 - x[..., 3:]) * bg) * 255.0), 0, 255).astype(np.uint8)
+
+    pixel_values = normalize(rgb01, cfg.mean, cfg.std).contiguous()
+    return PreprocessResult(pixel_values, rgb01, display, framed, mask_source, msgs)
+
+
+def _resize_rgb_uint8(rgb: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    if cfg.resize == "bilinear_aa":
+        return resize_uint8_bilinear_aa(rgb, cfg.input_size)
+    x = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(cfg.input_size,) * 2, mode="bicubic", align_corners=True)
+    return torch.clamp(x, 0, 1).contiguous()
+
+
+def _resize_rgba_float(rgba: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    if cfg.resize == "bicubic_ac":
+        return composite_resize_bicubic(rgba, cfg.input_size, cfg.background)
+    x = torch.from_numpy(np.ascontiguousarray(rgba)).permute(2, 0, 1).unsqueeze(0) / 255.0
+    bg = float(cfg.background) if np.isscalar(cfg.background) else torch.tensor(cfg.background).view(1, 3, 1, 1)
+    x = x[:, :3] * x[:, 3:] + (1 - x[:, 3:]) * bg
+    return F.interpolate(x, (cfg.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True).contiguous()
+
+
+def load_and_preprocess(path: PathLike, cfg: PreprocessConfig) -> PreprocessResult:
+    """``load_image`` + ``preprocess`` with the path named in every message."""
+    return preprocess(load_image(path), cfg, source=str(path))

@@ -1,0 +1,456 @@
+"""Image loading and preprocessing: reference parity, robustness to odd files, background removal."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lrm_rt.preprocess as pp
+from lrm_rt.errors import ConfigError, ImageError
+from lrm_rt.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreprocessConfig,
+    composite_resize_bicubic,
+    composite_uint8,
+    load_image,
+    preprocess,
+    resize_foreground,
+    resize_uint8_bilinear_aa,
+)
+
+from conftest import SHARED
+
+INPUTS = SHARED / "data" / "inputs"
+INPUT_FILES = sorted(p for p in INPUTS.rglob("*") if p.is_file()) if INPUTS.is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _no_rembg(monkeypatch):
+    # rembg is optional; make every test independent of whether it happens to be installed.
+    monkeypatch.setattr(pp, "_rembg_available", lambda: False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference parity
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fixture_png_loads_to_fixture_tensor(fixtures_dir, triposr_io, openlrm_io):
+    rgba = load_image(fixtures_dir / "triposr_tiny_input.png")
+    assert rgba.dtype == np.uint8 and rgba.shape == (300, 300, 4)
+    np.testing.assert_array_equal(rgba, triposr_io["input_rgba_uint8"].numpy())
+    other = load_image(fixtures_dir / "openlrm_tiny_input.png")
+    np.testing.assert_array_equal(other, openlrm_io["input_rgba_uint8"].numpy())
+
+
+def test_triposr_uint8_stage_is_bit_exact(fixtures_dir, triposr_io):
+    rgba = triposr_io["input_rgba_uint8"].numpy()
+    res = preprocess(rgba, PreprocessConfig.triposr(256))
+    assert res.mask_source == "alpha" and res.warnings == []
+    assert res.display_rgb.dtype == np.uint8 and res.display_rgb.shape == (221, 221, 3)
+    np.testing.assert_array_equal(res.display_rgb, triposr_io["preprocessed_rgb_uint8"].numpy())
+    saved = np.array(Image.open(fixtures_dir / "checkpoints" / "triposr-tiny" / "input_preprocessed.png"))
+    np.testing.assert_array_equal(res.display_rgb, saved)
+    # The two building blocks on their own.
+    np.testing.assert_array_equal(composite_uint8(resize_foreground(rgba, 0.85), 0.5), saved)
+
+
+def test_triposr_model_side_matches_rgb_cond_and_vit_input(triposr_io):
+    # Stage 2 alone, from the reference's own uint8 image.
+    rgb01 = resize_uint8_bilinear_aa(triposr_io["preprocessed_rgb_uint8"].numpy(), 256)
+    cond = rgb01.permute(0, 2, 3, 1)[:, None]
+    assert cond.shape == triposr_io["rgb_cond"].shape
+    torch.testing.assert_close(cond, triposr_io["rgb_cond"], atol=1e-6, rtol=0)
+    # Full pipeline from the RGBA input.
+    res = preprocess(triposr_io["input_rgba_uint8"].numpy(), PreprocessConfig.triposr(256))
+    assert res.pixel_values.shape == (1, 3, 256, 256) and res.pixel_values.dtype == torch.float32
+    torch.testing.assert_close(res.rgb01.permute(0, 2, 3, 1)[:, None], triposr_io["rgb_cond"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.pixel_values, triposr_io["vit_pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_openlrm_v11_image(openlrm_io):
+    rgba = openlrm_io["input_rgba_uint8"].numpy()
+    torch.testing.assert_close(composite_resize_bicubic(rgba, 224, 1.0), openlrm_io["image"], atol=1e-6, rtol=0)
+    res = preprocess(rgba, PreprocessConfig.openlrm_v11(224))
+    assert res.mask_source == "alpha"
+    assert res.pixel_values.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(res.pixel_values, openlrm_io["image"], atol=1e-6, rtol=0)  # no normalisation
+    assert res.display_rgb.shape == (300, 300, 3)  # no reframing by default (reference CLI)
+
+
+def test_openlrm_v10_image_and_normalisation(openlrm_io, openlrm_v10_io):
+    rgba = openlrm_io["input_rgba_uint8"].numpy()  # same input.png for the v1.0 run
+    res = preprocess(rgba, PreprocessConfig.openlrm_v10(224, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    torch.testing.assert_close(res.rgb01, openlrm_v10_io["image"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.pixel_values, openlrm_v10_io["vit_pixel_values"], atol=1e-6, rtol=0)
+    # Real v1.0 (facebook/dino-vitb16 processor): mean = std = 0.5 -> [-1, 1].
+    real = preprocess(rgba, PreprocessConfig.openlrm_v10(224))
+    torch.testing.assert_close(real.pixel_values, (openlrm_v10_io["image"] - 0.5) / 0.5, atol=1e-6, rtol=0)
+
+
+def test_resize_foreground_reference_arithmetic():
+    # Alpha box rows 10..29, cols 5..44 inclusive -> exclusive max crops to 19 x 39.
+    rgba = np.zeros((50, 60, 4), np.uint8)
+    rgba[10:30, 5:45] = 255
+    out = resize_foreground(rgba, 0.85)
+    side = int(39 / 0.85)
+    assert out.shape == (side, side, 4)
+    ys, xs = np.nonzero(out[..., 3])
+    off = (side - 39) // 2
+    assert (xs.min(), xs.max()) == (off, off + 38)
+    assert (ys.min(), ys.max()) == (off + 10, off + 10 + 18)  # (39 - 19) // 2 = 10 rows of square padding
+
+
+def test_recenter_option_frames_object_at_80_percent():
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[20:80, 30:130] = (200, 30, 30, 255)
+    cfg = PreprocessConfig.openlrm_v11(224, recenter=True)
+    res = preprocess(rgba, cfg)
+    assert res.framed_rgba.shape == (512, 512, 4)
+    ys, xs = np.nonzero(res.framed_rgba[..., 3] > 127)
+    assert abs((xs.max() - xs.min() + 1) - int(512 * 0.8)) <= 2  # longer side scaled to 409 px
+    assert abs((xs.max() + xs.min()) / 2 - 255.5) <= 1.5 and abs((ys.max() + ys.min()) / 2 - 255.5) <= 1.5
+    assert res.pixel_values.shape == (1, 3, 224, 224)
+    # Off by default, so the reference CLI parity holds.
+    assert PreprocessConfig.openlrm_v11(224).recenter is False
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        PreprocessConfig("nerf", 224)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        PreprocessConfig.triposr(512, foreground_ratio=1.5)
+    with pytest.raises(ConfigError):
+        PreprocessConfig.triposr(512, recenter=True)
+    with pytest.raises(ConfigError):
+        PreprocessConfig("openlrm", 224, resize="nearest")  # type: ignore[arg-type]
+
+
+def test_preprocess_rejects_non_rgba_arrays():
+    with pytest.raises(ImageError, match="RGBA"):
+        preprocess(np.zeros((8, 8, 3), np.uint8), PreprocessConfig.openlrm_v11(224), source="thing.png")
+    with pytest.raises(ImageError, match="zero size"):
+        preprocess(np.zeros((0, 8, 4), np.uint8), PreprocessConfig.openlrm_v11(224))
+
+
+def test_tiny_foreground_is_an_error_not_an_empty_image():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[10, 10] = 255  # one pixel: the reference's exclusive box would be empty
+    with pytest.raises(ImageError, match="too small"):
+        preprocess(rgba, PreprocessConfig.triposr(64), source="dot.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader: odd but valid files are converted
+# --------------------------------------------------------------------------------------------------
+
+
+def _gradient(h: int = 24, w: int = 32) -> np.ndarray:
+    return (np.add.outer(np.arange(h) * 4, np.arange(w) * 3) % 256).astype(np.uint8)
+
+
+def _check_rgba(a: np.ndarray, shape: tuple) -> None:
+    assert a.dtype == np.uint8 and a.shape == shape + (4,)
+
+
+def test_grayscale_L(tmp_path):
+    g = _gradient()
+    Image.fromarray(g, "L").save(tmp_path / "g.png")
+    a = load_image(tmp_path / "g.png")
+    _check_rgba(a, g.shape)
+    for c in range(3):
+        np.testing.assert_array_equal(a[..., c], g)
+    assert (a[..., 3] == 255).all()
+
+
+def test_grayscale_LA(tmp_path):
+    g = _gradient()
+    alpha = np.full_like(g, 255)
+    alpha[:, :8] = 0
+    Image.fromarray(np.stack([g, alpha], -1), "LA").save(tmp_path / "la.png")
+    a = load_image(tmp_path / "la.png")
+    _check_rgba(a, g.shape)
+    np.testing.assert_array_equal(a[..., 0], g)
+    np.testing.assert_array_equal(a[..., 3], alpha)
+
+
+def test_16bit_grayscale_is_rescaled_not_clipped(tmp_path):
+    g16 = (_gradient().astype(np.uint16) * 257).astype(np.uint16)  # full 16-bit range
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    a = load_image(tmp_path / "g16.png")
+    _check_rgba(a, g16.shape)
+    np.testing.assert_array_equal(a[..., 0], _gradient())  # not all-255 as Pillow's convert() would give
+
+
+def test_32bit_int_and_float_modes(tmp_path):
+    Image.fromarray(_gradient().astype(np.int32) * 257, "I").save(tmp_path / "i32.tif")
+    a = load_image(tmp_path / "i32.tif")
+    np.testing.assert_array_equal(a[..., 1], _gradient())
+    Image.fromarray(_gradient().astype(np.float32) / 255.0, "F").save(tmp_path / "f.tif")
+    a = load_image(tmp_path / "f.tif")
+    assert np.abs(a[..., 2].astype(int) - _gradient()).max() <= 1
+
+
+def test_palette_with_transparency(tmp_path):
+    idx = np.zeros((16, 16), np.uint8)
+    idx[4:12, 4:12] = 1
+    im = Image.fromarray(idx, "P")
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
+    im.save(tmp_path / "p.png", transparency=0)
+    a = load_image(tmp_path / "p.png")
+    _check_rgba(a, (16, 16))
+    assert (a[4:12, 4:12] == (255, 0, 0, 255)).all()
+    assert (a[0, 0, 3] == 0) and (a[..., 3] == 0).sum() == 256 - 64
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (20, 12), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=95)
+    a = load_image(tmp_path / "c.jpg")
+    _check_rgba(a, (12, 20))
+    r, g, b = a[6, 10, :3].astype(int)
+    assert r > 200 and g < 60 and b < 60  # cyan-free, magenta+yellow = red
+    assert (a[..., 3] == 255).all()
+
+
+def test_rgb_and_rgba(tmp_path):
+    rgb = np.dstack([_gradient()] * 3)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    a = load_image(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(a[..., :3], rgb)
+    assert (a[..., 3] == 255).all()
+    rgba = np.dstack([rgb, _gradient()])
+    rgba[0, 0, 3] = 200
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgba)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)  # left half red, right half blue
+    arr[:, 10:] = (0, 0, 255)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "o.png", exif=exif)
+    a = load_image(tmp_path / "o.png")
+    assert a.shape == (20, 10, 4)
+    assert tuple(a[2, 5, :3]) == (255, 0, 0) and tuple(a[17, 5, :3]) == (0, 0, 255)  # red ends up on top
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader: bad files raise ImageError naming the problem and the file
+# --------------------------------------------------------------------------------------------------
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _expect_error(path: Path, pattern: str) -> None:
+    with pytest.raises(ImageError, match=pattern) as ei:
+        load_image(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path / "nope.png", "not found")
+
+
+def test_directory(tmp_path):
+    _expect_error(tmp_path, "directory")
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "notes.png"
+    p.write_bytes(b"this is not an image at all\n" * 10)
+    _expect_error(p, "not a recognised image")
+    e = tmp_path / "empty.png"
+    e.write_bytes(b"")
+    _expect_error(e, "empty")
+
+
+def test_truncated_png(tmp_path):
+    rng = np.random.default_rng(0)
+    data = _png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # noise: IDAT does not compress
+    p = tmp_path / "cut.png"
+    p.write_bytes(data[: len(data) // 2])
+    _expect_error(p, "truncated or corrupt")
+
+
+def test_truncated_jpeg(tmp_path):
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _expect_error(p, "truncated or corrupt")
+
+
+def test_truncation_still_detected_when_pillow_is_told_to_tolerate_it(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    rng = np.random.default_rng(2)
+    data = _png_bytes(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    p = tmp_path / "cut2.png"
+    p.write_bytes(data[: len(data) // 2])
+    _expect_error(p, "truncated or corrupt")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # global setting restored
+
+
+def test_empty_alpha(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 200
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    _expect_error(tmp_path / "clear.png", "alpha channel is empty")
+
+
+def test_zero_size(tmp_path):
+    for w, h in ((0, 10), (10, 0)):
+        p = tmp_path / f"zero_{w}x{h}.png"
+        p.write_bytes(_png_header_only(w, h))
+        _expect_error(p, "zero size")
+
+
+def test_huge_image_limit(tmp_path, monkeypatch):
+    Image.fromarray(_gradient(40, 50)).save(tmp_path / "big.png")
+    monkeypatch.setattr(pp, "MAX_IMAGE_PIXELS", 1000)
+    _expect_error(tmp_path / "big.png", "too large")
+
+
+def test_huge_header_rejected_before_decoding(tmp_path):
+    # 60000^2 px declared: must be refused from the header (Pillow's own bomb guard or ours), never
+    # decoded; the file itself is tiny.
+    p = tmp_path / "bomb.png"
+    p.write_bytes(_png_header_only(60000, 60000))
+    _expect_error(p, "too large")
+    q = tmp_path / "bomb2.png"
+    q.write_bytes(_png_header_only(9000, 9000))  # above our 8192^2 limit, below Pillow's
+    _expect_error(q, "too large")
+
+
+# --------------------------------------------------------------------------------------------------
+# Foreground mask without alpha
+# --------------------------------------------------------------------------------------------------
+
+
+def _disk_image(h: int = 200, w: int = 240, bg=(255, 255, 255), colour=(30, 120, 200), r: float = 55.0):
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx = 95.0, 130.0
+    d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    cover = np.clip(r + 0.5 - d, 0.0, 1.0)[..., None]  # 1-px anti-aliased edge
+    rgb = np.asarray(colour, np.float64) * cover + np.asarray(bg, np.float64) * (1 - cover)
+    rgba = np.dstack([np.rint(rgb).astype(np.uint8), np.full((h, w), 255, np.uint8)])
+    return rgba, d <= r
+
+
+def test_uniform_background_removed_from_rgb(tmp_path):
+    rgba, disk = _disk_image()
+    rgba[90:100, 125:135, :3] = 255  # a white patch inside the object must stay foreground
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "disk.png")
+    loaded = load_image(tmp_path / "disk.png")
+    res = preprocess(loaded, PreprocessConfig.triposr(128), source="disk.png")
+    assert res.mask_source == "uniform_background" and res.warnings == []
+    fg = pp.foreground(loaded)
+    mask = fg.rgba[..., 3] > 127
+    iou = (mask & disk).sum() / (mask | disk).sum()
+    assert iou > 0.97
+    assert (fg.rgba[90:100, 125:135, 3] == 255).all()
+    assert ((fg.rgba[..., 3] > 0) & (fg.rgba[..., 3] < 255)).any()  # soft edge
+    # TripoSR framing then uses that mask: square, grey background, object ~85 % of the side.
+    side = res.display_rgb.shape[0]
+    assert res.display_rgb.shape == (side, side, 3) and abs(side - int(110 / 0.85)) <= 3
+    assert tuple(res.display_rgb[0, 0]) == (127, 127, 127)
+    assert res.pixel_values.shape == (1, 3, 128, 128)
+
+
+def test_uniform_background_other_colour_and_jpeg_noise(tmp_path):
+    rgba, disk = _disk_image(bg=(127, 127, 127), colour=(230, 90, 20))
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "disk.jpg", quality=80)
+    fg = pp.foreground(load_image(tmp_path / "disk.jpg"))
+    assert fg.mask_source == "uniform_background"
+    mask = fg.rgba[..., 3] > 127
+    assert (mask & disk).sum() / (mask | disk).sum() > 0.95
+    assert (fg.rgba[..., 3][:20] == 0).all()  # JPEG ringing in the background is not foreground
+
+
+def test_non_uniform_background_without_rembg_warns():
+    rng = np.random.default_rng(3)
+    rgba = np.dstack([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), np.full((64, 64), 255, np.uint8)])
+    res = preprocess(rgba, PreprocessConfig.triposr(64), source="noise.png")
+    assert res.mask_source == "none"
+    assert res.warnings and any("rembg" in w and "noise.png" in w for w in res.warnings)
+    np.testing.assert_array_equal(res.display_rgb, rgba[..., :3])  # unchanged, like --no-remove-bg
+    assert res.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_background_removal_off_keeps_image_silently():
+    rgba, _ = _disk_image()
+    res = preprocess(rgba, PreprocessConfig.openlrm_v11(224, background_removal="off"))
+    assert res.mask_source == "none" and res.warnings == []
+    # Opaque input through the OpenLRM path is exactly the reference (composite with a = 1 is exact).
+    torch.testing.assert_close(res.pixel_values, composite_resize_bicubic(rgba, 224), atol=0, rtol=0)
+
+
+def test_rembg_used_when_available_and_background_not_uniform(monkeypatch):
+    rng = np.random.default_rng(4)
+    rgba = np.dstack([rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), np.full((40, 40), 255, np.uint8)])
+    fake = np.zeros((40, 40), np.uint8)
+    fake[10:30, 10:30] = 255
+    monkeypatch.setattr(pp, "_rembg_available", lambda: True)
+    monkeypatch.setattr(pp, "_rembg_alpha", lambda a: fake)
+    res = preprocess(rgba, PreprocessConfig.triposr(64))
+    assert res.mask_source == "rembg"
+    assert res.display_rgb.shape == (int(19 / 0.85),) * 2 + (3,)
+
+
+def test_single_colour_image_has_no_foreground():
+    rgba = np.full((32, 32, 4), 255, np.uint8)
+    with pytest.raises(ImageError, match="no foreground"):
+        preprocess(rgba, PreprocessConfig.triposr(64), source="blank.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Real inputs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not INPUT_FILES, reason=f"no input images under {INPUTS}")
+@pytest.mark.parametrize("path", INPUT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_real_inputs_both_families(path):
+    rgba = load_image(path)
+    assert rgba.dtype == np.uint8 and rgba.ndim == 3 and rgba.shape[2] == 4
+    # Resolve the mask once, then run both families on it (the alpha path), to halve the work.
+    fg = pp.foreground(rgba, source=str(path))
+    assert fg.mask_source in ("alpha", "uniform_background")  # every sample has alpha or a plain background
+    cases = [(PreprocessConfig.triposr(512), 512), (PreprocessConfig.openlrm_v11(224), 224)]
+    for cfg, size in cases:
+        res = preprocess(fg.rgba, cfg, source=str(path))
+        assert res.pixel_values.shape == (1, 3, size, size) and res.pixel_values.dtype == torch.float32
+        assert torch.isfinite(res.pixel_values).all()
+        # TripoSR's antialiased bilinear is not clamped (parity); its weights sum to 1 up to rounding.
+        assert -1e-6 <= float(res.rgb01.min()) and float(res.rgb01.max()) <= 1.0 + 1e-6
+        assert res.display_rgb.dtype == np.uint8 and res.display_rgb.shape[2] == 3
+        assert res.warnings == []
+        if cfg.family == "triposr":
+            h, w = res.display_rgb.shape[:2]
+            assert h == w  # resize_foreground always yields a square
