@@ -1,4 +1,4 @@
-"""``lrm-rt`` command line: reconstruct, info."""
+"""``lrm-rt`` command line: reconstruct, export, info."""
 from __future__ import annotations
 
 import argparse
@@ -25,15 +25,83 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--render-views", type=int, default=0, help="also render N novel views as PNG")
     p.add_argument("--render-size", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--network-backend", default="torch", choices=["torch"])
+    p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                   help="auto: onnxruntime for an export directory (lrm-rt export), torch otherwise")
     p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="network precision (default fp32: reference parity); auto: bf16 on CPUs with native "
+                        "bf16, else fp32; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
     p.add_argument("--foreground-ratio", type=float, default=None)
     p.add_argument("--no-vertex-colors", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="encoder + transformer -> ONNX (validated in ONNX Runtime) [+ TensorRT]")
+    p.add_argument("--model", required=True, help="model directory, release name or repo id (as reconstruct)")
+    p.add_argument("--out", required=True, help="export directory to write (empty or an earlier export)")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write fp16 graphs (LayerNorm/Softmax/exp kept fp32); with --tensorrt: FP16 engines")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT + a GPU)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights for a release name")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT profile (default 4)")
+    p.add_argument("--check-batch", type=int, default=2, help="batch size of the built-in validation (default 2)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .export import DEFAULT_OPSET, export_model
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    _log(args, f"loading {args.model} ...")
+    loaded = load_model(args.model, random_weights=args.random_weights)
+    export_model(loaded, args.out, opset=args.opset or DEFAULT_OPSET, fp16=args.fp16, tensorrt=args.tensorrt,
+                 max_batch=args.max_batch, check_batch=args.check_batch, threads=args.threads,
+                 log=lambda m: _log(args, m))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="metrics of a reconstruction: mesh vs ground-truth mesh, or render vs image")
+    p.add_argument("pred", help="predicted mesh (glb/obj/ply/...) or rendered image (png/jpg)")
+    p.add_argument("gt", help="ground-truth mesh or image (RGBA: alpha gives the silhouette)")
+    p.add_argument("--tau", type=float, default=0.05, help="F-score distance, in normalised units (default 0.05)")
+    p.add_argument("--normalize", default="gt", choices=["gt", "each", "none"],
+                   help="gt: both meshes by the ground truth's unit box (shared frame); each: every mesh by its own")
+    p.add_argument("--points", type=int, default=20000, help="surface samples per mesh")
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from . import eval as E
+
+    images = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    kinds = {Path(args.pred).suffix.lower() in images, Path(args.gt).suffix.lower() in images}
+    if len(kinds) != 1:
+        raise LrmError("eval compares two meshes or two images, not one of each")
+    for f in (args.pred, args.gt):
+        if not Path(f).is_file():
+            raise LrmError(f"file not found: {f}")
+    if Path(args.pred).suffix.lower() in images:
+        (prgb, pa), (grgb, ga) = E.load_image01(args.pred), E.load_image01(args.gt)
+        if prgb.shape != grgb.shape:
+            raise LrmError(f"image sizes differ: {prgb.shape[:2]} vs {grgb.shape[:2]}")
+        out = E.image_metrics(prgb, grgb, pa, ga)
+    else:
+        out = E.metrics_dict(E.mesh_metrics(E.load_mesh(args.pred), E.load_mesh(args.gt), tau=args.tau,
+                                            n_points=args.points, normalize=args.normalize))
+    print(json.dumps(out, indent=1))
+    return 0
 
 
 def _log(args, msg: str) -> None:
@@ -112,7 +180,7 @@ def cmd_info(args) -> int:
 
     print(f"field backends: torch, native {'yes' if native_available() else 'no (build failed)'}, "
           f"cuda {'yes' if cuda else 'no'}")
-    print("network backends: torch")
+    print("network backends: torch, onnxruntime (export dirs), tensorrt (export dirs, needs tensorrt + cupy)")
     builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
     print(f"built-in models: {', '.join(builtin) or 'none'}")
     print(f"release configs: {', '.join(sorted(NAMED_CONFIGS))}")
@@ -124,14 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lrm_rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_reconstruct(sub)
+    _add_eval(sub)
+    _add_export(sub)
     sub.add_parser("info", help="versions, backends and devices")
+    # Its options live in benchmarks/suite.py (a checkout folder); main() hands the argv over unparsed.
+    sub.add_parser("bench", help="benchmark suite vs the PyTorch baseline (lrm-rt bench --help)", add_help=False)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"reconstruct": cmd_reconstruct, "info": cmd_info}[args.command](args)
+        return {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval}[args.command](args)
     except LrmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

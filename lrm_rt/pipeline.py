@@ -16,6 +16,7 @@ import torch
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig
 from .errors import BackendError, ConfigError
+from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import Mesh, MeshFormat, Orientation, export_mesh, extract_mesh
 from .network_backends import NetworkBackend, TorchNetworkBackend
@@ -62,6 +63,24 @@ def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:
     raise ConfigError(f"unknown field backend {name!r} (auto, torch, native, cuda)")
 
 
+def exported_network_backend(export_dir: Union[str, Path], name: str = "auto", device: str = "cpu",
+                             precision: str = "fp32", threads: Optional[int] = None) -> NetworkBackend:
+    """The backend that runs an export directory: ``onnxruntime`` (``auto``) or ``tensorrt``."""
+    if name in ("auto", "onnxruntime"):
+        from .onnx_backend import OnnxRuntimeNetworkBackend
+
+        providers = "cuda" if device.startswith("cuda") else "cpu"
+        return OnnxRuntimeNetworkBackend(export_dir, providers=providers, threads=threads, precision=precision)
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTNetworkBackend
+
+        return TensorRTNetworkBackend(export_dir, device=device)
+    if name == "torch":
+        raise ConfigError(f"{export_dir} is an export directory (ONNX graphs, no torch weights): use "
+                          "--network-backend onnxruntime or tensorrt, or pass the original checkpoint")
+    raise ConfigError(f"unknown network backend {name!r} (auto, torch, onnxruntime, tensorrt)")
+
+
 @dataclass
 class Reconstruction:
     """One image's result. ``timings`` holds seconds per stage."""
@@ -84,19 +103,27 @@ class Reconstructor:
     """
 
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, *, device: str = "cpu",
-                 network_backend: Union[str, NetworkBackend] = "torch", field_backend_name: str = "auto",
+                 network_backend: Union[str, NetworkBackend] = "auto", field_backend_name: str = "auto",
                  precision: str = "fp32", threads: Optional[int] = None, random_weights: bool = False):
         if threads:
             torch.set_num_threads(int(threads))
         t0 = time.perf_counter()
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
-        self.config: ModelConfig = self.model.config
-        if isinstance(network_backend, NetworkBackend):
-            self.network = network_backend
-        elif network_backend == "torch":
-            self.network = TorchNetworkBackend(self.model.network, device, precision)
+        if isinstance(model, (str, Path)) and not isinstance(network_backend, NetworkBackend) and is_export_dir(model):
+            # An export directory (lrm-rt export) holds graphs, not torch weights: no checkpoint to load.
+            self.network = exported_network_backend(model, network_backend, device, precision, threads)
+            self.model = LoadedModel(self.network.config, None, f"export {model} ({self.network.name})")
         else:
-            raise ConfigError(f"unknown network backend {network_backend!r} (torch)")
+            self.model = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
+            if isinstance(network_backend, NetworkBackend):
+                self.network = network_backend
+            elif network_backend in ("torch", "auto"):
+                self.network = TorchNetworkBackend(self.model.network, device, precision)
+            elif network_backend in ("onnxruntime", "tensorrt"):
+                raise ConfigError(f"--network-backend {network_backend} runs an export directory "
+                                  f"(lrm-rt export --model M --out DIR, then --model DIR), not {model}")
+            else:
+                raise ConfigError(f"unknown network backend {network_backend!r} (auto, torch, onnxruntime, tensorrt)")
+        self.config: ModelConfig = self.model.config
         self.field = field_backend(field_backend_name, device)
         self.load_seconds = time.perf_counter() - t0
 

@@ -1,0 +1,136 @@
+"""ONNX Runtime network backend: runs an export directory's encoder and transformer graphs.
+
+The decoder MLP comes from the directory's ``decoder.safetensors``, so no checkpoint or torch
+network is needed. Providers: CUDA when ONNX Runtime has it (``onnxruntime-gpu``), else CPU.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import BackendError, CheckpointError, ConfigError
+from .export import manifest as M
+from .models.network import default_source_camera
+from .network_backends import NetworkBackend
+
+Providers = Union[str, Sequence[str]]
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("the onnxruntime network backend needs onnxruntime "
+                           "(pip install onnxruntime, or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def resolve_providers(providers: Providers = "auto") -> List[str]:
+    """'auto' -> CUDA (if this onnxruntime build has it) then CPU; 'cpu'; 'cuda'; or an explicit list."""
+    available = _ort().get_available_providers()
+    if isinstance(providers, str):
+        key = providers.lower()
+        if key == "auto":
+            providers = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+        elif key == "cpu":
+            providers = []
+        elif key == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError("CUDA was requested for ONNX Runtime, but this onnxruntime has no "
+                                   f"CUDAExecutionProvider (available: {', '.join(available)}); "
+                                   "install onnxruntime-gpu")
+            providers = ["CUDAExecutionProvider"]
+        else:
+            raise ConfigError(f"unknown ONNX Runtime providers {providers!r} (auto, cpu, cuda or a list)")
+        return list(providers) + ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise BackendError(f"ONNX Runtime providers not available: {', '.join(missing)} "
+                           f"(available: {', '.join(available)})")
+    return list(providers)
+
+
+def make_session(path: Union[str, Path], providers: Providers = "auto", threads: Optional[int] = None,
+                 arena: bool = True):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # ORT's per-node fp16 "cast inserted" notices are expected
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=resolve_providers(providers))
+    except (BackendError, ConfigError):
+        raise
+    except Exception as exc:
+        raise BackendError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}; "
+                           "re-export with lrm-rt export") from None
+
+
+class OnnxRuntimeNetworkBackend(NetworkBackend):
+    """``NetworkBackend`` over ``encoder.onnx`` + ``transformer.onnx`` (or their ``.fp16`` variants)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir: Union[str, Path], providers: Providers = "auto", threads: Optional[int] = None,
+                 precision: str = "fp32"):
+        self.export_dir = Path(export_dir)
+        if precision not in ("fp32", "fp16", "auto"):
+            raise ConfigError(f"precision {precision!r} is not available with onnxruntime (fp32, fp16)")
+        self.manifest = M.read_manifest(self.export_dir)
+        self.config = M.manifest_config(self.manifest)
+        graphs = self.manifest["graphs"]
+        if precision == "fp16":
+            graphs = self.manifest.get("fp16_graphs")
+            if not graphs:
+                raise BackendError(f"{self.export_dir} has no fp16 graphs; re-export with lrm-rt export --fp16")
+        self.precision = "fp32" if precision == "auto" else precision
+        self.weights, self.biases = M.load_decoder(self.export_dir, self.manifest)
+        self.sessions = {}
+        for g in ("encoder", "transformer"):
+            path = self.export_dir / graphs[g]["file"]
+            if not path.is_file():
+                raise CheckpointError(f"export directory {self.export_dir} is incomplete: missing {path.name}")
+            sess = make_session(path, providers, threads)
+            _check_io(sess, graphs[g], path)
+            self.sessions[g] = sess
+        self.providers = self.sessions["encoder"].get_providers()
+
+    def run(self, pixels: torch.Tensor, camera: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg = self.config
+        s = cfg.input_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise BackendError(f"this export takes (B, 3, {s}, {s}) pixels, got {tuple(pixels.shape)}")
+        x = np.ascontiguousarray(pixels.detach().cpu().float().numpy())
+        feeds = {}
+        if cfg.family == "openlrm":
+            if camera is None:
+                camera = default_source_camera(cfg.source_cam_dist, x.shape[0])
+            feeds["camera"] = np.ascontiguousarray(camera.detach().cpu().float().numpy())
+        t0 = time.perf_counter()
+        tokens = self.sessions["encoder"].run(None, {"pixels": x})[0]
+        t1 = time.perf_counter()
+        triplane = self.sessions["transformer"].run(None, {"tokens": tokens, **feeds})[0]
+        t2 = time.perf_counter()
+        return torch.from_numpy(np.asarray(triplane, dtype=np.float32)), {"encoder": t1 - t0, "transformer": t2 - t1}
+
+
+def _check_io(sess, info, path: Path) -> None:
+    """The graph's input/output names must be the manifest's (guards against mixed-up files)."""
+    want_in = [i["name"] for i in info.get("inputs", [])]
+    want_out = [o["name"] for o in info.get("outputs", [])]
+    got_in = [i.name for i in sess.get_inputs()]
+    got_out = [o.name for o in sess.get_outputs()]
+    if (want_in and got_in != want_in) or (want_out and got_out != want_out):
+        raise CheckpointError(f"{path} has inputs {got_in} / outputs {got_out}, but the manifest lists "
+                              f"{want_in} / {want_out}; the export directory is inconsistent, re-export it")
+    for spec, arg in zip(info.get("inputs", []) + info.get("outputs", []), sess.get_inputs() + sess.get_outputs()):
+        fixed = [(a, b) for a, b in zip(spec["shape"], arg.shape) if isinstance(a, int) and isinstance(b, int)]
+        if len(spec["shape"]) != len(arg.shape) or any(a != b for a, b in fixed):
+            raise CheckpointError(f"{path}: {arg.name} has shape {arg.shape}, the manifest says {spec['shape']}; "
+                                  "the export directory is inconsistent, re-export it")

@@ -1,0 +1,247 @@
+"""lrm-rt export: ONNX graphs of the fixture checkpoints match PyTorch (and the reference tensors) in ONNX
+Runtime on CPU, the export directory reconstructs the same mesh as the torch path, and broken export
+directories give one clear error.
+
+Tolerance 1e-4 max abs (fp32), as tests/test_network.py: the fixtures' fp32 rounding scale is ~1e-6.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lrm_rt.checkpoint import load_model
+from lrm_rt.cli import main
+from lrm_rt.config import NAMED_CONFIGS
+from lrm_rt.errors import BackendError, CheckpointError
+from lrm_rt.export import config_from_dict, config_to_dict, export_model, read_manifest
+from lrm_rt.onnx_backend import OnnxRuntimeNetworkBackend, make_session
+
+CKPTS = ["triposr-tiny", "openlrm-tiny-1.1", "openlrm-tiny-1.0"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exports(fixtures_dir, tmp_path_factory):
+    """Each fixture checkpoint exported once through the CLI."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name in CKPTS:
+        d = root / name
+        assert main(["export", "--model", str(fixtures_dir / "checkpoints" / name), "--out", str(d), "--quiet"]) == 0
+        out[name] = d
+    return out
+
+
+def _io(name, triposr_io, openlrm_io, openlrm_v10_io):
+    if name == "triposr-tiny":
+        return triposr_io["vit_pixel_values"], None, triposr_io
+    if name == "openlrm-tiny-1.1":
+        return openlrm_io["image"], openlrm_io["source_camera"], openlrm_io
+    return openlrm_v10_io["vit_pixel_values"], openlrm_v10_io["source_camera"], openlrm_v10_io
+
+
+@pytest.mark.parametrize("name", CKPTS)
+def test_export_matches_pytorch_and_reference(name, exports, triposr_io, openlrm_io, openlrm_v10_io):
+    d = exports[name]
+    man = json.loads((d / "manifest.json").read_text())
+    # Built-in validation (batch 2, seeded inputs) recorded in the manifest.
+    for key in ("encoder_tokens", "triplane", "triplane_end_to_end"):
+        r = man["validation"]["fp32"][key]
+        assert r["passed"] and r["max_abs"] < TOL, (key, r)
+    assert man["batch"] == {"dynamic": True, "validated_batch": 2}
+    assert man["tools"]["opset"] == 17 and "dynamo=False" in man["tools"]["exporter"]
+    # Independently: the graphs against the reference implementation's stored tensors.
+    pixels, camera, io = _io(name, triposr_io, openlrm_io, openlrm_v10_io)
+    tokens = make_session(d / "encoder.onnx", "cpu").run(None, {"pixels": pixels.numpy()})[0]
+    assert np.abs(tokens - io["encoder_tokens"].numpy()).max() < TOL
+    backend = OnnxRuntimeNetworkBackend(d, providers="cpu", threads=2)
+    triplane, timings = backend.run(pixels, camera)
+    assert triplane.dtype == torch.float32 and set(timings) == {"encoder", "transformer"}
+    assert (triplane - io["triplane"]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("name", CKPTS)
+def test_manifest_contents(name, exports, fixtures_dir):
+    man = read_manifest(exports[name])
+    loaded = load_model(str(fixtures_dir / "checkpoints" / name))
+    assert man["_config"] == loaded.config
+    assert man["source"]["checkpoint_sha256"] and not man["source"]["random_weights"]
+    assert man["input"]["size"] == loaded.config.input_size
+    assert man["triplane"]["shape"] == [3, loaded.config.triplane_dim] + [loaded.config.triplane_high_res] * 2
+    assert (man["camera"] is None) == (loaded.config.family == "triposr")
+    for tool in ("torch", "onnx", "onnxruntime", "exporter", "opset"):
+        assert tool in man["tools"]
+    # The decoder the kernels need is the network's, bit for bit.
+    backend = OnnxRuntimeNetworkBackend(exports[name], providers="cpu")
+    w, b = loaded.network.decoder_params()
+    assert all(torch.equal(x, y) for x, y in zip(backend.weights + backend.biases, w + b))
+
+
+@pytest.mark.parametrize("cfg", list(NAMED_CONFIGS.values()), ids=list(NAMED_CONFIGS))
+def test_model_config_dict_round_trip(cfg):
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_model_config_dict_rejects_unknown_keys():
+    from lrm_rt.errors import ConfigError
+
+    d = config_to_dict(NAMED_CONFIGS["triposr"])
+    d["encoder"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="bogus"):
+        config_from_dict(d)
+
+
+def _mesh(path):
+    import trimesh
+
+    return trimesh.load(path, process=False)
+
+
+def _chamfer_max(a, b):
+    from scipy.spatial import cKDTree
+
+    return max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max())
+
+
+@pytest.mark.parametrize("name", CKPTS)
+def test_reconstruct_from_export_dir_matches_torch(name, exports, fixtures_dir, tmp_path):
+    ckpt = fixtures_dir / "checkpoints" / name
+    image = str(ckpt / "input.png")
+    common = ["--mc-resolution", "64", "--format", "ply", "--quiet"]
+    assert main(["reconstruct", image, "--model", str(ckpt), "--network-backend", "torch",
+                 "--out", str(tmp_path / "torch"), *common]) == 0
+    # No --network-backend: an export directory runs on ONNX Runtime.
+    assert main(["reconstruct", image, "--model", str(exports[name]), "--out", str(tmp_path / "ort"), *common]) == 0
+    ref, ours = _mesh(tmp_path / "torch" / "input.ply"), _mesh(tmp_path / "ort" / "input.ply")
+    assert len(ours.faces) == len(ref.faces)
+    assert _chamfer_max(ours.vertices, ref.vertices) < 1e-4
+
+
+def test_dynamic_batch(exports, triposr_io):
+    backend = OnnxRuntimeNetworkBackend(exports["openlrm-tiny-1.1"], providers="cpu")
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.rand(3, 3, 224, 224, generator=gen)
+    batched, _ = backend.run(pixels)
+    singles = torch.cat([backend.run(pixels[i:i + 1])[0] for i in range(3)])
+    assert batched.shape == (3, 3, 8, 16, 16)
+    assert (batched - singles).abs().max().item() < 1e-5
+    with pytest.raises(BackendError, match="224"):
+        backend.run(torch.zeros(1, 3, 112, 112))
+
+
+def test_external_data_layout(fixtures_dir, tmp_path):
+    """Graphs over the size threshold (2 GB in real use; forced here) keep weights in NAME.onnx.data."""
+    loaded = load_model(str(fixtures_dir / "checkpoints" / "triposr-tiny"))
+    man = export_model(loaded, tmp_path / "x", external_threshold=0, log=lambda m: None)
+    for g in ("encoder", "transformer"):
+        assert man["graphs"][g]["external_data"] == f"{g}.onnx.data"
+        assert (tmp_path / "x" / f"{g}.onnx.data").stat().st_size > (tmp_path / "x" / f"{g}.onnx").stat().st_size
+    assert man["validation"]["fp32"]["triplane"]["max_abs"] < TOL
+    OnnxRuntimeNetworkBackend(tmp_path / "x", providers="cpu")
+    (tmp_path / "x" / "transformer.onnx.data").unlink()
+    with pytest.raises(CheckpointError, match="missing transformer.onnx.data"):
+        OnnxRuntimeNetworkBackend(tmp_path / "x", providers="cpu")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lrm_rt.cli", *args], capture_output=True, text=True)
+
+
+def _broken(exports, tmp_path, how):
+    d = tmp_path / "broken"
+    shutil.copytree(exports["openlrm-tiny-1.1"], d)
+    man_path = d / "manifest.json"
+    man = json.loads(man_path.read_text())
+    if how == "missing_graph":
+        (d / "transformer.onnx").unlink()
+    elif how == "format_version":
+        man["format_version"] = 99
+    elif how == "other_model_version":
+        # The manifest of the v1.0 export next to v1.1 graphs: shapes disagree.
+        man = json.loads((exports["openlrm-tiny-1.0"] / "manifest.json").read_text())
+    elif how == "inconsistent_version":
+        man["version"] = "1.0"
+    elif how == "no_manifest":
+        man_path.unlink()
+        return d
+    man_path.write_text(json.dumps(man))
+    return d
+
+
+@pytest.mark.parametrize("how,pattern", [
+    ("missing_graph", "incomplete: missing transformer.onnx"),
+    ("format_version", "format version 99"),
+    ("other_model_version", "inconsistent"),
+    ("inconsistent_version", "inconsistent"),
+    ("no_manifest", "no manifest.json"),
+])
+def test_bad_export_dir_errors(exports, tmp_path, fixtures_dir, how, pattern):
+    d = _broken(exports, tmp_path, how)
+    with pytest.raises(CheckpointError, match=pattern):
+        OnnxRuntimeNetworkBackend(d, providers="cpu")
+    # Through the CLI: one error line, no traceback, nothing written.
+    r = _cli("reconstruct", str(fixtures_dir / "checkpoints" / "openlrm-tiny-1.1" / "input.png"), "--model", str(d),
+             "--out", str(tmp_path / "out"), "--mc-resolution", "16")
+    assert r.returncode != 0 and pattern in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_and_model_kind_must_agree(exports, fixtures_dir, tmp_path):
+    img = str(fixtures_dir / "checkpoints" / "triposr-tiny" / "input.png")
+    r = _cli("reconstruct", img, "--model", str(exports["triposr-tiny"]), "--network-backend", "torch",
+             "--out", str(tmp_path))
+    assert r.returncode != 0 and "export directory" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("reconstruct", img, "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"),
+             "--network-backend", "onnxruntime", "--out", str(tmp_path))
+    assert r.returncode != 0 and "lrm-rt export" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validation_failure_is_an_error(fixtures_dir, tmp_path, monkeypatch):
+    from lrm_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FP32_TOL", 0.0)  # nothing is bit exact: validation must fail
+    rc = main(["export", "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"), "--out", str(tmp_path / "x"),
+               "--quiet"])
+    assert rc != 0
+    with pytest.raises(CheckpointError, match="not an lrm-rt export manifest"):
+        read_manifest(tmp_path / "x")
+
+
+def test_export_refuses_non_empty_foreign_dir(fixtures_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("keep me")
+    r = _cli("export", "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"), "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "not empty" in r.stderr
+    assert (tmp_path / "x" / "notes.txt").read_text() == "keep me"
+
+
+def test_tensorrt_export_without_tensorrt_is_a_clear_error(fixtures_dir, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    r = _cli("export", "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"), "--out", str(tmp_path / "x"),
+             "--tensorrt", "--fp16")
+    assert r.returncode != 0 and "TensorRT is not installed" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_full_size_export_random_weights(tmp_path):
+    """A released architecture at full size (OpenLRM v1.1 small, random weights) exports and validates."""
+    d = tmp_path / "small"
+    assert main(["export", "--model", "openlrm-obj-small-1.1", "--random-weights", "--out", str(d),
+                 "--check-batch", "1", "--quiet"]) == 0
+    man = read_manifest(d)
+    assert man["_config"] == NAMED_CONFIGS["openlrm-obj-small-1.1"]
+    assert man["source"]["random_weights"] and man["source"]["checkpoint_sha256"] is None
+    assert all(r["passed"] for r in man["validation"]["fp32"].values())
+    triplane, _ = OnnxRuntimeNetworkBackend(d, providers="cpu").run(torch.rand(1, 3, 224, 224))
+    assert triplane.shape == (1, 3, 32, 64, 64)
