@@ -50,6 +50,8 @@ setup(
     version="0.1.0",
     description="Fast inference runtime for Large Reconstruction Models (OpenLRM, TripoSR)",
     packages=find_packages(include=["lrm_rt", "lrm_rt.*"]),
+    # built-in models (lrm_rt/models_data/<name>/: config, weights, model card) ship with the package
+    package_data={"lrm_rt": ["models_data/**/*"]},
     python_requires=">=3.10",
     # torch is not pinned here on purpose: install it first (see README) so pip does not pull
     # a multi-GB CUDA build; any torch >= 2.4 works (the GPU machine runs 2.11).

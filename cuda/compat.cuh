@@ -52,10 +52,13 @@ typedef unsigned long long uint64_t;
 #define __restrict__ __restrict
 #endif
 
+// -DLRM_HOST_API=0 gives NVRTC's view (device code only) under a full nvcc build too.
+#if !defined(LRM_HOST_API)
 #if !defined(__CUDACC_RTC__)
 #define LRM_HOST_API 1
 #else
 #define LRM_HOST_API 0
+#endif
 #endif
 
 // Math helpers with identical spelling on both targets (full-precision expf: parity needs it).

@@ -82,12 +82,18 @@ class Dinov2Config:
         """Fixture-only model (fixtures README §4): the vits14_reg construction at 64 dims, 2 blocks, 2 heads."""
         return cls(embed_dim=64, depth=2, num_heads=2)
 
+    @classmethod
+    def dinov2_lrmtiny14_reg(cls) -> "Dinov2Config":
+        """Encoder of the shipped lrm-tiny (trained from scratch here): 112 px input, so an 8x8 position grid."""
+        return cls(embed_dim=192, depth=4, num_heads=3, img_size=112)
+
 
 # OpenLRM v1.1 ``encoder_model_name`` -> config.
 DINOV2_CONFIGS: Dict[str, Dinov2Config] = {
     "dinov2_vits14_reg": Dinov2Config.dinov2_vits14_reg(),
     "dinov2_vitb14_reg": Dinov2Config.dinov2_vitb14_reg(),
     "dinov2_tiny14_reg": Dinov2Config.dinov2_tiny14_reg(),
+    "dinov2_lrmtiny14_reg": Dinov2Config.dinov2_lrmtiny14_reg(),
 }
 
 
