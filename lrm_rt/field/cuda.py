@@ -1,0 +1,309 @@
+"""CUDA field backend: the kernels of cuda/triplane_field.cu compiled at run time by NVRTC (cupy.RawModule).
+
+Thin by design: the GPU runs the same kernels (and the same coarse-to-fine steps) as the CPU build, whose
+per-point versions are tested on the CPU by driving this class with a host runtime (tests/test_cuda_field.py).
+CuPy is imported lazily, so importing this module never needs it.
+
+Inputs: torch CUDA tensors and CuPy arrays are used in place through DLPack (no copy when already float32
+and contiguous); host tensors / arrays are uploaded. Planes are repacked once per field to the kernels'
+channel-last layout, optionally as float16 (accumulation stays float32).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import BackendError, ConfigError, ResourceError
+from .base import FieldBackend
+from .native import (
+    FLAG_RAW_DENSITY,
+    MODES,
+    CoarseToFine,
+    check_finite_planes,
+    check_grid_memory,
+    field_flags,
+    grid_mode,
+    pack_decoder,
+)
+from .spec import TriplaneField
+
+PLANE_DTYPES = ("float32", "float16")
+
+
+def kernel_source() -> str:
+    """triplane_field.cu with its local headers inlined: NVRTC then needs no include path, and CuPy's
+    kernel cache (keyed by the source text) sees every header edit."""
+    from ..kernels import cuda_source_dir
+
+    src_dir = cuda_source_dir()
+    seen = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (src_dir / name).read_text()
+        text = re.sub(r'^\s*#\s*pragma\s+once\s*$', "", text, flags=re.M)
+        return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
+
+    return expand("triplane_field.cu")
+
+
+def lattice_count(r: int, s: int) -> int:
+    return (r - 1) // s + 1 + (1 if (r - 1) % s else 0)
+
+
+def level_in_space(level: float, space: int) -> float:
+    """The iso-level in the space the refinement test uses (cuda/field.cuh lrm_c2f_space)."""
+    if space == 0:
+        return float(level)
+    if level <= 0:
+        return -100.0
+    if space == 1:
+        return math.log(level)
+    return level if level > 20 else math.log(math.expm1(level))
+
+
+class CupyRuntime:
+    """Launches the kernels on one GPU with CuPy. Also the interface a host runtime implements in tests:
+    xp, from_input, from_torch, to_output, launch, smem_limit_bytes, free_bytes, stream."""
+
+    def __init__(self, device: Optional[int] = None, block: int = 256) -> None:
+        try:
+            import cupy
+        except ImportError as e:  # pragma: no cover - depends on the machine
+            raise BackendError(f"the CUDA field backend needs CuPy (pip install cupy-cuda12x): {e}") from None
+        if cupy.cuda.runtime.getDeviceCount() == 0:  # pragma: no cover
+            raise BackendError("the CUDA field backend found no CUDA device")
+        self.cp = self.xp = cupy
+        self.device = cupy.cuda.Device(cupy.cuda.runtime.getDevice() if device is None else device)
+        self.block = block
+        attrs = self.device.attributes
+        self._sm_count = int(attrs.get("MultiProcessorCount", 80))
+        self._smem_optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+        self._modules: dict = {}
+
+    # -- arrays
+    def from_torch(self, t: torch.Tensor):
+        if t.is_cuda:
+            return self.cp.from_dlpack(t.detach())
+        return self.cp.asarray(t.detach().cpu().numpy())
+
+    def from_input(self, x: Any) -> Tuple[Any, str]:
+        """(float32 contiguous device array, kind) where kind says how to hand results back."""
+        cp = self.cp
+        if isinstance(x, torch.Tensor):
+            if x.is_cuda:
+                return self.from_torch(x.detach().to(torch.float32).contiguous()), "torch_cuda"
+            return cp.asarray(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)), "host"
+        if isinstance(x, cp.ndarray):
+            return cp.ascontiguousarray(x, dtype=cp.float32), "cupy"
+        return cp.asarray(np.ascontiguousarray(x, dtype=np.float32)), "host"
+
+    def to_output(self, a, kind: str):
+        if kind == "cupy":
+            return a
+        if kind == "host":
+            return torch.from_numpy(self.cp.asnumpy(a))
+        return torch.from_dlpack(a)  # torch_cuda: zero copy
+
+    def grid_output_kind(self) -> str:
+        return "torch_cuda" if torch.cuda.is_available() else "cupy"
+
+    def stream(self):
+        """Run on torch's current stream when torch has CUDA, so work is ordered with the caller's."""
+        if torch.cuda.is_available():
+            return self.cp.cuda.ExternalStream(torch.cuda.current_stream(self.device.id).cuda_stream)
+        return contextlib.nullcontext()
+
+    # -- device facts
+    def smem_limit_bytes(self) -> int:
+        return self._smem_optin
+
+    def free_bytes(self) -> int:
+        free, _ = self.cp.cuda.runtime.memGetInfo()
+        return int(free) + int(self.cp.get_default_memory_pool().free_bytes())
+
+    # -- kernels
+    def _module(self, max_width: int):
+        mod = self._modules.get(max_width)
+        if mod is None:
+            try:
+                mod = self.cp.RawModule(code=kernel_source(),
+                                        options=("-std=c++17", f"-DLRM_FIELD_MAX_WIDTH={max_width}"))
+                mod.compile()
+            except Exception as e:  # noqa: BLE001 - NVRTC errors come in several CuPy exception types
+                raise BackendError(f"compiling the field kernels with NVRTC failed: {e}") from None
+            self._modules[max_width] = mod
+        return mod
+
+    def launch(self, name: str, n: int, args: Sequence[Any], smem_floats: int = 0, max_width: int = 128) -> None:
+        if n <= 0:
+            return
+        fn = self._module(max_width).get_function(name)
+        smem = 4 * smem_floats
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        # a block whose weights fill a whole SM's shared memory runs alone: make it a big one
+        block = 512 if smem > 48 * 1024 else self.block
+        grid = max(1, min(-(-n // block), self._sm_count * 32))
+        with self.device:
+            fn((grid,), (block,), tuple(args), shared_mem=smem)
+
+
+class _DeviceField:
+    """A field's arguments on the device: planes (3, H, W, C) channel-last (float32 or float16 bits),
+    packed decoder, dims."""
+
+    def __init__(self, rt, field: TriplaneField, plane_dtype: str) -> None:
+        planes = field.planes.detach()
+        if planes.ndim != 4 or planes.shape[0] != 3:
+            raise ConfigError(f"planes must be (3, C, H, W), got {tuple(planes.shape)}")
+        _, c, h, w = planes.shape
+        hwc = planes.permute(0, 2, 3, 1).contiguous()
+        if plane_dtype == "float16":
+            hwc = hwc.to(torch.float16).view(torch.int16)  # the kernels take the raw half bits
+            self.planes = rt.from_torch(hwc).view(rt.xp.uint16)
+        else:
+            self.planes = rt.from_torch(hwc.to(torch.float32))
+        params, dims = pack_decoder(field)
+        self.params = rt.from_torch(params.contiguous())
+        self.dims = rt.from_torch(dims)
+        self.n_params = int(params.numel())
+        self.n_layers = len(field.weights)
+        self.c, self.h, self.w = int(c), int(h), int(w)
+        self.max_width = int(max(dims.tolist()))
+        self.suffix = "_f16" if plane_dtype == "float16" else "_f32"
+
+
+class CudaFieldBackend(FieldBackend):
+    """Triplane field on a CUDA GPU (NVRTC kernels through CuPy).
+
+    plane_dtype: "float32", or "float16" to halve plane memory traffic (values rounded to half; the sums
+        and the MLP stay float32). Mind TripoSR's triplane range (|x| up to ~1.4e3, half spacing ~1 there).
+    mode / c2f: density-grid mode and coarse-to-fine settings, as ``NativeFieldBackend``.
+    stage_weights: stage the decoder in shared memory (None: when it fits the device's opt-in limit).
+    runtime: the launcher (default ``CupyRuntime(device)``); tests pass a host one.
+    Results come back like the input: torch CUDA tensors, CuPy arrays, or CPU tensors for host input;
+    density grids as torch CUDA tensors when torch has CUDA, else CuPy arrays.
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: Optional[int] = None, plane_dtype: str = "float32", mode: str = "auto",
+                 c2f: Optional[CoarseToFine] = None, stage_weights: Optional[bool] = None, runtime=None) -> None:
+        if plane_dtype not in PLANE_DTYPES:
+            raise ConfigError(f"plane_dtype must be one of {PLANE_DTYPES}, got {plane_dtype!r}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown density-grid mode {mode!r} ({', '.join(MODES)})")
+        self.rt = runtime if runtime is not None else CupyRuntime(device)
+        self.plane_dtype = plane_dtype
+        self.mode = mode
+        self.c2f = c2f or CoarseToFine()
+        self.stage_weights = stage_weights
+        self.last_grid_stats: dict = {}
+        self._cache_key = None
+        self._cache: Optional[_DeviceField] = None
+
+    # -- helpers
+    def _prepare(self, field: TriplaneField) -> _DeviceField:
+        tensors = [field.planes, *field.weights, *field.biases]
+        key = (id(field), self.plane_dtype, tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
+        if key != self._cache_key:
+            self._cache = _DeviceField(self.rt, field, self.plane_dtype)
+            self._cache_key = key
+        return self._cache
+
+    def _smem_floats(self, dev: _DeviceField) -> int:
+        fits = 4 * dev.n_params <= self.rt.smem_limit_bytes()
+        stage = fits if self.stage_weights is None else (self.stage_weights and fits)
+        return dev.n_params if stage else 0
+
+    def _field_args(self, dev: _DeviceField, field: TriplaneField, flags: int, smem: int) -> list:
+        return [dev.planes, np.int32(dev.c), np.int32(dev.h), np.int32(dev.w), dev.params, dev.dims,
+                np.int32(dev.n_layers), np.int32(flags), np.float32(field.spec.radius),
+                np.float32(field.spec.density_bias), np.int32(smem)]
+
+    def _width(self, dev: _DeviceField) -> int:
+        return max(32, -(-dev.max_width // 32) * 32)
+
+    # -- queries
+    def query(self, field: TriplaneField, points, raw_density: bool = False):
+        return self._query(field, points, raw_density, True)
+
+    def query_density(self, field: TriplaneField, points):
+        """Activated density only (N,): the colour rows of the last layer are skipped."""
+        return self._query(field, points, False, False)[0]
+
+    def _query(self, field, points, raw_density, want_rgb):
+        rt, xp = self.rt, self.rt.xp
+        with rt.stream():
+            pts, kind = rt.from_input(points)
+            pts = pts.reshape(-1, 3)
+            n = int(pts.shape[0])
+            dev = self._prepare(field)
+            density = xp.empty((n,), dtype=xp.float32)
+            rgb = xp.empty((n, 3), dtype=xp.float32)
+            flags = field_flags(field.spec) | (FLAG_RAW_DENSITY if raw_density else 0)
+            smem = self._smem_floats(dev)
+            rt.launch("lrm_field_query" + dev.suffix, n,
+                      [np.int64(n), pts, *self._field_args(dev, field, flags, smem), np.int32(int(want_rgb)),
+                       density, rgb], smem, self._width(dev))
+            return rt.to_output(density, kind), (rt.to_output(rgb, kind) if want_rgb else None)
+
+    # -- density grids
+    def density_grid(self, field: TriplaneField, resolution: int, level: Optional[float] = None,
+                     mode: Optional[str] = None):
+        """Activated density (R, R, R); see ``NativeFieldBackend.density_grid`` for level / mode."""
+        from .torch_ref import grid_axis
+
+        rt, xp = self.rt, self.rt.xp
+        r = int(resolution)
+        if r < 2:
+            raise ConfigError(f"density-grid resolution must be >= 2, got {resolution}")
+        mode = grid_mode(mode or self.mode, level, r)
+        check_finite_planes(field.planes)
+        stride = self.c2f.stride_for(r) if mode == "coarse_to_fine" else 1
+        nc_fine = lattice_count(r, 2) - 1 if stride > 1 else 0
+        check_grid_memory(r, 2 * nc_fine ** 3, rt.free_bytes(), "GPU")
+        with rt.stream():
+            dev = self._prepare(field)
+            try:
+                grid = xp.empty((r, r, r), dtype=xp.float32)
+            except Exception as e:  # noqa: BLE001 - cupy.cuda.memory.OutOfMemoryError and friends
+                raise ResourceError(f"allocating a {r}^3 density grid ({r ** 3 * 4} bytes) failed: {e}") from None
+            axis = rt.from_torch(grid_axis(r, field.spec).to(torch.float32).contiguous())
+            smem = self._smem_floats(dev)
+            fargs = self._field_args(dev, field, field_flags(field.spec), smem)
+            width = self._width(dev)
+            s = stride
+            m = lattice_count(r, s)
+            rt.launch("lrm_field_lattice" + dev.suffix, m ** 3,
+                      [np.int64(m ** 3), np.int64(r), np.int64(s), axis, *fargs, grid], smem, width)
+            c = self.c2f
+            space = c.space(field.spec)
+            lvl = np.float32(level_in_space(level, space)) if mode == "coarse_to_fine" else None
+            while s > 1:
+                nc = lattice_count(r, s) - 1
+                cells = nc ** 3
+                mask = xp.empty((cells,), dtype=xp.uint8)
+                tmp = xp.empty((cells,), dtype=xp.uint8)
+                rt.launch("lrm_c2f_mask", cells,
+                          [np.int64(cells), np.int64(r), np.int64(s), grid, lvl, np.float32(c.margin_rel),
+                           np.float32(c.margin_abs), np.int32(space), np.int32(int(c.neighbourhood)), mask])
+                if c.dilation > 0:
+                    for axis_id, (src, dst) in enumerate(((mask, tmp), (tmp, mask), (mask, tmp))):
+                        rt.launch("lrm_c2f_dilate", cells, [np.int64(cells), np.int64(nc), np.int32(axis_id),
+                                                            np.int32(c.dilation), src, dst])
+                    mask = tmp
+                m2 = lattice_count(r, s // 2)
+                rt.launch("lrm_field_c2f_level" + dev.suffix, m2 ** 3,
+                          [np.int64(m2 ** 3), np.int64(r), np.int64(s), mask, axis, *fargs, grid], smem, width)
+                s //= 2
+            self.last_grid_stats = {"mode": mode, "resolution": r, "coarse_stride": stride}
+            return rt.to_output(grid, rt.grid_output_kind())
