@@ -46,6 +46,10 @@ def _add_export(sub) -> None:
     p.add_argument("--fp16", action="store_true",
                    help="also write fp16 graphs (LayerNorm/Softmax/exp kept fp32); with --tensorrt: FP16 engines")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs TensorRT + a GPU)")
+    p.add_argument("--aoti", action="store_true",
+                   help="also write network.pt2 (AOTInductor package) for the C/C++ library (liblrm_rt)")
+    p.add_argument("--aoti-device", default="cpu", choices=["cpu", "cuda"],
+                   help="device the AOTInductor package is compiled for (default cpu)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for a release name")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT profile (default 4)")
@@ -67,6 +71,10 @@ def cmd_export(args) -> int:
     export_model(loaded, args.out, opset=args.opset or DEFAULT_OPSET, fp16=args.fp16, tensorrt=args.tensorrt,
                  max_batch=args.max_batch, check_batch=args.check_batch, threads=args.threads,
                  log=lambda m: _log(args, m))
+    if args.aoti:
+        from .export.aoti import export_aoti
+
+        export_aoti(loaded, args.out, device=args.aoti_device, log=lambda m: _log(args, m))
     return 0
 
 

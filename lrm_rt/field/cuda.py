@@ -28,16 +28,20 @@ from .native import (
     check_grid_memory,
     field_flags,
     grid_mode,
+    importance_u,
     pack_decoder,
+    render_kernel_options,
 )
 from .spec import TriplaneField
 
 PLANE_DTYPES = ("float32", "float16")
+RAY_BLOCK = 64  # render kernels: a thread does a whole ray, so small blocks spread few rays over every SM
+RENDER_SMEM_BYTES = 48 * 1024  # staging a larger decoder would leave one block (of few rays) per SM
 
 
 def kernel_source() -> str:
-    """triplane_field.cu with its local headers inlined: NVRTC then needs no include path, and CuPy's
-    kernel cache (keyed by the source text) sees every header edit."""
+    """triplane_field.cu and volume_render.cu as one module, local headers inlined once: NVRTC then needs no
+    include path, and CuPy's kernel cache (keyed by the source text) sees every header edit."""
     from ..kernels import cuda_source_dir
 
     src_dir = cuda_source_dir()
@@ -51,7 +55,7 @@ def kernel_source() -> str:
         text = re.sub(r'^\s*#\s*pragma\s+once\s*$', "", text, flags=re.M)
         return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
 
-    return expand("triplane_field.cu")
+    return expand("triplane_field.cu") + expand("volume_render.cu")
 
 
 def lattice_count(r: int, s: int) -> int:
@@ -142,7 +146,8 @@ class CupyRuntime:
             self._modules[max_width] = mod
         return mod
 
-    def launch(self, name: str, n: int, args: Sequence[Any], smem_floats: int = 0, max_width: int = 128) -> None:
+    def launch(self, name: str, n: int, args: Sequence[Any], smem_floats: int = 0, max_width: int = 128,
+               block: Optional[int] = None) -> None:
         if n <= 0:
             return
         fn = self._module(max_width).get_function(name)
@@ -150,7 +155,7 @@ class CupyRuntime:
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
         # a block whose weights fill a whole SM's shared memory runs alone: make it a big one
-        block = 512 if smem > 48 * 1024 else self.block
+        block = block or (512 if smem > 48 * 1024 else self.block)
         grid = max(1, min(-(-n // block), self._sm_count * 32))
         with self.device:
             fn((grid,), (block,), tuple(args), shared_mem=smem)
@@ -307,3 +312,65 @@ class CudaFieldBackend(FieldBackend):
                 s //= 2
             self.last_grid_stats = {"mode": mode, "resolution": r, "coarse_stride": stride}
             return rt.to_output(grid, rt.grid_output_kind())
+
+    # -- rendering
+    def _launch_rays(self, name: str, n: int, args: list, smem: int, width: int) -> None:
+        if isinstance(self.rt, CupyRuntime):
+            self.rt.launch(name, n, args, smem, width, block=RAY_BLOCK)
+        else:  # other runtimes (the tests' host one) keep the documented launch signature
+            self.rt.launch(name, n, args, smem, width)
+
+    def render(self, field: TriplaneField, rays_o, rays_d, options=None):
+        """Fused renderer (cuda/volume_render.cu, one thread per ray) for the deterministic modes (TripoSR
+        always, OpenLRM without injected draws / generator); the reference renderer otherwise. Results come
+        back like the rays (torch CUDA, CuPy, or CPU tensors for host rays)."""
+        from ..render import RenderOutput
+
+        opt = render_kernel_options(field, options)
+        if opt is None:
+            return super().render(field, rays_o, rays_d, options)
+        rt, xp = self.rt, self.rt.xp
+        with rt.stream():
+            o, kind = rt.from_input(rays_o)
+            d, _ = rt.from_input(rays_d)
+            if o.shape != d.shape or o.ndim < 1 or o.shape[-1] != 3:
+                raise ConfigError(f"rays_o and rays_d must both be (..., 3), got {o.shape} and {d.shape}")
+            shape = tuple(o.shape[:-1])
+            o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+            n = int(o.shape[0])
+            dev = self._prepare(field)
+            smem = dev.n_params if self.stage_weights is not False and 4 * dev.n_params <= RENDER_SMEM_BYTES else 0
+            fargs = self._field_args(dev, field, field_flags(field.spec), smem)
+            width = self._width(dev)
+            rgb, weight = xp.empty((n, 3), dtype=xp.float32), xp.empty((n,), dtype=xp.float32)
+
+            def out(a, s):
+                return rt.to_output(a, kind).reshape(s)
+
+            if field.spec.family == "triposr":
+                self._launch_rays("lrm_render_triposr" + dev.suffix, n,
+                                  [np.int64(n), o, d, np.int32(opt.n_samples), *fargs, rgb, weight], smem, width)
+                return RenderOutput(rgb=out(rgb, (*shape, 3)), weight=out(weight, shape))
+            depth = xp.empty((n,), dtype=xp.float32)
+            zrange = xp.empty((n, 2), dtype=xp.float32)
+            coarse = xp.empty((n, opt.n_coarse), dtype=xp.float32)
+            fine = xp.empty((n, opt.n_fine), dtype=xp.float32)
+            if n > 0:
+                # rays that miss the box take (min, max) of the hitting rays' starts; (-1, -2) if none hits
+                lohi = xp.empty((n, 2), dtype=xp.float32)
+                rt.launch("lrm_render_openlrm_limits", n, [np.int64(n), o, d, lohi])
+                lo, hi = lohi[:, 0].min(), lohi[:, 1].max()
+                lim = xp.where(lo <= hi, xp.stack([lo, hi]), xp.asarray([-1.0, -2.0], dtype=xp.float32))
+                lim = xp.ascontiguousarray(lim, dtype=xp.float32)
+                u = rt.from_torch(importance_u(opt.n_fine))
+                self._launch_rays("lrm_render_openlrm" + dev.suffix, n,
+                                  [np.int64(n), o, d, lim, np.int32(opt.n_coarse), np.int32(opt.n_fine), u,
+                                   np.float32(opt.out_of_box_sigma), np.int32(int(opt.version == "1.0")),
+                                   np.float32(opt.bg_color), *fargs, rgb, weight, depth, zrange, coarse, fine],
+                                  smem, width)
+                # depths are clamped to the sample-depth range of the whole call (as the reference)
+                zlim = xp.ascontiguousarray(xp.stack([zrange[:, 0].min(), zrange[:, 1].max()]), dtype=xp.float32)
+                rt.launch("lrm_render_depth_clamp", n, [np.int64(n), zlim, depth])
+            return RenderOutput(rgb=out(rgb, (*shape, 3)), weight=out(weight, shape), depth=out(depth, shape),
+                                extras={"depths_coarse": rt.to_output(coarse, kind),
+                                        "depths_fine": rt.to_output(fine, kind)})

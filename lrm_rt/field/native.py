@@ -165,6 +165,38 @@ def c2f_scratch_bytes(resolution: int, stride: int) -> int:
     return 2 * nc ** 3
 
 
+# ---- fused rendering (cuda/volume_render.cu)
+
+RENDER_MAX_SAMPLES = 128  # LRM_RENDER_MAX_SAMPLES: OpenLRM samples per pass held in per-ray scratch
+RENDER_MIN_COARSE = 4  # the importance pdf needs >= 1 bin (coarse weights [1:-1])
+
+
+def render_kernel_options(field: TriplaneField, options):
+    """The family's render options when the fused kernels reproduce the reference for them, else None.
+
+    TripoSR: always (its sampling is deterministic). OpenLRM: the deterministic mode only (no injected draws,
+    no generator) with sample counts the per-ray scratch holds; anything else takes the reference renderer.
+    """
+    from ..render import OpenLRMRenderOptions, TripoSRRenderOptions
+
+    if field.spec.family == "triposr":
+        opt = TripoSRRenderOptions() if options is None else options
+        return opt if isinstance(opt, TripoSRRenderOptions) and opt.n_samples >= 1 else None
+    opt = OpenLRMRenderOptions() if options is None else options
+    if not isinstance(opt, OpenLRMRenderOptions):
+        return None  # the reference raises the ConfigError
+    if opt.stratified_u is not None or opt.importance_u is not None or opt.generator is not None:
+        return None
+    if not (RENDER_MIN_COARSE <= opt.n_coarse <= RENDER_MAX_SAMPLES and 1 <= opt.n_fine <= RENDER_MAX_SAMPLES):
+        return None
+    return opt
+
+
+def importance_u(n_fine: int) -> torch.Tensor:
+    """The deterministic importance draws, from torch.linspace itself (its rounding differs from a plain formula)."""
+    return torch.linspace(0.0, 1.0, n_fine, dtype=torch.float32)
+
+
 # ---- ctypes
 
 _i64, _i32, _f32, _vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
@@ -183,11 +215,15 @@ def _lib() -> ctypes.CDLL:
             lib.lrm_field_density_grid.argtypes = _FIELD_ARGTYPES + [_vp, _i64, _vp]
             lib.lrm_field_density_grid_c2f.argtypes = _FIELD_ARGTYPES + [
                 _vp, _i64, _f32, _i64, _f32, _f32, _i32, _i32, _i32, _vp, ctypes.POINTER(_i64)]
+            lib.lrm_render_triposr.argtypes = _FIELD_ARGTYPES + [_vp, _vp, _i64, _i32, _vp, _vp]
+            lib.lrm_render_openlrm.argtypes = _FIELD_ARGTYPES + [
+                _vp, _vp, _i64, _i32, _i32, _vp, _f32, _i32, _f32, _vp, _vp, _vp, _vp, _vp]
             lib.lrm_field_set_num_threads.argtypes = [_i32]
             lib.lrm_field_get_num_threads.restype = _i32
         except AttributeError as e:
             raise BackendError(f"the native library lacks the field kernels ({e}); rebuild it") from None
-        for name in ("lrm_field_query", "lrm_field_density_grid", "lrm_field_density_grid_c2f"):
+        for name in ("lrm_field_query", "lrm_field_density_grid", "lrm_field_density_grid_c2f",
+                     "lrm_render_triposr", "lrm_render_openlrm"):
             getattr(lib, name).restype = ctypes.c_int
         _lib_cache = lib
     return _lib_cache
@@ -318,3 +354,37 @@ class NativeFieldBackend(FieldBackend):
         self.last_grid_stats = {"mode": mode, "resolution": r, "evaluated": evaluated,
                                 "fraction": evaluated / r ** 3, "coarse_stride": stride}
         return grid
+
+    def render(self, field: TriplaneField, rays_o: ArrayLike, rays_d: ArrayLike, options=None):
+        """Fused CPU renderer (cuda/volume_render.cu) for the deterministic modes, the reference otherwise.
+
+        TripoSR always, OpenLRM without injected draws / generator (see ``render_kernel_options``). Rays
+        (..., 3) as from ``lrm_rt.render``'s camera functions; results are CPU tensors of the rays' shape.
+        """
+        from ..render import RenderOutput
+
+        opt = render_kernel_options(field, options)
+        if opt is None:
+            return super().render(field, rays_o, rays_d, options)
+        o, d = _cpu_f32(rays_o, "rays_o"), _cpu_f32(rays_d, "rays_d")
+        if o.shape != d.shape or o.ndim < 1 or o.shape[-1] != 3:
+            raise ConfigError(f"rays_o and rays_d must both be (..., 3), got {tuple(o.shape)} and {tuple(d.shape)}")
+        shape = tuple(o.shape[:-1])
+        o, d = o.reshape(-1, 3), d.reshape(-1, 3)
+        n = o.shape[0]
+        rgb, weight = torch.empty((n, 3)), torch.empty(n)
+        prep = _Prepared(field)
+        lib = self._set_threads()
+        if field.spec.family == "triposr":
+            st = lib.lrm_render_triposr(*prep.args, _ptr(o), _ptr(d), n, int(opt.n_samples), _ptr(rgb), _ptr(weight))
+            self._check(st, "render")
+            return RenderOutput(rgb=rgb.reshape(*shape, 3), weight=weight.reshape(shape))
+        depth = torch.empty(n)
+        coarse, fine = torch.empty((n, opt.n_coarse)), torch.empty((n, opt.n_fine))
+        u = importance_u(opt.n_fine)
+        st = lib.lrm_render_openlrm(*prep.args, _ptr(o), _ptr(d), n, int(opt.n_coarse), int(opt.n_fine), _ptr(u),
+                                    float(opt.out_of_box_sigma), int(opt.version == "1.0"), float(opt.bg_color),
+                                    _ptr(rgb), _ptr(weight), _ptr(depth), _ptr(coarse), _ptr(fine))
+        self._check(st, "render")
+        return RenderOutput(rgb=rgb.reshape(*shape, 3), weight=weight.reshape(shape), depth=depth.reshape(shape),
+                            extras={"depths_coarse": coarse, "depths_fine": fine})
