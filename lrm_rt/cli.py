@@ -28,9 +28,10 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
                    help="auto: onnxruntime for an export directory (lrm-rt export), torch otherwise")
     p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
-                   help="network precision (default fp32: reference parity); auto: bf16 on CPUs with native "
-                        "bf16, else fp32; fp16 with an export directory runs its fp16 graphs")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="network precision. auto (default): the fastest verified path -- bf16 on CPUs with "
+                        "native bf16 (mesh within 1%% Chamfer of fp32, see export/README.md), fp32 elsewhere; "
+                        "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
     p.add_argument("--foreground-ratio", type=float, default=None)

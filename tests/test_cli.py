@@ -24,7 +24,7 @@ def test_reconstruct_matches_reference_mesh(name, fixtures_dir, tmp_path):
     d = fixtures_dir / "checkpoints" / name
     expected = json.loads((d / "expected.json").read_text())
     rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--mc-resolution", "64",
-               "--out", str(tmp_path), "--format", "ply", "--quiet"])
+               "--out", str(tmp_path), "--format", "ply", "--quiet", "--precision", "fp32"])
     assert rc == 0
     ours = trimesh.load(tmp_path / "input.ply", process=False)
     ref = trimesh.load(d / "expected_mesh_mc64.ply", process=False)

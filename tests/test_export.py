@@ -112,7 +112,7 @@ def test_reconstruct_from_export_dir_matches_torch(name, exports, fixtures_dir, 
     ckpt = fixtures_dir / "checkpoints" / name
     image = str(ckpt / "input.png")
     common = ["--mc-resolution", "64", "--format", "ply", "--quiet"]
-    assert main(["reconstruct", image, "--model", str(ckpt), "--network-backend", "torch",
+    assert main(["reconstruct", image, "--model", str(ckpt), "--network-backend", "torch", "--precision", "fp32",
                  "--out", str(tmp_path / "torch"), *common]) == 0
     # No --network-backend: an export directory runs on ONNX Runtime.
     assert main(["reconstruct", image, "--model", str(exports[name]), "--out", str(tmp_path / "ort"), *common]) == 0
