@@ -292,3 +292,18 @@ LRM_DEVICE_FN float lrm_c2f_fill(const float* __restrict__ grid, int64_t R, int6
             }
     return acc < vlo ? vlo : (acc > vhi ? vhi : acc);
 }
+
+// Stages the first smem_floats floats of params (the whole decoder) in dynamic shared memory, shared by
+// every kernel of the module (every thread reads every weight); smem_floats <= 0 reads global memory.
+LRM_DEVICE_FN const float* lrm_stage_params(const float* params, int smem_floats) {
+#if LRM_ON_DEVICE
+    extern __shared__ float lrm_field_smem[];
+    if (smem_floats <= 0) return params;
+    for (int i = threadIdx.x; i < smem_floats; i += blockDim.x) lrm_field_smem[i] = params[i];
+    __syncthreads();
+    return lrm_field_smem;
+#else
+    (void)smem_floats;
+    return params;
+#endif
+}

@@ -9,20 +9,6 @@
 //   smem_floats: > 0 stages the first smem_floats floats of params (the whole decoder) in dynamic shared
 //   memory (launch with smem_floats * 4 bytes); 0 reads the weights from global memory (L1/L2 cached).
 // ================================================================================================
-
-LRM_DEVICE_FN const float* lrm_stage_params(const float* params, int smem_floats) {
-#if LRM_ON_DEVICE
-    extern __shared__ float lrm_field_smem[];
-    if (smem_floats <= 0) return params;
-    for (int i = threadIdx.x; i < smem_floats; i += blockDim.x) lrm_field_smem[i] = params[i];
-    __syncthreads();
-    return lrm_field_smem;
-#else
-    (void)smem_floats;
-    return params;
-#endif
-}
-
 #define LRM_FIELD_PARAMS(PT)                                                                                 \
     const PT *__restrict__ planes, int C, int H, int W, const float *__restrict__ params,                   \
         const int *__restrict__ dims, int n_layers, int flags, float radius, float density_bias, int smem_floats

@@ -72,20 +72,6 @@ LRM_DEVICE_FN float lrm_linspace(float start, float end, int steps, int i) {
                          : end - lrm_mul_rn(step, (float)(steps - i - 1));
 }
 
-// Stages the decoder in dynamic shared memory (as the field kernels do: every thread reads the same weight).
-LRM_DEVICE_FN const float* lrm_render_stage_params(const float* params, int smem_floats) {
-#if LRM_ON_DEVICE
-    extern __shared__ float lrm_render_smem[];
-    if (smem_floats <= 0) return params;
-    for (int i = threadIdx.x; i < smem_floats; i += blockDim.x) lrm_render_smem[i] = params[i];
-    __syncthreads();
-    return lrm_render_smem;
-#else
-    (void)smem_floats;
-    return params;
-#endif
-}
-
 // ================================================================================================ TripoSR
 
 // Ray / cube [-r', r']^3, r' = radius * 0.999 (the reference shrinks the box by 1e-3); t_near >= 0;
@@ -303,7 +289,7 @@ LRM_DEVICE_FN void lrm_render_triposr_body(int64_t n, const float* __restrict__ 
                                            const float* __restrict__ rays_d, int n_samples,
                                            LRM_RENDER_FIELD_PARAMS(PT), float* __restrict__ rgb,
                                            float* __restrict__ opacity) {
-    const float* wts = lrm_render_stage_params(params, smem_floats);
+    const float* wts = lrm_stage_params(params, smem_floats);
     LRM_FOR_EACH(r, n) {
         const float* o = rays_o + 3 * r;
         const float* d = rays_d + 3 * r;
@@ -378,7 +364,7 @@ LRM_DEVICE_FN void lrm_render_openlrm_body(int64_t n, const float* __restrict__ 
                                            float* __restrict__ rgb, float* __restrict__ opacity,
                                            float* __restrict__ depth, float* __restrict__ zrange,
                                            float* __restrict__ depths_coarse, float* __restrict__ depths_fine) {
-    const float* wts = lrm_render_stage_params(params, smem_floats);
+    const float* wts = lrm_stage_params(params, smem_floats);
     const bool ok = lrm_openlrm_counts_ok(n_coarse, n_fine);  // hosts check first; never overrun the scratch
     const int S = n_coarse + n_fine;
     LRM_FOR_EACH(r, n) {
