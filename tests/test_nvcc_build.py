@@ -74,3 +74,17 @@ def test_nvrtc_view_compiles(source, tmp_path, nvcc_version):
     res = nvcc("-dc", "-x", "cu", "-std=c++17", "-DLRM_HOST_API=0", "-Werror", "all-warnings",
                *gencode(["75"]), "-I", str(CUDA_DIR), str(CUDA_DIR / source), "-o", str(obj))
     assert res.returncode == 0, f"nvcc {nvcc_version} (NVRTC view) failed on {source}:\n{res.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("module", ["field", "marching_cubes"])
+def test_cupy_module_text_compiles(module, tmp_path, nvcc_version):
+    """The exact text CuPy hands to NVRTC (headers inlined, several .cu files in one module) compiles."""
+    if module == "field":
+        from lrm_rt.field.cuda import kernel_source as source
+    else:
+        from lrm_rt.mc import cuda_source as source
+    src = tmp_path / f"{module}_module.cu"
+    src.write_text(source())
+    res = nvcc("-c", "-x", "cu", "-std=c++17", "-DLRM_HOST_API=0", *gencode(["90"]), str(src),
+               "-o", str(tmp_path / f"{module}.o"))
+    assert res.returncode == 0, f"nvcc {nvcc_version} failed on the {module} module text:\n{res.stderr[-4000:]}"
