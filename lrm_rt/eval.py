@@ -1,0 +1,208 @@
+"""Reconstruction quality metrics: geometry against ground-truth meshes, images against ground-truth renders.
+
+Geometry (both meshes brought into one normalised frame first, see ``normalisation``):
+  * Chamfer distance: 0.5 * (mean NN distance pred->gt + mean NN distance gt->pred) over area-uniform
+    surface samples (L2 distances, not squared);
+  * F-score at tau: harmonic mean of precision (pred samples within tau of gt) and recall (gt samples
+    within tau of pred);
+  * volume IoU: uniform points in the joint bounding box, classified inside/outside each shape.
+Images (float arrays in [0, 1]): PSNR, SSIM (Gaussian 11x11, sigma 1.5, the usual constants,
+averaged over channels), silhouette IoU of alpha/opacity masks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+MeshLike = Tuple[np.ndarray, np.ndarray]  # (vertices (V, 3), faces (F, 3))
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+def load_mesh(path: Union[str, Path]) -> MeshLike:
+    """Vertices and faces of any mesh file trimesh reads (scenes are flattened)."""
+    import trimesh
+
+    obj = trimesh.load(str(path), force="mesh", process=False)
+    return np.asarray(obj.vertices, np.float64), np.asarray(obj.faces, np.int64)
+
+
+def normalisation(vertices: np.ndarray) -> Tuple[np.ndarray, float]:
+    """(centre, scale) mapping ``vertices`` to a bounding box centred at 0 with largest side 1."""
+    lo, hi = vertices.min(0), vertices.max(0)
+    return (lo + hi) / 2, 1.0 / max(float((hi - lo).max()), 1e-12)
+
+
+def apply_normalisation(vertices: np.ndarray, norm: Tuple[np.ndarray, float]) -> np.ndarray:
+    return (vertices - norm[0]) * norm[1]
+
+
+def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` points uniform over the surface area (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    if len(faces) == 0 or area.sum() <= 0:
+        return np.zeros((0, 3))
+    idx = rng.choice(len(faces), n, p=area / area.sum())
+    u, v = rng.random(n), rng.random(n)
+    flip = u + v > 1  # fold the unit square onto the triangle
+    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+    t = tri[idx]
+    return t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])
+
+
+def nearest_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For every point of ``a``, the distance to the nearest point of ``b``."""
+    if len(b) == 0:
+        return np.full(len(a), np.inf)
+    try:
+        from scipy.spatial import cKDTree
+
+        return cKDTree(b).query(a, k=1)[0]
+    except ImportError:  # scipy is optional: chunked brute force in torch
+        import torch
+
+        tb = torch.from_numpy(b).float()
+        return np.concatenate([torch.cdist(torch.from_numpy(a[i:i + 4096]).float(), tb).min(1).values.numpy()
+                               for i in range(0, len(a), 4096)])
+
+
+def chamfer_fscore(pred_pts: np.ndarray, gt_pts: np.ndarray, tau: float = 0.05) -> Dict[str, float]:
+    if len(pred_pts) == 0:  # an empty prediction: nothing is precise, nothing is recalled
+        return {"chamfer": float("inf"), "fscore": 0.0, "precision": 0.0, "recall": 0.0}
+    d_pg = nearest_distances(pred_pts, gt_pts)
+    d_gp = nearest_distances(gt_pts, pred_pts)
+    precision, recall = float((d_pg < tau).mean()), float((d_gp < tau).mean())
+    f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return {"chamfer": float(0.5 * (d_pg.mean() + d_gp.mean())), "fscore": f,
+            "precision": precision, "recall": recall}
+
+
+def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
+    """Points inside any of the meshes (a union of closed parts is passed as its parts)."""
+    import trimesh
+
+    result = np.zeros(len(points), bool)
+    for v, f in meshes:
+        if len(f):
+            result |= trimesh.Trimesh(v, f, process=False).contains(points)
+    return result
+
+
+def volume_iou(pred: Sequence[MeshLike], gt: Sequence[MeshLike], n: int = 50000, seed: int = 0) -> float:
+    allv = np.concatenate([v for v, f in list(pred) + list(gt) if len(f)])
+    lo, hi = allv.min(0), allv.max(0)
+    pts = lo + np.random.default_rng(seed).random((n, 3)) * (hi - lo)
+    a, b = inside(pred, pts), inside(gt, pts)
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+@dataclass
+class MeshMetrics:
+    chamfer: float
+    fscore: float
+    precision: float
+    recall: float
+    volume_iou: float
+    tau: float
+
+
+def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, Sequence[MeshLike]],
+                 tau: float = 0.05, n_points: int = 20000, normalize: str = "gt", iou_points: int = 50000,
+                 seed: int = 0) -> MeshMetrics:
+    """Compare meshes (each a (V, F) pair or a list of closed parts).
+
+    normalize: "gt" maps *both* with the ground truth's unit-box normalisation (keeps the predicted
+    pose and scale honest when the frame is shared, as for LRMs with a fixed source camera); "each"
+    normalises every mesh by its own box (for predictions in an unknown frame); "none" keeps units.
+    """
+    pred_parts = [pred] if isinstance(pred, tuple) else list(pred)
+    gt_parts = [gt] if isinstance(gt, tuple) else list(gt)
+
+    def norm_of(parts):
+        return normalisation(np.concatenate([v for v, f in parts]))
+
+    if normalize not in ("gt", "each", "none"):
+        raise ValueError(f"normalize must be gt, each or none, got {normalize!r}")
+    ng = norm_of(gt_parts) if normalize != "none" else (np.zeros(3), 1.0)
+    npred = ng if normalize != "each" else (norm_of(pred_parts) if any(len(f) for _, f in pred_parts) else ng)
+    gt_parts = [(apply_normalisation(v, ng), f) for v, f in gt_parts]
+    pred_parts = [(apply_normalisation(v, npred), f) for v, f in pred_parts]
+
+    def surface(parts, others_inside: bool):
+        # union of parts: drop samples of one part that lie inside another (hidden internal walls)
+        pts = []
+        for i, (v, f) in enumerate(parts):
+            p = sample_surface(v, f, max(1, n_points // len(parts)), seed + i) if len(f) else np.zeros((0, 3))
+            if others_inside and len(parts) > 1 and len(p):
+                p = p[~inside([q for j, q in enumerate(parts) if j != i], p)]
+            pts.append(p)
+        return np.concatenate(pts)
+
+    cf = chamfer_fscore(surface(pred_parts, False), surface(gt_parts, True), tau)
+    has_pred = any(len(f) for _, f in pred_parts)
+    iou = volume_iou(pred_parts, gt_parts, iou_points, seed) if has_pred else 0.0
+    return MeshMetrics(cf["chamfer"], cf["fscore"], cf["precision"], cf["recall"], iou, tau)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+def psnr(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
+    mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(max_val ** 2 / mse)
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, size: int = 11) -> np.ndarray:
+    """'valid' separable Gaussian filter over the first two axes."""
+    r = np.arange(size) - size // 2
+    k = np.exp(-r ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    h, w = x.shape[:2]
+    y = sum(k[i] * x[i:h - size + 1 + i] for i in range(size))
+    return sum(k[i] * y[:, i:w - size + 1 + i] for i in range(size))
+
+
+def ssim(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
+    """Mean SSIM (Wang et al. 2004) of (H, W) or (H, W, C) images; needs H, W >= 11."""
+    x, y = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    mx, my = _gaussian_blur(x), _gaussian_blur(y)
+    vx = _gaussian_blur(x * x) - mx ** 2
+    vy = _gaussian_blur(y * y) - my ** 2
+    cxy = _gaussian_blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def silhouette_iou(pred_alpha: np.ndarray, gt_alpha: np.ndarray, threshold: float = 0.5) -> float:
+    a, b = np.asarray(pred_alpha) > threshold, np.asarray(gt_alpha) > threshold
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def image_metrics(pred_rgb: np.ndarray, gt_rgb: np.ndarray, pred_alpha: Optional[np.ndarray] = None,
+                  gt_alpha: Optional[np.ndarray] = None) -> Dict[str, float]:
+    out = {"psnr": psnr(pred_rgb, gt_rgb), "ssim": ssim(pred_rgb, gt_rgb)}
+    if pred_alpha is not None and gt_alpha is not None:
+        out["silhouette_iou"] = silhouette_iou(pred_alpha, gt_alpha)
+    return out
+
+
+def load_image01(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
+    """RGB composited on white and alpha, as floats in [0, 1]."""
+    from PIL import Image
+
+    x = np.asarray(Image.open(path).convert("RGBA"), np.float64) / 255.0
+    a = x[..., 3:]
+    return x[..., :3] * a + (1 - a), a[..., 0]
+
+
+def metrics_dict(m: MeshMetrics) -> Dict[str, float]:
+    return asdict(m)

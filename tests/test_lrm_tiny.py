@@ -1,0 +1,99 @@
+"""The shipped lrm-tiny model (lrm_rt/models_data/lrm-tiny) and the evaluation metrics (lrm_rt.eval)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from lrm_rt import eval as E
+from lrm_rt import models_dir
+from lrm_rt.checkpoint import load_model, read_checkpoint_dir
+from lrm_rt.models.network import LRMNetwork
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = models_dir() / "lrm-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("lrm-tiny")
+
+
+def test_published_layout_and_limits():
+    for name in ("config.json", "model.safetensors", "infer.yaml", "README.md"):
+        assert (MODEL_DIR / name).is_file(), name
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 50 * 2 ** 20
+    cfg, sd = read_checkpoint_dir(MODEL_DIR)
+    assert (cfg.family, cfg.version, cfg.input_size) == ("openlrm", "1.1", 112)
+    # exactly the keys and shapes of the architecture: nothing extra, nothing missing
+    expected = LRMNetwork(cfg).state_dict()
+    assert set(sd) == set(expected)
+    assert all(sd[k].shape == expected[k].shape for k in sd)
+
+
+def test_loads_strictly_with_sane_size(tiny):
+    n = sum(p.numel() for p in tiny.network.parameters())
+    assert 2e6 <= n <= 20e6
+    assert tiny.source == "built-in lrm-tiny"
+    assert tiny.config.mc_threshold > 0
+
+
+def test_reconstruct_example_gives_mesh_in_box(tiny):
+    from lrm_rt.pipeline import Reconstructor
+
+    torch.manual_seed(0)
+    rec = Reconstructor(tiny)
+    res = rec.reconstruct(str(REPO / "examples" / "chair.png"), mc_resolution=64)
+    m = res.mesh
+    assert m.num_faces > 100
+    assert np.all(np.abs(m.vertices) <= 1.0 + 1e-5)
+    assert m.vertex_colors is not None and np.all((m.vertex_colors >= -0.01) & (m.vertex_colors <= 1.01))
+
+
+def _sphere(center=(0, 0, 0), radius=0.5):
+    s = trimesh.creation.icosphere(3, radius=radius)
+    s.apply_translation(center)
+    return np.asarray(s.vertices, np.float64), np.asarray(s.faces, np.int64)
+
+
+def test_mesh_metrics_trivial_cases():
+    a = _sphere()
+    same = E.mesh_metrics(a, a, n_points=4000, iou_points=4000)
+    assert same.fscore == pytest.approx(1.0) and same.chamfer == pytest.approx(0.0, abs=1e-12)
+    assert same.volume_iou == pytest.approx(1.0)
+    far = E.mesh_metrics(_sphere((3, 0, 0)), a, n_points=4000, iou_points=4000)
+    assert far.fscore < 0.01 and far.volume_iou == 0.0 and far.chamfer > 1.0
+    # a slightly larger sphere: close but not identical
+    near = E.mesh_metrics(_sphere(radius=0.51), a, n_points=4000, iou_points=20000, normalize="none")
+    assert near.fscore > 0.99 and 0.005 < near.chamfer < 0.02 and 0.9 < near.volume_iou < 0.97
+    empty = E.mesh_metrics((np.zeros((0, 3)), np.zeros((0, 3), np.int64)), a, n_points=1000)
+    assert empty.fscore == 0.0
+
+
+def test_image_metrics_sanity():
+    rng = np.random.default_rng(0)
+    img = rng.random((32, 32, 3))
+    assert E.ssim(img, img) == pytest.approx(1.0)
+    assert E.psnr(img, img) == float("inf")
+    assert E.psnr(img, np.clip(img + 0.1, 0, 1)) > E.psnr(img, np.clip(img + 0.2, 0, 1))
+    assert E.psnr(np.zeros((8, 8)), np.full((8, 8), 0.1)) == pytest.approx(20.0)
+    assert E.ssim(img, rng.random((32, 32, 3))) < 0.1
+    assert E.ssim(img, img * 0.9) < 1.0
+    mask = np.zeros((16, 16))
+    mask[:8] = 1
+    assert E.silhouette_iou(mask, mask) == 1.0
+    assert E.silhouette_iou(mask, 1 - mask) == 0.0
+
+
+def test_cli_eval(tmp_path, capsys):
+    import json
+
+    from lrm_rt.cli import main
+
+    v, f = _sphere()
+    trimesh.Trimesh(v, f).export(tmp_path / "a.ply")
+    assert main(["eval", str(tmp_path / "a.ply"), str(tmp_path / "a.ply"), "--points", "2000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fscore"] == pytest.approx(1.0)
+    assert main(["eval", str(tmp_path / "a.ply"), str(REPO / "examples" / "chair.png")]) == 2

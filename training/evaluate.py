@@ -1,0 +1,119 @@
+"""Evaluate a trained lrm-tiny on the held-out splits (or any split with ground truth).
+
+Geometry: the mesh extracted at the model's mesh_size / mesh_thres against the ground-truth parts
+(lrm_rt.eval, both normalised by the ground truth's unit box, tau = 0.05). Images: every stored view
+(input view + novel views) rendered by the runtime's OpenLRM renderer at the dataset resolution
+against the ray-cast ground truth: PSNR, SSIM, silhouette IoU.
+
+    python training/evaluate.py                      # the shipped model, val_shapes + val_meshes
+    python training/evaluate.py --model DIR --splits val_shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from lrm_rt import eval as E  # noqa: E402
+from lrm_rt.checkpoint import load_model  # noqa: E402
+from lrm_rt.mc import marching_cubes  # noqa: E402
+from lrm_rt.mesh import grid_to_world  # noqa: E402
+from lrm_rt.models.network import default_source_camera  # noqa: E402
+from lrm_rt.pipeline import field_backend  # noqa: E402
+from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # noqa: E402
+
+DATA = HERE / "data"
+
+
+def load_gt(split: str, i: int):
+    z = np.load(DATA / "gt" / f"{split}_{i:04d}.npz")
+    n = len([k for k in z.files if k.startswith("v")])
+    return [(z[f"v{j}"].astype(np.float64), z[f"f{j}"].astype(np.int64)) for j in range(n)]
+
+
+def object_fields(net, pixels: np.ndarray):
+    with torch.no_grad():
+        planes = net(torch.from_numpy(pixels.astype(np.float32))[None], default_source_camera(2.0))
+    return net.triplane_field(planes)
+
+
+def meshes_at(fld, backend, resolution: int, thresholds):
+    grid = backend.density_grid(fld, resolution)
+    out = {}
+    for t in thresholds:
+        v, f = marching_cubes(grid, float(t))
+        out[t] = (grid_to_world(np.asarray(v, np.float64), resolution, 1.0).astype(np.float64),
+                  np.asarray(f, np.int64))
+    return out
+
+
+def render_views(fld, cams: np.ndarray, res: int, samples: int):
+    opts = OpenLRMRenderOptions(n_coarse=samples // 2, n_fine=samples // 2)
+    outs = []
+    with torch.no_grad():
+        for c in cams:
+            o, d = openlrm_rays(torch.from_numpy(c), res)
+            r = render_openlrm(fld, o, d, options=opts)
+            outs.append((r.rgb.clamp(0, 1).numpy(), r.weight.numpy()))
+    return outs
+
+
+def evaluate_split(model, split: str, limit=None, iou_points: int = 30000):
+    cfg, net = model.config, model.network
+    z = np.load(DATA / f"{split}.npz")
+    backend = field_backend("auto")
+    rows = []
+    n = len(z["pixels"]) if limit is None else min(limit, len(z["pixels"]))
+    for i in range(n):
+        fld = object_fields(net, z["pixels"][i])
+        pred = meshes_at(fld, backend, cfg.mc_resolution, [cfg.mc_threshold])[cfg.mc_threshold]
+        m = E.mesh_metrics(pred, load_gt(split, i), tau=0.05, iou_points=iou_points)
+        views = z["views"][i].astype(np.float64) / 255.0
+        img = {"psnr": [], "ssim": [], "silhouette_iou": [], "psnr_input": None}
+        for v, (rgb, w) in enumerate(render_views(fld, z["cams"][i], views.shape[1], cfg.samples_per_ray)):
+            a = views[v, ..., 3]
+            gt_rgb = views[v, ..., :3] * a[..., None] + (1 - a[..., None])
+            im = E.image_metrics(rgb, gt_rgb, w, a)
+            for k in ("psnr", "ssim", "silhouette_iou"):
+                img[k].append(im[k])
+        rows.append({"label": str(z["labels"][i]), "chamfer": m.chamfer, "fscore": m.fscore,
+                     "volume_iou": m.volume_iou, "psnr": float(np.mean(img["psnr"])),
+                     "ssim": float(np.mean(img["ssim"])), "silhouette_iou": float(np.mean(img["silhouette_iou"])),
+                     "psnr_input_view": img["psnr"][0], "silhouette_iou_input_view": img["silhouette_iou"][0],
+                     "faces": int(len(pred[1]))})
+    keys = ["chamfer", "fscore", "volume_iou", "psnr", "ssim", "silhouette_iou", "psnr_input_view",
+            "silhouette_iou_input_view"]
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    summary["n"] = len(rows)
+    return summary, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lrm-tiny")
+    ap.add_argument("--splits", default="val_shapes,val_meshes")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default=str(DATA / "eval.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model = load_model(args.model)
+    result = {}
+    for split in args.splits.split(","):
+        t0 = time.time()
+        summary, rows = evaluate_split(model, split, args.limit)
+        result[split] = {"summary": summary, "objects": rows}
+        print(f"{split} ({summary['n']} objects, {time.time() - t0:.0f} s): "
+              + "  ".join(f"{k} {v:.4f}" for k, v in summary.items() if k != "n"), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

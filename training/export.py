@@ -1,0 +1,75 @@
+"""Write a training checkpoint as the shipped model, in OpenLRM v1.1's published layout.
+
+    python training/export.py        # training/data/ckpt/last.pt -> lrm_rt/models_data/lrm-tiny/
+
+Writes config.json (ModelLRM kwargs), model.safetensors and infer.yaml. mesh_thres is chosen by
+maximising the mean F-score@0.05 on the "tune" split (fresh objects from the training distribution,
+disjoint from the validation sets), so the reported validation numbers are not tuned on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from lrm_rt import eval as E  # noqa: E402
+from lrm_rt.checkpoint import load_model  # noqa: E402
+from lrm_rt.pipeline import field_backend  # noqa: E402
+from evaluate import DATA, load_gt, meshes_at, object_fields  # noqa: E402
+from model_def import INFER, KWARGS  # noqa: E402
+
+OUT = ROOT / "lrm_rt" / "models_data" / "lrm-tiny"
+THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def write_model(state: dict, infer: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(KWARGS, indent=2) + "\n")
+    (out / "infer.yaml").write_text(yaml.safe_dump(infer, sort_keys=False))
+
+
+def tune_threshold(model, resolution: int):
+    z = np.load(DATA / "tune.npz")
+    backend = field_backend("auto")
+    scores = {t: [] for t in THRESHOLDS}
+    for i in range(len(z["pixels"])):
+        fld = object_fields(model.network, z["pixels"][i])
+        gt = load_gt("tune", i)
+        for t, mesh in meshes_at(fld, backend, resolution, THRESHOLDS).items():
+            scores[t].append(E.mesh_metrics(mesh, gt, iou_points=2000).fscore if len(mesh[1]) else 0.0)
+    means = {t: float(np.mean(s)) for t, s in scores.items()}
+    return max(means, key=means.get), means
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default=str(DATA / "ckpt" / "last.pt"))
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    out = Path(args.out)
+    infer = dict(INFER)
+    write_model(ck["model"], infer, out)
+    best, means = tune_threshold(load_model(str(out)), infer["mesh_size"])
+    print("F-score@0.05 on the tune split by threshold: " + ", ".join(f"{t:g}: {s:.3f}" for t, s in means.items()))
+    infer["mesh_thres"] = best
+    write_model(ck["model"], infer, out)
+    print(f"wrote {out} (step {ck['step']}, mesh_thres {best:g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Train lrm-tiny from scratch with the LRM objective on the synthetic dataset (data_gen.py).
+
+One input view (OpenLRM's canonical source camera) -> triplane -> OpenLRM's differentiable
+importance renderer (lrm_rt.render.render_openlrm) on a random subset of rays of the input view
+and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha.
+
+    python training/train.py --minutes 45            # fresh run
+    python training/train.py --minutes 45 --resume   # continue from training/data/ckpt/last.pt
+
+Single-threaded on purpose (shared machine). The LR schedule is defined over ``--steps``; training
+stops at ``--steps`` or after ``--minutes`` (counted across resumes), whichever comes first, and always
+saves a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from lrm_rt.field.spec import OPENLRM_FIELD, TriplaneField  # noqa: E402
+from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
+from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # noqa: E402
+from model_def import model_config  # noqa: E402
+
+DATA = HERE / "data"
+CKPT = DATA / "ckpt"
+
+
+def load_split(name: str):
+    z = np.load(DATA / f"{name}.npz")
+    return {k: z[k] for k in z.files}
+
+
+def differentiable_field(net: LRMNetwork, planes: torch.Tensor) -> TriplaneField:
+    """Like ``net.triplane_field`` but keeping the graph to the planes and the decoder weights."""
+    layers = net.decoder_layers()
+    return TriplaneField(planes, [l.weight for l in layers], [l.bias for l in layers], OPENLRM_FIELD)
+
+
+class RayCache:
+    """Per-camera ray bundles (openlrm_rays is cheap, but the same cameras recur every epoch)."""
+
+    def __init__(self, cams: np.ndarray, res: int):
+        self.cams, self.res, self.cache = cams, res, {}
+
+    def get(self, obj: int, view: int):
+        key = (obj, view)
+        if key not in self.cache:
+            o, d = openlrm_rays(torch.from_numpy(self.cams[obj, view]), self.res)
+            self.cache[key] = (o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous())
+        return self.cache[key]
+
+
+def sample_rays(alpha: np.ndarray, n: int, gen: np.random.Generator, fg_frac: float = 0.5) -> np.ndarray:
+    """Pixel indices: ``fg_frac`` from the object's (slightly grown) bounding box, the rest uniform,
+    so small objects still get most rays where the shape is decided."""
+    res = alpha.shape[0]
+    ys, xs = np.nonzero(alpha > 0)
+    n_fg = int(n * fg_frac) if len(ys) else 0
+    idx = gen.integers(0, res * res, n - n_fg)
+    if n_fg:
+        y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, res)
+        x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, res)
+        idx = np.concatenate([idx, gen.integers(y0, y1, n_fg) * res + gen.integers(x0, x1, n_fg)])
+    return idx
+
+
+def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
+    pixels = torch.from_numpy(data["pixels"][batch_idx].astype(np.float32))
+    cam = default_source_camera(2.0, len(batch_idx))
+    planes = net(pixels, cam)  # (B, 3, C, H, W)
+    fld_opts = OpenLRMRenderOptions(n_coarse=args.samples // 2, n_fine=args.samples // 2, generator=torch_gen,
+                                    chunk_rays=1 << 20)
+    loss_rgb, loss_mask = 0.0, 0.0
+    n_views = data["views"].shape[1]
+    for b, obj in enumerate(batch_idx):
+        # always the input view (reconstruction) + random novel views
+        views = [0] + list(gen.choice(np.arange(1, n_views), args.views - 1, replace=False))
+        os_, ds_, rgb_gt, a_gt = [], [], [], []
+        for v in views:
+            img = data["views"][obj, v]
+            sel = sample_rays(img[..., 3], args.rays, gen)
+            o, d = rays.get(obj, v)
+            os_.append(o[sel])
+            ds_.append(d[sel])
+            px = img.reshape(-1, 4)[sel].astype(np.float32) / 255.0
+            a = px[:, 3:]
+            rgb_gt.append(px[:, :3] * a + (1 - a))  # ground truth on the renderer's white background
+            a_gt.append(a[:, 0])
+        out = render_openlrm(differentiable_field(net, planes[b]), torch.cat(os_), torch.cat(ds_), options=fld_opts)
+        loss_rgb = loss_rgb + F.mse_loss(out.rgb, torch.from_numpy(np.concatenate(rgb_gt)))
+        loss_mask = loss_mask + F.mse_loss(out.weight, torch.from_numpy(np.concatenate(a_gt)))
+    n = len(batch_idx)
+    return loss_rgb / n, loss_mask / n
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sine-cosine position code (rows, then columns)."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    freqs = 1.0 / (100.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (y, x) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, 1)
+
+
+def init_from_scratch(net: LRMNetwork) -> None:
+    """Initialise what the published modules leave at zero (they expect loaded weights).
+
+    With zero position embeddings the encoder sees a bag of patches and all triplane query tokens are
+    identical, so training collapses to one mean shape for every input (observed: outputs independent of
+    the image after 600 steps). As the original recipes do: the triplane tokens get N(0, dim^-1/2)
+    (OpenLRM), the encoder a 2-D sin-cos code on its patch grid (learned afterwards) and small random
+    CLS/register tokens (DINOv2).
+    """
+    enc = net.encoder.model
+    with torch.no_grad():
+        net.pos_embed.normal_(0.0, net.pos_embed.shape[-1] ** -0.5)
+        d = enc.pos_embed.shape[-1]
+        grid = int(round((enc.pos_embed.shape[1] - 1) ** 0.5))
+        enc.pos_embed[0, 1:] = sincos_2d(grid, d)
+        # The encoder takes raw [0, 1] pixels on white (v1.1 convention): bias the patch embedding so a
+        # white patch embeds to ~0 and object patches stand out (a fixed normalisation folded into the
+        # init), and double the weights so content is as strong as the position code.
+        w = enc.patch_embed.proj.weight
+        w.mul_(2.0)
+        enc.patch_embed.proj.bias.copy_(-w.sum(dim=(1, 2, 3)))
+        enc.cls_token.normal_(0.0, 1e-6)
+        if enc.register_tokens is not None:
+            enc.register_tokens.normal_(0.0, 1e-6)
+
+
+def lr_at(step: int, args, minutes: float = 0.0) -> float:
+    """Warmup then cosine; progress is by steps or by time, whichever is further along, so the LR
+    still anneals when a busy shared machine makes steps slower than planned."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    p = min(1.0, max((step - args.warmup) / max(1, args.steps - args.warmup), minutes / args.minutes))
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save(path: Path, net, opt, step, args, gen, minutes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "args": vars(args),
+                "np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=45.0)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--views", type=int, default=3, help="views per object per step (input view included)")
+    ap.add_argument("--rays", type=int, default=256, help="rays per view")
+    ap.add_argument("--samples", type=int, default=48, help="coarse + fine samples per ray")
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--mask-weight", type=float, default=1.0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+
+    data = load_split("train")
+    rays = RayCache(data["cams"], data["views"].shape[2])
+    net = LRMNetwork(model_config()).train()
+    init_from_scratch(net)  # overwritten by the checkpoint when resuming
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    gen = np.random.default_rng(args.seed)
+    step, prev_minutes = 0, 0.0
+    if args.resume and (CKPT / "last.pt").is_file():
+        ck = torch.load(CKPT / "last.pt", weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        prev_minutes = ck.get("minutes", 0.0)
+        gen.bit_generator.state = ck["np_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        print(f"resumed at step {step}", flush=True)
+    torch_gen = torch.Generator().manual_seed(args.seed + step)
+
+    n_obj = len(data["pixels"])
+    start_step = step
+    t_start = last_save = time.time()
+
+    def minutes_done() -> float:  # across resumed runs
+        return prev_minutes + (time.time() - t_start) / 60
+    ema = None
+    while step < args.steps and minutes_done() < args.minutes:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args, minutes_done())
+        batch_idx = gen.choice(n_obj, args.batch, replace=False)
+        l_rgb, l_mask = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
+        loss = l_rgb + args.mask_weight * l_mask
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        cur = np.array([float(l_rgb), float(l_mask)])
+        ema = cur if ema is None else 0.98 * ema + 0.02 * cur
+        if step % 25 == 0:
+            el = time.time() - t_start
+            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} lr {lr_at(step, args, minutes_done()):.2e} "
+                  f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
+                  flush=True)
+        if time.time() - last_save > args.save_every * 60:
+            save(CKPT / "last.pt", net, opt, step, args, gen, minutes_done())
+            last_save = time.time()
+    save(CKPT / "last.pt", net, opt, step, args, gen, minutes_done())
+    print(f"done: step {step}, {minutes_done():.1f} min of training", flush=True)
+
+
+if __name__ == "__main__":
+    main()
