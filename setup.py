@@ -65,7 +65,7 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.10"],
+        "test": ["pytest>=7", "scipy>=1.10", "onnx>=1.16", "onnxruntime>=1.18"],
         "hub": ["huggingface_hub>=0.20"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cupy-cuda12x"],

@@ -1,0 +1,362 @@
+// Image files -> RGBA8: PNG (zlib for the inflate, everything else here) and binary PNM (P5, P6, P7/PAM).
+// Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
+// 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
+// to 0..255, tRNS keys and palette alpha become the alpha channel. Not read: EXIF orientation (PNG eXIf chunks,
+// which Pillow applies), JPEG and other formats.
+#include <zlib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "internal.hpp"
+
+namespace lrm {
+
+namespace {
+
+[[noreturn]] void bad_image(const std::string& source, const std::string& what) {
+    fail(LRM_ERR_IMAGE, what + ": " + source);
+}
+
+void check_size(int64_t w, int64_t h, const std::string& source) {
+    if (w <= 0 || h <= 0) bad_image(source, "image has zero size (" + std::to_string(w) + "x" + std::to_string(h) + ")");
+    if (w * h > kMaxImagePixels)
+        bad_image(source, "image is too large (" + std::to_string(w) + "x" + std::to_string(h) + " pixels, limit " +
+                              std::to_string(kMaxImagePixels) + "; refusing to decode a possible decompression bomb)");
+}
+
+uint32_t be32(const unsigned char* p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+// ------------------------------------------------------------------------------------------------ PNG
+
+struct PngHeader {
+    uint32_t w = 0, h = 0;
+    int depth = 0, ctype = 0, interlace = 0;
+    int channels() const { return ctype == 0 ? 1 : ctype == 2 ? 3 : ctype == 3 ? 1 : ctype == 4 ? 2 : 4; }
+    int bits_per_pixel() const { return channels() * depth; }
+    size_t row_bytes(uint32_t width) const { return ((size_t)width * bits_per_pixel() + 7) / 8; }
+};
+
+int paeth(int a, int b, int c) {
+    const int p = a + b - c, pa = std::abs(p - a), pb = std::abs(p - b), pc = std::abs(p - c);
+    return (pa <= pb && pa <= pc) ? a : (pb <= pc ? b : c);
+}
+
+// Reverses the per-row filters of one (sub)image in place; rows are 1 filter byte + rb bytes.
+void unfilter(unsigned char* data, uint32_t rows, size_t rb, int bpp_bytes, const std::string& source) {
+    unsigned char* prev = nullptr;
+    for (uint32_t y = 0; y < rows; ++y) {
+        unsigned char* row = data + y * (rb + 1);
+        const int f = row[0];
+        unsigned char* x = row + 1;
+        for (size_t i = 0; i < rb; ++i) {
+            const int a = i >= (size_t)bpp_bytes ? x[i - bpp_bytes] : 0;
+            const int b = prev ? prev[i] : 0;
+            const int c = (prev && i >= (size_t)bpp_bytes) ? prev[i - bpp_bytes] : 0;
+            switch (f) {
+                case 0: break;
+                case 1: x[i] = (unsigned char)(x[i] + a); break;
+                case 2: x[i] = (unsigned char)(x[i] + b); break;
+                case 3: x[i] = (unsigned char)(x[i] + ((a + b) >> 1)); break;
+                case 4: x[i] = (unsigned char)(x[i] + paeth(a, b, c)); break;
+                default: bad_image(source, "PNG data is corrupt (unknown row filter " + std::to_string(f) + ")");
+            }
+        }
+        prev = x;
+    }
+}
+
+struct PngPalette {
+    unsigned char rgb[256][3] = {};
+    unsigned char alpha[256];
+    int n = 0;
+    bool has_key = false;
+    uint16_t key[3] = {0, 0, 0};  // tRNS colour key of grey / RGB images, at the file's bit depth
+    PngPalette() { std::memset(alpha, 255, sizeof(alpha)); }
+};
+
+uint32_t sample(const unsigned char* row, size_t idx, int depth) {
+    if (depth == 8) return row[idx];
+    if (depth == 16) return (uint32_t)row[2 * idx] << 8 | row[2 * idx + 1];
+    const size_t bit = idx * depth;
+    return (row[bit >> 3] >> (8 - depth - (bit & 7))) & ((1u << depth) - 1);
+}
+
+uint8_t to8(uint32_t v, int depth) {
+    switch (depth) {
+        case 1: return v ? 255 : 0;
+        case 2: return (uint8_t)(v * 85);
+        case 4: return (uint8_t)(v * 17);
+        case 8: return (uint8_t)v;
+        default: return (uint8_t)(v >> 8);  // 16-bit colour: high byte, as Pillow's RGB;16B unpacker
+    }
+}
+
+void put_pixel(const PngHeader& hd, const PngPalette& pal, const unsigned char* row, uint32_t x, unsigned char* out) {
+    const int d = hd.depth;
+    switch (hd.ctype) {
+        case 0: {
+            const uint32_t v = sample(row, x, d);
+            // 16-bit grey: Pillow opens it as I;16 and the Python loader rescales with rounding.
+            const uint8_t g = d == 16 ? (uint8_t)std::lrint(v / 257.0) : to8(v, d);
+            out[0] = out[1] = out[2] = g;
+            out[3] = (pal.has_key && d != 16 && v == pal.key[0]) ? 0 : 255;
+            break;
+        }
+        case 2: {
+            uint32_t v[3];
+            for (int c = 0; c < 3; ++c) v[c] = sample(row, 3 * (size_t)x + c, d);
+            for (int c = 0; c < 3; ++c) out[c] = to8(v[c], d);
+            out[3] = (pal.has_key && v[0] == pal.key[0] && v[1] == pal.key[1] && v[2] == pal.key[2]) ? 0 : 255;
+            break;
+        }
+        case 3: {
+            const uint32_t i = sample(row, x, d);
+            if ((int)i < pal.n) {
+                std::memcpy(out, pal.rgb[i], 3);
+                out[3] = pal.alpha[i];
+            } else {
+                out[0] = out[1] = out[2] = 0;
+                out[3] = 255;
+            }
+            break;
+        }
+        case 4:
+            out[0] = out[1] = out[2] = to8(sample(row, 2 * (size_t)x, d), d);
+            out[3] = to8(sample(row, 2 * (size_t)x + 1, d), d);
+            break;
+        default:
+            for (int c = 0; c < 4; ++c) out[c] = to8(sample(row, 4 * (size_t)x + c, d), d);
+    }
+}
+
+Image decode_png(const std::string& bytes, const std::string& source) {
+    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+    const size_t n = bytes.size();
+    PngHeader hd;
+    PngPalette pal;
+    std::string idat;
+    bool have_ihdr = false, have_iend = false;
+    size_t pos = 8;
+    while (pos + 12 <= n) {
+        const uint32_t len = be32(p + pos);
+        if (len > n - pos - 12) bad_image(source, "PNG file is truncated");
+        const unsigned char* type = p + pos + 4;
+        const unsigned char* data = p + pos + 8;
+        const uint32_t crc = (uint32_t)crc32(crc32(0L, Z_NULL, 0), type, len + 4);
+        if (crc != be32(data + len)) bad_image(source, "PNG file is corrupt (chunk CRC mismatch)");
+        const std::string t(reinterpret_cast<const char*>(type), 4);
+        pos += 12 + len;
+        if (t == "IHDR") {
+            if (len != 13) bad_image(source, "PNG header is malformed");
+            hd.w = be32(data);
+            hd.h = be32(data + 4);
+            hd.depth = data[8];
+            hd.ctype = data[9];
+            hd.interlace = data[12];
+            check_size(hd.w, hd.h, source);
+            const int dp = hd.depth, ct = hd.ctype;
+            const bool ok = (ct == 0 && (dp == 1 || dp == 2 || dp == 4 || dp == 8 || dp == 16)) ||
+                            (ct == 3 && (dp == 1 || dp == 2 || dp == 4 || dp == 8)) ||
+                            ((ct == 2 || ct == 4 || ct == 6) && (dp == 8 || dp == 16));
+            if (!ok || data[10] != 0 || data[11] != 0 || hd.interlace > 1)
+                bad_image(source, "unsupported PNG variant (colour type " + std::to_string(ct) + ", bit depth " +
+                                      std::to_string(dp) + ")");
+            have_ihdr = true;
+        } else if (!have_ihdr) {
+            bad_image(source, "PNG file is corrupt (no IHDR first)");
+        } else if (t == "PLTE") {
+            if (len % 3 || len > 768) bad_image(source, "PNG palette is malformed");
+            pal.n = (int)(len / 3);
+            for (int i = 0; i < pal.n; ++i) std::memcpy(pal.rgb[i], data + 3 * i, 3);
+        } else if (t == "tRNS") {
+            if (hd.ctype == 3) {
+                for (uint32_t i = 0; i < len && i < 256; ++i) pal.alpha[i] = data[i];
+            } else if (hd.ctype == 0 && len >= 2) {
+                pal.has_key = true;
+                pal.key[0] = (uint16_t)(data[0] << 8 | data[1]);
+            } else if (hd.ctype == 2 && len >= 6) {
+                pal.has_key = true;
+                for (int c = 0; c < 3; ++c) pal.key[c] = (uint16_t)(data[2 * c] << 8 | data[2 * c + 1]);
+            }
+        } else if (t == "IDAT") {
+            idat.append(reinterpret_cast<const char*>(data), len);
+        } else if (t == "IEND") {
+            have_iend = true;
+            break;
+        } else if (!(type[0] & 0x20)) {  // unknown critical chunk: the image cannot be decoded correctly
+            bad_image(source, "PNG uses an unsupported critical chunk '" + t + "'");
+        }
+    }
+    if (!have_ihdr) bad_image(source, "PNG file is corrupt (no IHDR)");
+    if (!have_iend || idat.empty()) bad_image(source, "image data is truncated or corrupt (PNG without IEND/IDAT)");
+    if (hd.ctype == 3 && pal.n == 0) bad_image(source, "PNG palette image without a palette");
+
+    // Adam7 passes (x0, y0, dx, dy); one pass covering everything when not interlaced.
+    static const int adam7[7][4] = {{0, 0, 8, 8}, {4, 0, 8, 8}, {0, 4, 4, 8}, {2, 0, 4, 4},
+                                    {0, 2, 2, 4}, {1, 0, 2, 2}, {0, 1, 1, 2}};
+    static const int whole[1][4] = {{0, 0, 1, 1}};
+    const int (*passes)[4] = hd.interlace ? adam7 : whole;
+    const int npass = hd.interlace ? 7 : 1;
+    size_t total = 0;
+    uint32_t pw[7], ph[7];
+    for (int k = 0; k < npass; ++k) {
+        pw[k] = hd.w > (uint32_t)passes[k][0] ? (hd.w - passes[k][0] + passes[k][2] - 1) / passes[k][2] : 0;
+        ph[k] = hd.h > (uint32_t)passes[k][1] ? (hd.h - passes[k][1] + passes[k][3] - 1) / passes[k][3] : 0;
+        if (pw[k] && ph[k]) total += (size_t)ph[k] * (hd.row_bytes(pw[k]) + 1);
+    }
+    std::vector<unsigned char> raw(total);
+    z_stream zs;
+    std::memset(&zs, 0, sizeof(zs));
+    if (inflateInit(&zs) != Z_OK) fail(LRM_ERR_OUT_OF_MEMORY, "zlib inflateInit failed");
+    zs.next_in = reinterpret_cast<Bytef*>(&idat[0]);
+    zs.avail_in = (uInt)idat.size();
+    zs.next_out = raw.data();
+    zs.avail_out = (uInt)raw.size();
+    const int zr = inflate(&zs, Z_FINISH);
+    const size_t got = raw.size() - zs.avail_out;
+    inflateEnd(&zs);
+    if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) || got != raw.size())
+        bad_image(source, "image data is truncated or corrupt (PNG pixel data ends early)");
+
+    Image img;
+    img.width = (int32_t)hd.w;
+    img.height = (int32_t)hd.h;
+    img.rgba.assign((size_t)hd.w * hd.h * 4, 0);
+    const int bpp_bytes = (hd.bits_per_pixel() + 7) / 8;
+    size_t off = 0;
+    for (int k = 0; k < npass; ++k) {
+        if (!pw[k] || !ph[k]) continue;
+        const size_t rb = hd.row_bytes(pw[k]);
+        unfilter(raw.data() + off, ph[k], rb, bpp_bytes, source);
+        for (uint32_t y = 0; y < ph[k]; ++y) {
+            const unsigned char* row = raw.data() + off + y * (rb + 1) + 1;
+            const size_t oy = (size_t)passes[k][1] + (size_t)y * passes[k][3];
+            for (uint32_t x = 0; x < pw[k]; ++x) {
+                const size_t ox = (size_t)passes[k][0] + (size_t)x * passes[k][2];
+                put_pixel(hd, pal, row, x, &img.rgba[(oy * hd.w + ox) * 4]);
+            }
+        }
+        off += ph[k] * (rb + 1);
+    }
+    return img;
+}
+
+// ------------------------------------------------------------------------------------------------ PNM
+
+struct PnmReader {
+    const std::string& b;
+    size_t i = 2;
+    const std::string& source;
+    void skip_ws() {
+        while (i < b.size()) {
+            if (b[i] == '#') {
+                while (i < b.size() && b[i] != '\n') ++i;
+            } else if (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+                ++i;
+            } else {
+                break;
+            }
+        }
+    }
+    int64_t integer() {
+        skip_ws();
+        int64_t v = 0;
+        size_t start = i;
+        while (i < b.size() && b[i] >= '0' && b[i] <= '9' && v < (1LL << 40)) v = v * 10 + (b[i++] - '0');
+        if (i == start) bad_image(source, "PNM header is malformed");
+        return v;
+    }
+    std::string line() {
+        size_t e = b.find('\n', i);
+        if (e == std::string::npos) bad_image(source, "PAM header is truncated");
+        std::string l = b.substr(i, e - i);
+        i = e + 1;
+        if (!l.empty() && l.back() == '\r') l.pop_back();
+        return l;
+    }
+};
+
+Image decode_pnm(const std::string& bytes, const std::string& source) {
+    PnmReader r{bytes, 2, source};
+    const char kind = bytes[1];
+    int64_t w = 0, h = 0, maxval = 0, depth = 0;
+    std::string tuple;
+    if (kind == '7') {
+        for (;;) {
+            const std::string l = r.line();
+            if (l.empty() || l[0] == '#') continue;
+            if (l == "ENDHDR") break;
+            const size_t sp = l.find(' ');
+            const std::string key = l.substr(0, sp), val = sp == std::string::npos ? "" : l.substr(sp + 1);
+            if (key == "TUPLTYPE") { tuple = val; continue; }
+            const int64_t v = std::atoll(val.c_str());
+            if (key == "WIDTH") w = v;
+            else if (key == "HEIGHT") h = v;
+            else if (key == "DEPTH") depth = v;
+            else if (key == "MAXVAL") maxval = v;
+        }
+    } else {
+        w = r.integer();
+        h = r.integer();
+        maxval = r.integer();
+        depth = kind == '5' ? 1 : 3;
+        if (r.i >= bytes.size()) bad_image(source, "PNM file is truncated");
+        ++r.i;  // the single whitespace before the samples
+    }
+    check_size(w, h, source);
+    if (maxval < 1 || maxval > 65535 || depth < 1 || depth > 4)
+        bad_image(source, "unsupported PNM variant (depth " + std::to_string(depth) + ", maxval " + std::to_string(maxval) + ")");
+    const int bps = maxval > 255 ? 2 : 1;
+    const size_t need = (size_t)w * h * depth * bps;
+    if (bytes.size() - r.i < need) bad_image(source, "image data is truncated or corrupt (PNM samples end early)");
+    const auto* s = reinterpret_cast<const unsigned char*>(bytes.data() + r.i);
+    auto at = [&](size_t k) -> uint8_t {
+        const uint32_t v = bps == 1 ? s[k] : ((uint32_t)s[2 * k] << 8 | s[2 * k + 1]);
+        return maxval == 255 ? (uint8_t)v : (uint8_t)std::lrint(std::min<double>(v, maxval) * 255.0 / maxval);
+    };
+    Image img;
+    img.width = (int32_t)w;
+    img.height = (int32_t)h;
+    img.rgba.resize((size_t)w * h * 4);
+    const bool grey = depth <= 2;
+    const bool alpha = depth == 2 || depth == 4;
+    for (size_t p = 0; p < (size_t)w * h; ++p) {
+        unsigned char* o = &img.rgba[4 * p];
+        const size_t b = p * depth;
+        o[0] = at(b);
+        o[1] = grey ? o[0] : at(b + 1);
+        o[2] = grey ? o[0] : at(b + 2);
+        o[3] = alpha ? at(b + depth - 1) : 255;
+    }
+    return img;
+}
+
+}  // namespace
+
+Image decode_image(const std::string& bytes, const std::string& source) {
+    if (bytes.empty()) bad_image(source, "image file is empty (0 bytes)");
+    Image img;
+    static const unsigned char png_sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    if (bytes.size() >= 8 && std::memcmp(bytes.data(), png_sig, 8) == 0) {
+        img = decode_png(bytes, source);
+    } else if (bytes.size() >= 3 && bytes[0] == 'P' && (bytes[1] == '5' || bytes[1] == '6' || bytes[1] == '7')) {
+        img = decode_pnm(bytes, source);
+    } else if (bytes.size() >= 3 && (unsigned char)bytes[0] == 0xFF && (unsigned char)bytes[1] == 0xD8) {
+        bad_image(source, "JPEG is not supported by the C library (PNG, PPM/PGM/PAM are); convert the image to PNG");
+    } else {
+        bad_image(source, "not a recognised image file (PNG, PPM/PGM/PAM)");
+    }
+    bool any = false;
+    for (size_t p = 3; p < img.rgba.size() && !any; p += 4) any = img.rgba[p] != 0;
+    if (!any) bad_image(source, "alpha channel is empty (every pixel fully transparent)");
+    return img;
+}
+
+Image load_image(const std::string& path) {
+    if (!is_file(path) && !is_dir(path)) fail(LRM_ERR_IO, "image file not found: " + path);
+    return decode_image(read_file(path, "image file"), path);
+}
+
+}  // namespace lrm

@@ -1,0 +1,203 @@
+// Mesh writers: binary PLY, OBJ with vertex colours, glTF 2.0 binary (GLB) with COLOR_0. Each file is written to
+// a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "internal.hpp"
+
+namespace lrm {
+
+namespace {
+
+static_assert(sizeof(float) == 4, "IEEE float32 expected");
+
+bool little_endian() {
+    const uint16_t one = 1;
+    unsigned char b;
+    std::memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+template <class T>
+void put(std::string& s, T v) {  // little-endian (checked in write_mesh)
+    char b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    s.append(b, sizeof(T));
+}
+
+uint8_t quantise(float c) {  // lrm_rt.mesh.to_trimesh: clip(rint(c * 255), 0, 255)
+    const float v = std::nearbyint(c * 255.0f);
+    return (uint8_t)(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
+}
+
+// Shortest round-trip text of a float, independent of the host application's locale (snprintf is not).
+std::string fmt_num(float v) {
+    char b[32];
+    const auto r = std::to_chars(b, b + sizeof(b), v);
+    return std::string(b, r.ptr);
+}
+
+std::string ply(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    const bool col = !m.colors.empty();
+    std::string s = "ply\nformat binary_little_endian 1.0\ncomment written by lrm_rt\nelement vertex " + std::to_string(nv) +
+                    "\nproperty float x\nproperty float y\nproperty float z\n";
+    if (col) s += "property uchar red\nproperty uchar green\nproperty uchar blue\n";
+    s += "element face " + std::to_string(nf) + "\nproperty list uchar int vertex_indices\nend_header\n";
+    s.reserve(s.size() + nv * 15 + nf * 13);
+    for (size_t i = 0; i < nv; ++i) {
+        for (int k = 0; k < 3; ++k) put<float>(s, m.vertices[3 * i + k]);
+        if (col)
+            for (int k = 0; k < 3; ++k) put<uint8_t>(s, quantise(m.colors[3 * i + k]));
+    }
+    for (size_t f = 0; f < nf; ++f) {
+        put<uint8_t>(s, 3);
+        for (int k = 0; k < 3; ++k) put<int32_t>(s, m.faces[3 * f + k]);
+    }
+    return s;
+}
+
+std::string obj(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    const bool col = !m.colors.empty();
+    std::string s = "# written by lrm_rt\n";
+    s.reserve(nv * (col ? 80 : 40) + nf * 24);
+    for (size_t i = 0; i < nv; ++i) {
+        s += 'v';
+        for (int k = 0; k < 3; ++k) s += ' ' + fmt_num(m.vertices[3 * i + k]);
+        if (col)
+            for (int k = 0; k < 3; ++k) s += ' ' + fmt_num(m.colors[3 * i + k]);
+        s += '\n';
+    }
+    for (size_t f = 0; f < nf; ++f) {
+        s += 'f';
+        for (int k = 0; k < 3; ++k) s += ' ' + std::to_string(m.faces[3 * f + k] + 1);
+        s += '\n';
+    }
+    return s;
+}
+
+std::string glb(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    const bool col = !m.colors.empty();
+    float lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
+    for (size_t i = 0; i < nv; ++i)
+        for (int k = 0; k < 3; ++k) {
+            lo[k] = std::min(lo[k], m.vertices[3 * i + k]);
+            hi[k] = std::max(hi[k], m.vertices[3 * i + k]);
+        }
+    // Binary chunk: positions, colours (float RGB), indices; every view starts 4-byte aligned.
+    std::string bin;
+    const size_t pos_off = 0, pos_len = nv * 12;
+    bin.append(reinterpret_cast<const char*>(m.vertices.data()), pos_len);
+    const size_t col_off = bin.size(), col_len = col ? nv * 12 : 0;
+    if (col) bin.append(reinterpret_cast<const char*>(m.colors.data()), col_len);
+    const size_t idx_off = bin.size(), idx_len = nf * 12;
+    bin.append(reinterpret_cast<const char*>(m.faces.data()), idx_len);  // int32 >= 0 == uint32
+    while (bin.size() % 4) bin += '\0';
+
+    std::string views = "{\"buffer\":0,\"byteOffset\":" + std::to_string(pos_off) + ",\"byteLength\":" +
+                        std::to_string(pos_len) + ",\"target\":34962}";
+    std::string acc = "{\"bufferView\":0,\"componentType\":5126,\"count\":" + std::to_string(nv) +
+                      ",\"type\":\"VEC3\",\"min\":[" + fmt_num(lo[0]) + "," + fmt_num(lo[1]) + "," + fmt_num(lo[2]) +
+                      "],\"max\":[" + fmt_num(hi[0]) + "," + fmt_num(hi[1]) + "," + fmt_num(hi[2]) + "]}";
+    std::string attrs = "\"POSITION\":0";
+    int next = 1;
+    if (col) {
+        views += ",{\"buffer\":0,\"byteOffset\":" + std::to_string(col_off) + ",\"byteLength\":" +
+                 std::to_string(col_len) + ",\"target\":34962}";
+        acc += ",{\"bufferView\":1,\"componentType\":5126,\"count\":" + std::to_string(nv) + ",\"type\":\"VEC3\"}";
+        attrs += ",\"COLOR_0\":1";
+        next = 2;
+    }
+    views += ",{\"buffer\":0,\"byteOffset\":" + std::to_string(idx_off) + ",\"byteLength\":" + std::to_string(idx_len) +
+             ",\"target\":34963}";
+    acc += ",{\"bufferView\":" + std::to_string(next) + ",\"componentType\":5125,\"count\":" + std::to_string(nf * 3) +
+           ",\"type\":\"SCALAR\"}";
+    std::string json = "{\"asset\":{\"version\":\"2.0\",\"generator\":\"lrm_rt " LRM_RT_VERSION_STRING
+                       "\"},\"scene\":0,\"scenes\":[{\"nodes\":[0]}],\"nodes\":[{\"mesh\":0}],"
+                       "\"meshes\":[{\"primitives\":[{\"attributes\":{" +
+                       attrs + "},\"indices\":" + std::to_string(next) +
+                       ",\"mode\":4}]}],\"buffers\":[{\"byteLength\":" + std::to_string(bin.size()) +
+                       "}],\"bufferViews\":[" + views + "],\"accessors\":[" + acc + "]}";
+    while (json.size() % 4) json += ' ';
+
+    std::string out;
+    put<uint32_t>(out, 0x46546C67u);  // "glTF"
+    put<uint32_t>(out, 2u);
+    put<uint32_t>(out, (uint32_t)(12 + 8 + json.size() + 8 + bin.size()));
+    put<uint32_t>(out, (uint32_t)json.size());
+    put<uint32_t>(out, 0x4E4F534Au);  // "JSON"
+    out += json;
+    put<uint32_t>(out, (uint32_t)bin.size());
+    put<uint32_t>(out, 0x004E4942u);  // "BIN\0"
+    out += bin;
+    return out;
+}
+
+lrm_mesh_format format_from_path(const std::string& path) {
+    const size_t dot = path.rfind('.');
+    std::string ext = dot == std::string::npos ? "" : path.substr(dot + 1);
+    std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return (char)std::tolower(c); });
+    if (ext == "ply") return LRM_MESH_PLY;
+    if (ext == "obj") return LRM_MESH_OBJ;
+    if (ext == "glb") return LRM_MESH_GLB;
+    fail(LRM_ERR_INVALID_ARGUMENT, "unknown mesh format for " + path + " (use .ply, .obj or .glb, or pass the format)");
+}
+
+void write_atomic(const std::string& path, const std::string& data) {
+    const size_t slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+    if (!is_dir(dir)) fail(LRM_ERR_IO, "output directory does not exist: " + dir);
+    if (is_dir(path)) fail(LRM_ERR_IO, "output path is a directory: " + path);
+    std::string tmpl = path + ".tmpXXXXXX";
+    const int fd = ::mkstemp(&tmpl[0]);
+    if (fd < 0) fail(LRM_ERR_IO, "cannot create a file in " + dir + " (" + std::strerror(errno) + ")");
+    size_t done = 0;
+    while (done < data.size()) {
+        const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            const int e = errno;
+            ::close(fd);
+            ::unlink(tmpl.c_str());
+            fail(LRM_ERR_IO, "cannot write " + path + " (" + std::strerror(e) + ")");
+        }
+        done += (size_t)n;
+    }
+    // mkstemp creates 0600 files; give the mesh the usual permissions (umask applied).
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    ::fchmod(fd, 0666 & ~mask);
+    if (::close(fd) != 0 || ::rename(tmpl.c_str(), path.c_str()) != 0) {
+        const int e = errno;
+        ::unlink(tmpl.c_str());
+        fail(LRM_ERR_IO, "cannot write " + path + " (" + std::strerror(e) + ")");
+    }
+}
+
+}  // namespace
+
+void write_mesh(const MeshData& mesh, const std::string& path, lrm_mesh_format format) {
+    if (!little_endian()) fail(LRM_ERR_UNSUPPORTED, "mesh writers need a little-endian host");
+    if (format == LRM_MESH_AUTO) format = format_from_path(path);
+    if (mesh.faces.empty())
+        fail(LRM_ERR_EMPTY_MESH, "the mesh is empty: no surface at this threshold (try a lower mc_threshold)");
+    switch (format) {
+        case LRM_MESH_PLY: write_atomic(path, ply(mesh)); break;
+        case LRM_MESH_OBJ: write_atomic(path, obj(mesh)); break;
+        case LRM_MESH_GLB: write_atomic(path, glb(mesh)); break;
+        default: fail(LRM_ERR_INVALID_ARGUMENT, "unknown mesh format " + std::to_string((int)format));  // checked by the API
+    }
+}
+
+}  // namespace lrm

@@ -1,0 +1,415 @@
+// Family preprocessing, ported from lrm_rt/preprocess.py (itself bit-exact with TripoSR run.py and OpenLRM
+// infer_single), including its weight-free removal of a uniform background from opaque images:
+//   TripoSR: resize_foreground(ratio) -> rgb*a + bg*(1-a) in float32 -> uint8 by truncation -> /255 ->
+//            bilinear, align_corners=False, antialias=True -> (x - mean) / std
+//   OpenLRM: /255 -> rgb*a + bg*(1-a) in float32 -> bicubic (A = -0.75), align_corners=True -> clamp [0, 1]
+//            -> (x - mean) / std when the encoder normalises (v1.0)
+// The float arithmetic follows torch's CPU kernels operation by operation (float32 except where torch promotes
+// to double), including where its compiled loops fuse multiply-adds (measured against torch 2.13 on AVX-512):
+// bit-exact on the fixture inputs; a few border values of upscaled (bicubic) images differ by < 1e-6, and other
+// torch builds may round differently at the 1e-7 level (the contract, and the tests, are 1e-5).
+// The library is compiled with -ffp-contract=off: the uint8 truncation of the TripoSR composite must see numpy's
+// separately rounded products, and where torch's build fuses a multiply-add, the code says fmaf() explicitly.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "internal.hpp"
+
+namespace lrm {
+
+namespace {
+
+struct Rgba {  // contiguous RGBA8
+    int64_t w = 0, h = 0;
+    std::vector<uint8_t> px;
+};
+
+// TripoSR's framing: crop to the alpha > 0 box (exclusive max, as the reference), pad to a square, then pad so
+// the object spans `ratio` of the side. Padding is transparent black.
+Rgba resize_foreground(const Rgba& in, double ratio) {
+    int64_t y0 = in.h, y1 = -1, x0 = in.w, x1 = -1;
+    for (int64_t y = 0; y < in.h; ++y)
+        for (int64_t x = 0; x < in.w; ++x)
+            if (in.px[(y * in.w + x) * 4 + 3] > 0) {
+                y0 = std::min(y0, y), y1 = std::max(y1, y);
+                x0 = std::min(x0, x), x1 = std::max(x1, x);
+            }
+    if (y1 < 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
+    if (y1 <= y0 || x1 <= x0) fail(LRM_ERR_IMAGE, "foreground is too small to frame (under 2 pixels wide or tall)");
+    const int64_t h = y1 - y0, w = x1 - x0, side = std::max(h, w);
+    const int64_t top = (side - h) / 2, left = (side - w) / 2;
+    const int64_t new_side = (int64_t)((double)side / ratio);  // Python int(side / ratio)
+    const int64_t off = (new_side - side) / 2;                  // >= 0: ratio <= 1
+    Rgba out;
+    out.w = out.h = new_side;
+    out.px.assign((size_t)(new_side * new_side * 4), 0);
+    for (int64_t y = 0; y < h; ++y)
+        std::memcpy(&out.px[((off + top + y) * new_side + off + left) * 4], &in.px[((y0 + y) * in.w + x0) * 4],
+                    (size_t)w * 4);
+    return out;
+}
+
+// ---- uniform-background removal (lrm_rt.preprocess.remove_uniform_background), for images whose alpha is all 255:
+// background colour = median of the border, background = pixels near that colour connected to the border (8-neighbour
+// flood fill), a soft alpha ramp on colour distance in a 2-pixel band around it, specks removed by an opening.
+
+// RGB -> (Y, Cb, Cr) rows (BT.601) as float32 (the Python module's constants).
+const float kYCbCr[3][3] = {{0.299f, 0.587f, 0.114f}, {-0.168736f, -0.331264f, 0.5f}, {0.5f, -0.418688f, -0.081312f}};
+
+// _colour_distance: (rgb - colour) @ YCBCR.T in float32 (numpy's matmul: a fused multiply-add chain), chroma halved,
+// squares summed left to right, square root.
+inline float colour_distance(const uint8_t* px, const float colour[3]) {
+    const float d[3] = {(float)px[0] - colour[0], (float)px[1] - colour[1], (float)px[2] - colour[2]};
+    float q[3];
+    for (int r = 0; r < 3; ++r) {
+        float acc = d[0] * kYCbCr[r][0];
+        acc = std::fmaf(d[1], kYCbCr[r][1], acc);
+        acc = std::fmaf(d[2], kYCbCr[r][2], acc);
+        q[r] = r ? acc * 0.5f : acc;
+    }
+    return std::sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2]);
+}
+
+// 8-bit mask ops with torch max-pool semantics: pixels outside the image never win.
+std::vector<uint8_t> dilate(const std::vector<uint8_t>& m, int64_t h, int64_t w, int r) {
+    std::vector<uint8_t> tmp(m.size()), out(m.size());
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) {
+            uint8_t v = 0;
+            for (int64_t k = std::max<int64_t>(0, x - r); k <= std::min(w - 1, x + r) && !v; ++k) v = m[y * w + k];
+            tmp[y * w + x] = v;
+        }
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) {
+            uint8_t v = 0;
+            for (int64_t k = std::max<int64_t>(0, y - r); k <= std::min(h - 1, y + r) && !v; ++k) v = tmp[k * w + x];
+            out[y * w + x] = v;
+        }
+    return out;
+}
+
+std::vector<uint8_t> erode(const std::vector<uint8_t>& m, int64_t h, int64_t w, int r) {
+    std::vector<uint8_t> inv(m.size());
+    for (size_t i = 0; i < m.size(); ++i) inv[i] = !m[i];
+    std::vector<uint8_t> out = dilate(inv, h, w, r);
+    for (uint8_t& v : out) v = !v;
+    return out;
+}
+
+// numpy.percentile(v, q) with the default linear method, in numpy's own arithmetic.
+double percentile(std::vector<float> v, double q) {
+    std::sort(v.begin(), v.end());
+    const double n = (double)v.size();
+    const double virt = n * q + (1.0 + q * (1.0 - 1.0 - 1.0)) - 1.0;
+    const double prev = std::floor(virt);
+    const int64_t i0 = std::min(std::max((int64_t)prev, (int64_t)0), (int64_t)v.size() - 1);
+    const int64_t i1 = std::min(i0 + 1, (int64_t)v.size() - 1);
+    const double t = virt - prev;
+    const float a = v[(size_t)i0], b = v[(size_t)i1], diff = b - a;
+    return t >= 0.5 ? (double)b - (double)diff * (1.0 - t) : (double)a + (double)diff * t;
+}
+
+// Returns false when the border is not uniform (the image is then used whole); otherwise writes the alpha.
+bool remove_uniform_background(Rgba& img) {
+    const int64_t h = img.h, w = img.w;
+    int64_t bw = std::max<int64_t>(1, std::min(h, w) / 100);
+    bw = std::min(h, w) >= 2 ? std::max<int64_t>(1, std::min({bw, h / 2, w / 2})) : 1;
+    std::vector<const uint8_t*> border;
+    auto px = [&](int64_t y, int64_t x) { return &img.px[(size_t)((y * w + x) * 4)]; };
+    for (int64_t y = 0; y < bw; ++y)
+        for (int64_t x = 0; x < w; ++x) border.push_back(px(y, x));
+    for (int64_t y = h - bw; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) border.push_back(px(y, x));
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < bw; ++x) border.push_back(px(y, x));
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = w - bw; x < w; ++x) border.push_back(px(y, x));
+    float colour[3];
+    for (int c = 0; c < 3; ++c) {  // np.median: the middle value, or the mean of the two middle values
+        std::vector<float> v;
+        v.reserve(border.size());
+        for (const uint8_t* p : border) v.push_back((float)p[c]);
+        const size_t n = v.size(), mid = n / 2;
+        std::nth_element(v.begin(), v.begin() + (long)mid, v.end());
+        const float hi = v[mid];
+        if (n % 2) {
+            colour[c] = hi;
+        } else {
+            const float lo = *std::max_element(v.begin(), v.begin() + (long)mid);
+            colour[c] = (lo + hi) / 2.0f;
+        }
+    }
+    std::vector<float> inliers;
+    for (const uint8_t* p : border) {
+        const float d = colour_distance(p, colour);
+        if (d <= 24.0f) inliers.push_back(d);
+    }
+    if ((double)inliers.size() / (double)border.size() < 0.85) return false;
+    const double noise = inliers.empty() ? 0.0 : percentile(inliers, 0.95);
+    const double lo = std::max(6.0, 1.5 * noise + 2.0), hi = lo + 40.0;
+    const float flo = (float)lo, span = (float)(hi - lo);  // numpy 2: float32 array op Python float -> float32
+
+    std::vector<float> dist((size_t)(h * w));
+    for (int64_t i = 0; i < h * w; ++i) dist[(size_t)i] = colour_distance(&img.px[(size_t)(4 * i)], colour);
+    // core: background candidates 8-connected to the border
+    std::vector<uint8_t> core((size_t)(h * w), 0);
+    std::vector<int64_t> stack;
+    auto push = [&](int64_t y, int64_t x) {
+        const size_t i = (size_t)(y * w + x);
+        if (!core[i] && dist[i] < flo) {
+            core[i] = 1;
+            stack.push_back((int64_t)i);
+        }
+    };
+    for (int64_t x = 0; x < w; ++x) push(0, x), push(h - 1, x);
+    for (int64_t y = 0; y < h; ++y) push(y, 0), push(y, w - 1);
+    while (!stack.empty()) {
+        const int64_t i = stack.back(), y = i / w, x = i % w;
+        stack.pop_back();
+        for (int64_t dy = -1; dy <= 1; ++dy)
+            for (int64_t dx = -1; dx <= 1; ++dx)
+                if (y + dy >= 0 && y + dy < h && x + dx >= 0 && x + dx < w) push(y + dy, x + dx);
+    }
+    const std::vector<uint8_t> band = dilate(core, h, w, 2);
+    std::vector<float> alpha((size_t)(h * w));
+    std::vector<uint8_t> solid((size_t)(h * w));
+    for (size_t i = 0; i < alpha.size(); ++i) {
+        const float ramp = std::min(std::max((dist[i] - flo) / span, 0.0f), 1.0f);
+        alpha[i] = core[i] ? 0.0f : (band[i] ? ramp : 1.0f);
+        solid[i] = alpha[i] >= 0.5f;
+    }
+    // Opening of the solid foreground, then keep what lies within 2 pixels of it.
+    const std::vector<uint8_t> near = dilate(dilate(erode(solid, h, w, 1), h, w, 1), h, w, 2);
+    bool any = false;
+    for (size_t i = 0; i < alpha.size(); ++i) {
+        const uint8_t a = near[i] ? (uint8_t)std::nearbyint(alpha[i] * 255.0f) : 0;
+        img.px[4 * i + 3] = a;
+        any |= a != 0;
+    }
+    if (!any) fail(LRM_ERR_IMAGE, "no foreground found: the image is a single uniform colour");
+    return true;
+}
+
+// ---- antialiased bilinear (torch _upsample_bilinear2d_aa, float32 input): separable, width first.
+
+struct AaAxis {
+    int64_t max_interp = 0;
+    std::vector<int64_t> xmin, xsize;
+    std::vector<float> w;  // out * max_interp
+};
+
+AaAxis aa_axis(int64_t in, int64_t out) {
+    AaAxis ax;
+    const float scale = (float)in / (float)out;
+    // Mixed float/double promotions as in torch's _compute_indices_min_size_weights_aa (scalar_t = float).
+    const float support = (scale >= 1.0) ? (float)((2 * 0.5) * scale) : (float)(2 * 0.5);
+    ax.max_interp = (int64_t)std::ceil(support) * 2 + 1;
+    ax.xmin.resize(out);
+    ax.xsize.resize(out);
+    ax.w.assign((size_t)(out * ax.max_interp), 0.f);
+    const float invscale = (scale >= 1.0) ? (float)(1.0 / scale) : 1.0f;
+    for (int64_t i = 0; i < out; ++i) {
+        const float center = (float)(scale * (i + 0.5));
+        const int64_t xmin = std::max((int64_t)((double)(center - support) + 0.5), (int64_t)0);
+        int64_t xsize = std::min((int64_t)((double)(center + support) + 0.5), in) - xmin;
+        xsize = std::min(std::max(xsize, (int64_t)0), ax.max_interp);
+        float* wt = &ax.w[(size_t)(i * ax.max_interp)];
+        float total = 0.f;
+        for (int64_t j = 0; j < xsize; ++j) {
+            float x = (float)(((double)((float)(j + xmin) - center) + 0.5) * invscale);
+            if (x < 0.0) x = -x;
+            const float v = x < 1.0 ? (float)(1.0 - x) : 0.f;
+            wt[j] = v;
+            total += v;
+        }
+        if (total != 0.f)
+            for (int64_t j = 0; j < xsize; ++j) wt[j] /= total;
+        ax.xmin[i] = xmin;
+        ax.xsize[i] = xsize;
+    }
+    return ax;
+}
+
+// One output of torch's interpolate_aa_single_dim loop (acc = v0 * w0; acc += v_j * w_j) as its compiled code rounds
+// it: the loop runs in blocks of 4 iterations whose products are computed as a vector and then added in order, and
+// the remaining 0-3 iterations are fused multiply-adds (matched bit for bit against torch 2.13 for 2..21 taps).
+template <class At>
+inline float aa_sum(At at, const float* w, int64_t n) {
+    float acc = at(0) * w[0];
+    const int64_t plain = 4 * ((n - 1) / 4);
+    for (int64_t j = 1; j < n; ++j) acc = j <= plain ? acc + at(j) * w[j] : std::fmaf(at(j), w[j], acc);
+    return acc;
+}
+
+// src: (3, H, W) float planes -> (3, S, S).
+std::vector<float> resize_bilinear_aa(const std::vector<float>& src, int64_t H, int64_t W, int64_t S) {
+    std::vector<float> tmp, out;
+    const float* cur = src.data();
+    int64_t cw = W;
+    if (W != S) {  // horizontal pass (skipped by torch when the size is unchanged)
+        const AaAxis ax = aa_axis(W, S);
+        tmp.resize((size_t)(3 * H * S));
+        for (int64_t r = 0; r < 3 * H; ++r) {
+            const float* row = cur + r * W;
+            for (int64_t x = 0; x < S; ++x) {
+                const float* wt = &ax.w[(size_t)(x * ax.max_interp)];
+                const float* s = row + ax.xmin[x];
+                tmp[(size_t)(r * S + x)] = aa_sum([s](int64_t j) { return s[j]; }, wt, ax.xsize[x]);
+            }
+        }
+        cur = tmp.data();
+        cw = S;
+    }
+    if (H == S) return std::vector<float>(cur, cur + 3 * H * cw);
+    const AaAxis ay = aa_axis(H, S);
+    out.resize((size_t)(3 * S * S));
+    for (int64_t c = 0; c < 3; ++c)
+        for (int64_t y = 0; y < S; ++y) {
+            const float* wt = &ay.w[(size_t)(y * ay.max_interp)];
+            const float* base = cur + (c * H + ay.xmin[y]) * cw;
+            float* o = &out[(size_t)((c * S + y) * S)];
+            for (int64_t x = 0; x < cw; ++x)
+                o[x] = aa_sum([base, cw, x](int64_t j) { return base[j * cw + x]; }, wt, ay.xsize[y]);
+        }
+    return out;
+}
+
+// ---- bicubic, align_corners=True, no antialias (torch upsample_bicubic2d, float32): outer H, inner W.
+
+struct CubicAxis {
+    std::vector<int64_t> idx;  // out * 4 clamped source indices
+    std::vector<float> w;      // out * 4
+};
+
+// torch's cubic_convolution1/2; the one multiply-add its build fuses (found by matching its weights) is explicit.
+inline float cubic1(float x, float A) { return ((A + 2) * x - (A + 3)) * x * x + 1; }
+inline float cubic2(float x, float A) { return std::fmaf(A * x - 5 * A, x, 8 * A) * x - 4 * A; }
+
+CubicAxis cubic_axis(int64_t in, int64_t out) {
+    CubicAxis ax;
+    ax.idx.resize((size_t)(out * 4));
+    ax.w.resize((size_t)(out * 4));
+    const float scale = out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.f;
+    const float A = -0.75f;
+    for (int64_t i = 0; i < out; ++i) {
+        const float real = scale * (float)i;
+        const int64_t i0 = std::min(std::max((int64_t)std::floor(real), (int64_t)0), in - 1);
+        const float t = std::min(std::max(real - (float)i0, 0.f), 1.f);
+        const float x2 = (float)(1.0 - t);
+        float* w = &ax.w[(size_t)(4 * i)];
+        w[0] = cubic2((float)(t + 1.0), A);
+        w[1] = cubic1(t, A);
+        w[2] = cubic1(x2, A);
+        w[3] = cubic2((float)(x2 + 1.0), A);
+        for (int j = 0; j < 4; ++j) ax.idx[(size_t)(4 * i + j)] = std::max(std::min(i0 - 1 + j, in - 1), (int64_t)0);
+    }
+    return ax;
+}
+
+// One 4-tap sum in the order and with the fusions of torch's compiled Interpolate<> loop (tap 1 first, then
+// fused multiply-adds of taps 0, 2, 3); matched bit for bit against torch 2.13's output.
+inline float taps4(float v0, float v1, float v2, float v3, const float* w) {
+    float o = v1 * w[1];
+    o = std::fmaf(v0, w[0], o);
+    o = std::fmaf(v2, w[2], o);
+    return std::fmaf(v3, w[3], o);
+}
+
+std::vector<float> resize_bicubic_ac(const std::vector<float>& src, int64_t H, int64_t W, int64_t S) {
+    const CubicAxis ay = cubic_axis(H, S), ax = cubic_axis(W, S);
+    std::vector<float> out((size_t)(3 * S * S));
+    for (int64_t c = 0; c < 3; ++c)
+        for (int64_t y = 0; y < S; ++y) {
+            for (int64_t x = 0; x < S; ++x) {
+                const int64_t* xi = &ax.idx[(size_t)(4 * x)];
+                const float* xw = &ax.w[(size_t)(4 * x)];
+                const float* wy = &ay.w[(size_t)(4 * y)];
+                float t[4];
+                for (int k = 0; k < 4; ++k) {
+                    const float* row = src.data() + (c * H + ay.idx[(size_t)(4 * y + k)]) * W;
+                    t[k] = taps4(row[xi[0]], row[xi[1]], row[xi[2]], row[xi[3]], xw);
+                }
+                const float acc = taps4(t[0], t[1], t[2], t[3], wy);
+                out[(size_t)((c * S + y) * S + x)] = std::min(std::max(acc, 0.f), 1.f);  // torch.clamp(x, 0, 1)
+            }
+        }
+    return out;
+}
+
+}  // namespace
+
+Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width, int32_t height, int64_t stride) {
+    Preprocessed res;
+    Rgba img;
+    img.w = width;
+    img.h = height;
+    img.px.resize((size_t)width * height * 4);
+    uint8_t amin = 255, amax = 0;
+    for (int64_t y = 0; y < height; ++y) {
+        const uint8_t* row = pixels + y * stride;
+        std::memcpy(&img.px[(size_t)(y * width * 4)], row, (size_t)width * 4);
+        for (int64_t x = 0; x < width; ++x) {
+            amin = std::min(amin, row[4 * x + 3]);
+            amax = std::max(amax, row[4 * x + 3]);
+        }
+    }
+    if (amax == 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
+    // Foreground mask: the alpha channel when it is used (both references); for an opaque image, the removal of a
+    // uniform background (no weights), else the whole image with a warning (Python without rembg does the same).
+    bool has_mask = amin < 255;
+    if (!has_mask) {
+        has_mask = remove_uniform_background(img);
+        if (!has_mask) res.warnings.push_back("background is not uniform: the whole image is used as foreground");
+    }
+    const int64_t S = m.input_size;
+    std::vector<float> rgb01;
+    const float bg[3] = {(float)m.background[0], (float)m.background[1], (float)m.background[2]};
+
+    if (m.family == "triposr") {
+        if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
+        // composite_uint8: float32 products rounded one by one, then truncation to uint8 (the reference's input.png);
+        // opaque images go in unchanged (the reference's Image.convert("RGB") path).
+        const int64_t H = img.h, W = img.w;
+        std::vector<float> planes((size_t)(3 * H * W));
+        for (int64_t p = 0; p < H * W; ++p) {
+            const uint8_t* q = &img.px[(size_t)(4 * p)];
+            const float a = (float)q[3] / 255.0f;
+            for (int c = 0; c < 3; ++c) {
+                uint8_t v = q[c];
+                if (has_mask) {
+                    const float x = (float)q[c] / 255.0f;
+                    const float prod = x * a;
+                    const float rest = (1.0f - a) * bg[c];
+                    v = (uint8_t)((prod + rest) * 255.0f);
+                }
+                planes[(size_t)(c * H * W + p)] = (float)v / 255.0f;
+            }
+        }
+        rgb01 = resize_bilinear_aa(planes, H, W, S);
+    } else {
+        const int64_t H = img.h, W = img.w;
+        std::vector<float> planes((size_t)(3 * H * W));
+        for (int64_t p = 0; p < H * W; ++p) {
+            const uint8_t* q = &img.px[(size_t)(4 * p)];
+            const float a = (float)q[3] / 255.0f;
+            for (int c = 0; c < 3; ++c) {
+                const float x = (float)q[c] / 255.0f;
+                const float prod = x * a;
+                const float rest = (1.0f - a) * bg[c];
+                planes[(size_t)(c * H * W + p)] = prod + rest;
+            }
+        }
+        rgb01 = resize_bicubic_ac(planes, H, W, S);
+    }
+    if (m.normalize) {
+        for (int c = 0; c < 3; ++c) {
+            float* p = rgb01.data() + c * S * S;
+            for (int64_t i = 0; i < S * S; ++i) p[i] = (p[i] - m.mean[c]) / m.stdev[c];
+        }
+    }
+    res.pixels = std::move(rgb01);
+    return res;
+}
+
+}  // namespace lrm

@@ -1,0 +1,285 @@
+/* Bad input through the C API: every case must return the expected status with a message, leave the
+ * out-parameters NULL and keep the process alive. Written in C to prove that lrm_rt.h is plain C.
+ *
+ *   test_capi_errors EXPORT_DIR IMAGE_PNG BROKEN_DIR WORK_DIR
+ *
+ * EXPORT_DIR: a good export; IMAGE_PNG: a good image; BROKEN_DIR: damaged exports + cases.txt
+ * (tests/cpp/make_reference.py); WORK_DIR: scratch space for generated bad images. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lrm_rt.h"
+
+static int failures = 0, checks = 0;
+
+static void expect(const char* what, lrm_status got, lrm_status want, const lrm_context* ctx) {
+    const char* msg = lrm_last_error(ctx);
+    ++checks;
+    if (got != want) {
+        fprintf(stderr, "FAIL %s: got %s, want %s (%s)\n", what, lrm_status_string(got), lrm_status_string(want), msg);
+        ++failures;
+    } else if (want != LRM_OK && (msg == NULL || msg[0] == '\0')) {
+        fprintf(stderr, "FAIL %s: %s without a message\n", what, lrm_status_string(got));
+        ++failures;
+    } else {
+        printf("ok   %-46s %-26s %s\n", what, lrm_status_string(got), want != LRM_OK ? msg : "");
+    }
+}
+
+static void expect_null(const char* what, const void* p) {
+    ++checks;
+    if (p != NULL) {
+        fprintf(stderr, "FAIL %s: out-parameter not NULL after an error\n", what);
+        ++failures;
+    }
+}
+
+static char* read_all(const char* path, long* size) {
+    FILE* f = fopen(path, "rb");
+    char* buf;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    *size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    buf = (char*)malloc((size_t)*size + 1);
+    if (buf && fread(buf, 1, (size_t)*size, f) != (size_t)*size) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    return buf;
+}
+
+static void write_all(const char* path, const void* data, size_t n) {
+    FILE* f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, n, f) != n) {
+        fprintf(stderr, "cannot write %s\n", path);
+        exit(2);
+    }
+    fclose(f);
+}
+
+static void bad_image(lrm_context* ctx, const char* work, const char* name, const void* data, size_t n, lrm_status want) {
+    char path[4096], what[256];
+    lrm_mesh* mesh = (lrm_mesh*)0x1; /* must be reset to NULL */
+    lrm_image* img = (lrm_image*)0x1;
+    snprintf(path, sizeof path, "%s/%s", work, name);
+    write_all(path, data, n);
+    snprintf(what, sizeof what, "reconstruct_file(%s)", name);
+    expect(what, lrm_reconstruct_file(ctx, path, &mesh), want, ctx);
+    expect_null(what, mesh);
+    snprintf(what, sizeof what, "image_load(%s)", name);
+    expect(what, lrm_image_load(path, &img), want, NULL);
+    expect_null(what, img);
+}
+
+static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const char* image_path) {
+    lrm_context* out_ctx = (lrm_context*)0x1;
+    lrm_mesh* mesh = (lrm_mesh*)0x1;
+    lrm_params p = lrm_default_params();
+    lrm_model_info info;
+    lrm_timings t;
+    uint8_t px[4 * 8 * 8];
+    float buf[16];
+    memset(px, 200, sizeof px);
+
+    /* lrm_create */
+    expect("create(NULL dir)", lrm_create(NULL, NULL, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect_null("create(NULL dir)", out_ctx);
+    expect("create(empty dir string)", lrm_create("", NULL, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("create(NULL out)", lrm_create(export_dir, NULL, NULL), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("create(missing dir)", lrm_create("/nonexistent/lrm_rt/export", NULL, &out_ctx), LRM_ERR_IO, NULL);
+    expect("create(a file, not a dir)", lrm_create(image_path, NULL, &out_ctx), LRM_ERR_IO, NULL);
+    p.struct_size = 4;
+    expect("create(params not initialised)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p = lrm_default_params();
+    p.mc_resolution = 1;
+    expect("create(mc_resolution 1)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p = lrm_default_params();
+    p.threads = -1;
+    expect("create(threads -1)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p = lrm_default_params();
+    p.mc_threshold = (float)INFINITY;
+    expect("create(mc_threshold inf)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p = lrm_default_params();
+    p.device = 7;
+    expect("create(unknown device)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    if (strstr(lrm_build_features(), "cuda") == NULL) {
+        p = lrm_default_params();
+        p.device = LRM_DEVICE_CUDA;
+        expect("create(cuda in a CPU build)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_UNSUPPORTED, NULL);
+    }
+    expect_null("create(...) failures", out_ctx);
+
+    /* reconstruction arguments */
+    expect("reconstruct_rgba(NULL ctx)", lrm_reconstruct_rgba(NULL, px, 8, 8, 32, &mesh), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect_null("reconstruct_rgba(NULL ctx)", mesh);
+    expect("reconstruct_rgba(NULL pixels)", lrm_reconstruct_rgba(ctx, NULL, 8, 8, 32, &mesh), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_rgba(NULL out)", lrm_reconstruct_rgba(ctx, px, 8, 8, 32, NULL), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_rgba(width 0)", lrm_reconstruct_rgba(ctx, px, 0, 8, 32, &mesh), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_rgba(height -3)", lrm_reconstruct_rgba(ctx, px, 8, -3, 32, &mesh), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_rgba(stride < 4*width)", lrm_reconstruct_rgba(ctx, px, 8, 8, 31, &mesh), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_rgba(huge size)", lrm_reconstruct_rgba(ctx, px, 100000, 100000, 400000, &mesh), LRM_ERR_IMAGE, ctx);
+    memset(px, 0, sizeof px); /* all transparent */
+    expect("reconstruct_rgba(empty alpha)", lrm_reconstruct_rgba(ctx, px, 8, 8, 32, &mesh), LRM_ERR_IMAGE, ctx);
+    expect_null("reconstruct_rgba(...) failures", mesh);
+    expect("reconstruct_file(NULL path)", lrm_reconstruct_file(ctx, NULL, &mesh), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("reconstruct_file(missing file)", lrm_reconstruct_file(ctx, "/nonexistent/image.png", &mesh), LRM_ERR_IO, ctx);
+    expect("reconstruct_file(a directory)", lrm_reconstruct_file(ctx, export_dir, &mesh), LRM_ERR_IO, ctx);
+    expect_null("reconstruct_file(...) failures", mesh);
+    memset(px, 200, sizeof px);
+    expect("preprocess(wrong out_count)", lrm_preprocess_rgba(ctx, px, 8, 8, 32, buf, 16), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("preprocess(NULL out)", lrm_preprocess_rgba(ctx, px, 8, 8, 32, NULL, 16), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("preprocess(NULL ctx)", lrm_preprocess_rgba(NULL, px, 8, 8, 32, buf, 16), LRM_ERR_INVALID_ARGUMENT, NULL);
+
+    /* accessors and writers */
+    expect("get_model_info(NULL ctx)", lrm_get_model_info(NULL, &info), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("get_model_info(NULL out)", lrm_get_model_info(ctx, NULL), LRM_ERR_INVALID_ARGUMENT, ctx);
+    expect("mesh_timings(NULL mesh)", lrm_mesh_timings(NULL, &t), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("mesh_write(NULL mesh)", lrm_mesh_write(NULL, "x.ply", LRM_MESH_AUTO), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("image_load(NULL path)", lrm_image_load(NULL, NULL), LRM_ERR_INVALID_ARGUMENT, NULL);
+    ++checks;
+    if (lrm_mesh_vertex_count(NULL) != 0 || lrm_mesh_face_count(NULL) != 0 || lrm_mesh_vertices(NULL) != NULL ||
+        lrm_mesh_faces(NULL) != NULL || lrm_mesh_colors(NULL) != NULL || lrm_image_pixels(NULL) != NULL ||
+        lrm_image_width(NULL) != 0) {
+        fprintf(stderr, "FAIL NULL accessors\n");
+        ++failures;
+    }
+    lrm_free(NULL);
+    lrm_mesh_free(NULL);
+    lrm_image_free(NULL);
+    ++checks;
+    if (strcmp(lrm_status_string(999), "LRM_ERR_UNKNOWN") != 0) {
+        fprintf(stderr, "FAIL status string of an unknown code\n");
+        ++failures;
+    }
+}
+
+static void writer_checks(lrm_context* ctx, const char* image_path, const char* work) {
+    lrm_mesh* mesh = NULL;
+    char path[4096];
+    expect("reconstruct_file(good image)", lrm_reconstruct_file(ctx, image_path, &mesh), LRM_OK, ctx);
+    if (!mesh) return;
+    snprintf(path, sizeof path, "%s/mesh.xyz", work);
+    expect("mesh_write(unknown extension)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("mesh_write(unknown format code)", lrm_mesh_write(mesh, path, 42), LRM_ERR_INVALID_ARGUMENT, NULL);
+    expect("mesh_write(missing directory)", lrm_mesh_write(mesh, "/nonexistent/dir/mesh.ply", LRM_MESH_AUTO), LRM_ERR_IO, NULL);
+    expect("mesh_write(path is a directory)", lrm_mesh_write(mesh, work, LRM_MESH_PLY), LRM_ERR_IO, NULL);
+    expect("mesh_write(empty path)", lrm_mesh_write(mesh, "", LRM_MESH_PLY), LRM_ERR_INVALID_ARGUMENT, NULL);
+    snprintf(path, sizeof path, "%s/mesh.ply", work);
+    expect("mesh_write(good)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_OK, NULL);
+    lrm_mesh_free(mesh);
+}
+
+static void empty_mesh_check(const char* export_dir, const char* image_path, const char* work) {
+    lrm_params p = lrm_default_params();
+    lrm_context* ctx = NULL;
+    lrm_mesh* mesh = NULL;
+    char path[4096];
+    p.mc_threshold = 1e30f;
+    p.mc_resolution = 16;
+    expect("create(threshold above the field)", lrm_create(export_dir, &p, &ctx), LRM_OK, NULL);
+    if (!ctx) return;
+    expect("reconstruct(threshold above the field)", lrm_reconstruct_file(ctx, image_path, &mesh), LRM_OK, ctx);
+    ++checks;
+    if (!mesh || lrm_mesh_face_count(mesh) != 0 || lrm_mesh_faces(mesh) != NULL) {
+        fprintf(stderr, "FAIL empty mesh expected\n");
+        ++failures;
+    }
+    snprintf(path, sizeof path, "%s/empty.glb", work);
+    expect("mesh_write(empty mesh)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_EMPTY_MESH, NULL);
+    lrm_mesh_free(mesh);
+    lrm_free(ctx);
+}
+
+static void image_checks(lrm_context* ctx, const char* image_path, const char* work) {
+    long n = 0;
+    char* png = read_all(image_path, &n);
+    static const unsigned char jpeg[] = {0xFF, 0xD8, 0xFF, 0xE0, 0, 16, 'J', 'F', 'I', 'F', 0};
+    /* 0x0 PNG: signature + IHDR (valid CRC) with zero width and height */
+    static const unsigned char zero_png[] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R',
+                                             0, 0, 0, 0, 0, 0, 0, 0, 8, 6, 0, 0, 0, 0x3b, 0x8b, 0x7c, 0x12};
+    static const char transparent_pam[] = "P7\nWIDTH 2\nHEIGHT 1\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n"
+                                          "\x10\x20\x30\x00\x10\x20\x30\x00";
+    if (!png) {
+        fprintf(stderr, "cannot read %s\n", image_path);
+        exit(2);
+    }
+    bad_image(ctx, work, "empty.png", "", 0, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "text.png", "hello, not an image", 19, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "photo.jpg", jpeg, sizeof jpeg, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "truncated.png", png, (size_t)n / 2, LRM_ERR_IMAGE);
+    png[40] ^= 0x55; /* inside the first chunks: CRC mismatch */
+    bad_image(ctx, work, "corrupt.png", png, (size_t)n, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "zero.png", zero_png, sizeof zero_png, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "transparent.pam", transparent_pam, sizeof transparent_pam - 1, LRM_ERR_IMAGE);
+    bad_image(ctx, work, "short.ppm", "P6\n4 4\n255\n\x01\x02", 13, LRM_ERR_IMAGE);
+    free(png);
+}
+
+static void broken_export_checks(const char* broken_dir, const char* image_path) {
+    char path[4096], line[512], name[256], stage[64], status[64], what[512];
+    FILE* f;
+    snprintf(path, sizeof path, "%s/cases.txt", broken_dir);
+    f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "FAIL cannot read %s\n", path);
+        ++failures;
+        return;
+    }
+    while (fgets(line, sizeof line, f)) {
+        lrm_context* ctx = (lrm_context*)0x1;
+        lrm_mesh* mesh = (lrm_mesh*)0x1;
+        lrm_status want = LRM_OK, got;
+        int s;
+        if (sscanf(line, "%255s %63s %63s", name, stage, status) != 3) continue;
+        for (s = 0; s <= LRM_ERR_INTERNAL; ++s)
+            if (strcmp(lrm_status_string(s), status) == 0) want = (lrm_status)s;
+        snprintf(path, sizeof path, "%s/%s", broken_dir, name);
+        got = lrm_create(path, NULL, &ctx);
+        snprintf(what, sizeof what, "broken export %s: create", name);
+        if (strcmp(stage, "create") == 0) {
+            expect(what, got, want, NULL);
+            expect_null(what, ctx);
+            continue;
+        }
+        expect(what, got, LRM_OK, NULL);
+        if (got != LRM_OK) continue;
+        snprintf(what, sizeof what, "broken export %s: reconstruct", name);
+        expect(what, lrm_reconstruct_file(ctx, image_path, &mesh), want, ctx);
+        expect_null(what, mesh);
+        lrm_free(ctx);
+    }
+    fclose(f);
+}
+
+int main(int argc, char** argv) {
+    lrm_context* ctx = NULL;
+    lrm_status st;
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s EXPORT_DIR IMAGE_PNG BROKEN_DIR WORK_DIR\n", argv[0]);
+        return 2;
+    }
+    printf("lrm_rt %s (%s)\n", lrm_version(), lrm_build_features());
+    st = lrm_create(argv[1], NULL, &ctx);
+    if (st != LRM_OK) {
+        fprintf(stderr, "cannot load the good export %s: %s\n", argv[1], lrm_last_error(NULL));
+        return 1;
+    }
+    null_and_size_checks(ctx, argv[1], argv[2]);
+    image_checks(ctx, argv[2], argv[4]);
+    writer_checks(ctx, argv[2], argv[4]);
+    empty_mesh_check(argv[1], argv[2], argv[4]);
+    broken_export_checks(argv[3], argv[2]);
+    /* The context still works after all of that. */
+    {
+        lrm_mesh* mesh = NULL;
+        expect("reconstruct after the errors", lrm_reconstruct_file(ctx, argv[2], &mesh), LRM_OK, ctx);
+        lrm_mesh_free(mesh);
+    }
+    lrm_free(ctx);
+    printf("%d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}

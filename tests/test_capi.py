@@ -1,0 +1,265 @@
+"""The C library (CMake build of liblrm_rt) against the Python runtime.
+
+Builds the library with CMake into a temporary directory, runs its ctest suite (exports of the fixture models,
+error handling, install + find_package, example CLI vs ``lrm-rt reconstruct``), then loads liblrm_rt with ctypes
+and compares it with Python in this process: image decoding vs Pillow, preprocessing (max abs <= 1e-5) and
+meshes (same counts and faces, Chamfer ~ 0).
+
+The build takes minutes, so without a prebuilt tree this module is ``slow``; CI builds the library first
+(.ci/run) and points ``LRM_RT_CAPI_BUILD`` at that build directory, which makes these tests part of the default
+run without a second build.
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PREBUILT = os.environ.get("LRM_RT_CAPI_BUILD")
+pytestmark = [] if PREBUILT else [pytest.mark.slow]
+MODELS = ["triposr-tiny", "openlrm-tiny-1.1"]
+LRM_OK = 0
+
+
+def _run(cmd, **kw):
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory, fixtures_dir) -> Path:
+    if PREBUILT:
+        d = Path(PREBUILT)
+        if not (d / "CTestTestfile.cmake").is_file():
+            pytest.fail(f"LRM_RT_CAPI_BUILD={PREBUILT} is not a configured lrm_rt build directory")
+        return d
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    import torch
+
+    d = tmp_path_factory.mktemp("capi_build")
+    _run(["cmake", "-S", REPO, "-B", d, "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}",
+          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DLRM_RT_FIXTURES={fixtures_dir}"])
+    _run(["cmake", "--build", d, "-j", str(max(1, os.cpu_count() or 1))])
+    _run(["ctest", "--output-on-failure"], cwd=d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def lib(build_dir):
+    path = next(iter(sorted(build_dir.glob("liblrm_rt.so*"))), None)
+    assert path is not None, f"no liblrm_rt.so in {build_dir}"
+    lib = ctypes.CDLL(str(path))
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    lib.lrm_last_error.restype = ctypes.c_char_p
+    lib.lrm_last_error.argtypes = [vp]
+    lib.lrm_create.argtypes = [ctypes.c_char_p, vp, ctypes.POINTER(vp)]
+    lib.lrm_free.argtypes = [vp]
+    lib.lrm_preprocess_rgba.argtypes = [vp, vp, i32, i32, i64, vp, i64]
+    lib.lrm_reconstruct_file.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(vp)]
+    lib.lrm_image_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(vp)]
+    for name in ("lrm_image_width", "lrm_image_height"):
+        getattr(lib, name).argtypes = [vp]
+        getattr(lib, name).restype = i32
+    lib.lrm_image_pixels.argtypes = [vp]
+    lib.lrm_image_pixels.restype = ctypes.POINTER(ctypes.c_uint8)
+    lib.lrm_image_free.argtypes = [vp]
+    for name in ("lrm_mesh_vertex_count", "lrm_mesh_face_count"):
+        getattr(lib, name).argtypes = [vp]
+        getattr(lib, name).restype = i64
+    lib.lrm_mesh_vertices.argtypes = lib.lrm_mesh_colors.argtypes = [vp]
+    lib.lrm_mesh_vertices.restype = lib.lrm_mesh_colors.restype = ctypes.POINTER(ctypes.c_float)
+    lib.lrm_mesh_faces.argtypes = [vp]
+    lib.lrm_mesh_faces.restype = ctypes.POINTER(ctypes.c_int32)
+    lib.lrm_mesh_free.argtypes = [vp]
+    return lib
+
+
+def _export(build_dir: Path, name: str) -> Path:
+    d = build_dir / "tests" / "cpp" / "reference" / name / "export"
+    assert (d / "manifest.json").is_file(), f"no export at {d}: run ctest in {build_dir} first"
+    return d
+
+
+class _Context:
+    def __init__(self, lib, export_dir: Path, mc_resolution: int = 0):
+        self.lib = lib
+        params = None
+        if mc_resolution:
+            # lrm_params layout: struct_size, threads, mc_resolution, mc_threshold, vertex_colors, device, device_index
+            class Params(ctypes.Structure):
+                _fields_ = [("struct_size", ctypes.c_uint32), ("threads", ctypes.c_int32),
+                            ("mc_resolution", ctypes.c_int32), ("mc_threshold", ctypes.c_float),
+                            ("vertex_colors", ctypes.c_int32), ("device", ctypes.c_int32), ("device_index", ctypes.c_int32)]
+            self._params = Params(ctypes.sizeof(Params), 0, mc_resolution, float("nan"), 1, 0, 0)
+            params = ctypes.cast(ctypes.pointer(self._params), ctypes.c_void_p)
+        self.ptr = ctypes.c_void_p()
+        st = lib.lrm_create(str(export_dir).encode(), params, ctypes.byref(self.ptr))
+        assert st == LRM_OK, lib.lrm_last_error(None).decode()
+
+    def close(self):
+        self.lib.lrm_free(self.ptr)
+
+
+def _c_image(lib, path: Path) -> np.ndarray:
+    img = ctypes.c_void_p()
+    st = lib.lrm_image_load(str(path).encode(), ctypes.byref(img))
+    assert st == LRM_OK, lib.lrm_last_error(None).decode()
+    try:
+        w, h = lib.lrm_image_width(img), lib.lrm_image_height(img)
+        return np.ctypeslib.as_array(lib.lrm_image_pixels(img), shape=(h, w, 4)).copy()
+    finally:
+        lib.lrm_image_free(img)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_preprocessing_matches_python(name, lib, build_dir, fixtures_dir):
+    from lrm_rt.export import manifest_config, read_manifest
+    from lrm_rt.pipeline import preprocess_config
+    from lrm_rt.preprocess import load_image, preprocess
+
+    export = _export(build_dir, name)
+    cfg = manifest_config(read_manifest(export))
+    ctx = _Context(lib, export)
+    rng = np.random.default_rng(0)
+    cutout = rng.integers(0, 256, (61, 47, 4), dtype=np.uint8)
+    cutout[..., 3] = np.where(rng.random((61, 47)) < 0.4, 0, cutout[..., 3])
+    chair = load_image(REPO / "examples" / "chair.png").astype(np.float32)
+    a = chair[..., 3:] / 255.0
+    on_grey = chair[..., :3] * a + 128.0 * (1 - a) + rng.normal(0, 3, chair[..., :3].shape)
+    on_grey = np.concatenate([np.clip(np.rint(on_grey), 0, 255), np.full(a.shape, 255.0)], -1).astype(np.uint8)
+    noise = rng.integers(0, 256, (300, 211, 4), dtype=np.uint8)
+    images = [load_image(fixtures_dir / "checkpoints" / name / "input.png"),
+              load_image(REPO / "examples" / "chair.png"),
+              cutout,
+              noise,
+              on_grey,  # opaque, uniform background: removed without weights on both sides
+              np.concatenate([noise[..., :3], np.full(noise.shape[:2] + (1,), 255, np.uint8)], -1)]  # used whole
+    try:
+        for rgba in images:
+            s = cfg.input_size
+            out = np.empty(3 * s * s, np.float32)
+            h, w = rgba.shape[:2]
+            rgba = np.ascontiguousarray(rgba)
+            st = lib.lrm_preprocess_rgba(ctx.ptr, rgba.ctypes.data, w, h, 4 * w, out.ctypes.data, out.size)
+            assert st == LRM_OK, lib.lrm_last_error(ctx.ptr).decode()
+            ref = preprocess(rgba, preprocess_config(cfg)).pixel_values.numpy().reshape(-1)
+            assert np.abs(out - ref).max() <= 1e-5, (rgba.shape, np.abs(out - ref).max())
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir):
+    from scipy.spatial import cKDTree
+
+    from lrm_rt.pipeline import Reconstructor
+
+    ckpt = fixtures_dir / "checkpoints" / name
+    ctx = _Context(lib, _export(build_dir, name), mc_resolution=64)
+    mesh = ctypes.c_void_p()
+    try:
+        st = lib.lrm_reconstruct_file(ctx.ptr, str(ckpt / "input.png").encode(), ctypes.byref(mesh))
+        assert st == LRM_OK, lib.lrm_last_error(ctx.ptr).decode()
+        nv, nf = lib.lrm_mesh_vertex_count(mesh), lib.lrm_mesh_face_count(mesh)
+        verts = np.ctypeslib.as_array(lib.lrm_mesh_vertices(mesh), shape=(nv, 3)).copy()
+        faces = np.ctypeslib.as_array(lib.lrm_mesh_faces(mesh), shape=(nf, 3)).copy()
+        colors = np.ctypeslib.as_array(lib.lrm_mesh_colors(mesh), shape=(nv, 3)).copy()
+    finally:
+        lib.lrm_mesh_free(mesh)
+        ctx.close()
+    ref = Reconstructor(str(ckpt)).reconstruct(str(ckpt / "input.png"), mc_resolution=64).mesh
+    assert (nv, nf) == (ref.num_vertices, ref.num_faces)
+    np.testing.assert_array_equal(faces, ref.faces)
+    assert np.abs(verts - ref.vertices).max() < 1e-4
+    assert np.abs(colors - ref.vertex_colors).max() < 1e-3
+    d1, _ = cKDTree(ref.vertices).query(verts)
+    d2, _ = cKDTree(verts).query(ref.vertices)
+    assert 0.5 * (d1.mean() + d2.mean()) < 1e-5
+
+
+def _pillow_images(tmp: Path):
+    """Files in the formats and modes the C decoder handles, written by Pillow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (23, 31, 4), dtype=np.uint8)
+    rgba[0, 0, 3] = 0
+    grey = rng.integers(0, 256, (23, 31), dtype=np.uint8)
+    files = {}
+
+    def save(name, im, **kw):
+        p = tmp / name
+        im.save(p, **kw)
+        files[name] = p
+
+    save("rgba.png", Image.fromarray(rgba, "RGBA"))
+    save("rgb.png", Image.fromarray(rgba[..., :3], "RGB"))
+    save("grey.png", Image.fromarray(grey, "L"))
+    save("grey_alpha.png", Image.fromarray(rgba[..., :2], "LA"))
+    save("bits.png", Image.fromarray(grey > 128))
+    pal = Image.fromarray(rgba[..., :3], "RGB").quantize(16)
+    pal.info["transparency"] = 3
+    save("palette_trns.png", pal, transparency=3)
+    save("palette4.png", Image.fromarray(rgba[..., :3], "RGB").quantize(4), bits=2)
+    save("grey16.png", Image.fromarray((grey.astype(np.uint16) * 257 + 3).astype(np.uint16)))
+    save("rgb_key.png", Image.fromarray(rgba[..., :3], "RGB"), transparency=tuple(int(v) for v in rgba[2, 2, :3]))
+    save("rgb.ppm", Image.fromarray(rgba[..., :3], "RGB"))
+    save("grey.pgm", Image.fromarray(grey, "L"))
+    # 16-bit RGBA PNG (Pillow cannot write one): the encoder is a few lines
+    import struct
+    import zlib
+
+    big = rng.integers(0, 65536, (5, 7, 4), dtype=np.uint16)
+    raw = b"".join(b"\x00" + big[y].astype(">u2").tobytes() for y in range(5))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    def png(name, w, h, depth, ctype, interlace, data):
+        p = tmp / name
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, interlace)) +
+                      chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
+        files[name] = p
+
+    png("rgba16.png", 7, 5, 16, 6, 0, raw)
+    # Adam7-interlaced RGBA: the seven sub-images in order, rows with filter byte 0 (empty passes omitted)
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    inter = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes for row in rgba[y0::dy, x0::dx]
+                     if row.size)
+    png("interlaced.png", 31, 23, 8, 6, 1, inter)
+    return files
+
+
+def test_image_decoding_matches_python_loader(lib, tmp_path):
+    from lrm_rt.preprocess import load_image
+
+    for name, path in _pillow_images(tmp_path).items():
+        got = _c_image(lib, path)
+        want = load_image(path)
+        assert got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_errors_are_codes_not_crashes(lib, build_dir, tmp_path):
+    ctx = ctypes.c_void_p()
+    assert lib.lrm_create(b"/nonexistent/export", None, ctypes.byref(ctx)) == 2  # LRM_ERR_IO
+    assert ctx.value is None and b"not found" in lib.lrm_last_error(None)
+    assert lib.lrm_create(None, None, ctypes.byref(ctx)) == 1  # LRM_ERR_INVALID_ARGUMENT
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
+    c = _Context(lib, _export(build_dir, "triposr-tiny"), mc_resolution=16)
+    try:
+        mesh = ctypes.c_void_p()
+        assert lib.lrm_reconstruct_file(c.ptr, str(tmp_path / "junk.png").encode(), ctypes.byref(mesh)) == 3
+        assert mesh.value is None and lib.lrm_last_error(c.ptr)
+    finally:
+        c.close()
