@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,25 @@ def cuda_source_dir() -> Path:
         if (cand / "compat.cuh").is_file():
             return cand
     raise BackendError("kernel sources not found (neither cuda/ in a checkout nor lrm_rt/cuda_src)")
+
+
+def nvrtc_module_source(*files: str) -> str:
+    """The .cu files as one NVRTC module text, local ``#include "..."`` headers inlined once.
+
+    Inlining (instead of -I) means NVRTC needs no include path and CuPy's compile cache, keyed on the
+    source text, sees header edits.
+    """
+    src_dir = cuda_source_dir()
+    seen = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", (src_dir / name).read_text(), flags=re.M)
+        return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
+
+    return "".join(expand(f) for f in files)
 
 
 def _sources_digest(src: Path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import re
 from typing import Any, Tuple
 
 import numpy as np
@@ -202,23 +201,10 @@ def _scan(xp, flags, rows: int, row_len: int):
 
 
 def cuda_source() -> str:
-    """marching_cubes.cu with its local #include "..." files inlined, for NVRTC.
+    """marching_cubes.cu as one NVRTC module (headers inlined)."""
+    from .kernels import nvrtc_module_source
 
-    Inlining (instead of -I) makes CuPy's compile cache, keyed on the source text, see header edits.
-    """
-    from .kernels import cuda_source_dir
-
-    src_dir = cuda_source_dir()
-    seen = set()
-
-    def expand(name: str) -> str:
-        if name in seen:
-            return ""
-        seen.add(name)
-        text = re.sub(r"^\s*#pragma once\s*$", "", (src_dir / name).read_text(), flags=re.M)
-        return re.sub(r'^\s*#include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
-
-    return expand("marching_cubes.cu")
+    return nvrtc_module_source("marching_cubes.cu")
 
 
 @functools.lru_cache(maxsize=None)

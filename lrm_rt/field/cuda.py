@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,22 +39,10 @@ RENDER_SMEM_BYTES = 48 * 1024  # staging a larger decoder would leave one block 
 
 
 def kernel_source() -> str:
-    """triplane_field.cu and volume_render.cu as one module, local headers inlined once: NVRTC then needs no
-    include path, and CuPy's kernel cache (keyed by the source text) sees every header edit."""
-    from ..kernels import cuda_source_dir
+    """triplane_field.cu and volume_render.cu as one NVRTC module (headers inlined once)."""
+    from ..kernels import nvrtc_module_source
 
-    src_dir = cuda_source_dir()
-    seen = set()
-
-    def expand(name: str) -> str:
-        if name in seen:
-            return ""
-        seen.add(name)
-        text = (src_dir / name).read_text()
-        text = re.sub(r'^\s*#\s*pragma\s+once\s*$', "", text, flags=re.M)
-        return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
-
-    return expand("triplane_field.cu") + expand("volume_render.cu")
+    return nvrtc_module_source("triplane_field.cu", "volume_render.cu")
 
 
 def lattice_count(r: int, s: int) -> int:
