@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pos_embed import BakedPosEmbed
 from ..errors import ConfigError
 
 __all__ = [
@@ -207,7 +208,7 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-class Dinov2(nn.Module):
+class Dinov2(BakedPosEmbed):
     """DINOv2 with registers. ``forward(image)`` -> (B, 1 + h0*w0, D) = [CLS, patches] after the final norm.
 
     image: (B, 3, H, W) in [0, 1], H and W multiples of 14. ``bake_pos_embed(h, w)`` precomputes the
@@ -227,9 +228,7 @@ class Dinov2(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
-        self.register_buffer("baked_pos_embed", None, persistent=False)
-        self._baked_hw: Optional[Tuple[int, int]] = None
-        self.register_load_state_dict_post_hook(_rebake_after_load)
+        self._init_pos_baking()
 
     @classmethod
     def from_name(cls, name: str) -> "Dinov2":
@@ -242,21 +241,6 @@ class Dinov2(nn.Module):
         return interpolate_dinov2_pos_embed(
             self.pos_embed, height, width, cfg.patch_size, cfg.interpolate_antialias, cfg.interpolate_offset
         )
-
-    def bake_pos_embed(self, height: int, width: int) -> None:
-        with torch.no_grad():
-            table = self.interpolated_pos_embed(height, width).detach().clone()
-        self.baked_pos_embed = table
-        self._baked_hw = (int(height), int(width))
-
-    def clear_baked_pos_embed(self) -> None:
-        self.baked_pos_embed = None
-        self._baked_hw = None
-
-    def pos_embed_for(self, height: int, width: int) -> Tensor:
-        if self.baked_pos_embed is not None and self._baked_hw == (height, width):
-            return self.baked_pos_embed
-        return self.interpolated_pos_embed(height, width)
 
     # --- forward ---------------------------------------------------------------------------------------
     def prepare_tokens(self, image: Tensor) -> Tensor:
@@ -292,10 +276,6 @@ class Dinov2(nn.Module):
         r = self.config.num_register_tokens
         return torch.cat((x[:, :1], x[:, r + 1 :]), dim=1)
 
-
-def _rebake_after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    if getattr(module, "_baked_hw", None) is not None:
-        module.bake_pos_embed(*module._baked_hw)
 
 
 def strip_dinov2_extra_keys(state_dict: Mapping[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:

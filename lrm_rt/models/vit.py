@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pos_embed import BakedPosEmbed
 from ..errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -164,7 +165,7 @@ class ViTPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
-class ViTEmbeddings(nn.Module):
+class ViTEmbeddings(BakedPosEmbed):
     """CLS + patch tokens + (interpolated) position embeddings.
 
     ``bake_pos_embed(h, w)`` stores the interpolated table for one input size in a non-persistent buffer
@@ -178,40 +179,17 @@ class ViTEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, cfg.num_positions, cfg.hidden_size))
         self.patch_embeddings = ViTPatchEmbeddings(cfg)
-        self.register_buffer("baked_pos_embed", None, persistent=False)
-        self._baked_hw: Optional[Tuple[int, int]] = None
-        # Loading new weights makes a baked table stale: recompute it from the loaded position_embeddings.
-        self.register_load_state_dict_post_hook(_rebake_after_load)
+        self._init_pos_baking()
 
     def interpolated_pos_embed(self, height: int, width: int) -> Tensor:
         """(1, 1 + h0*w0, D) position table for a (height, width) input (computed, never the baked copy)."""
         return interpolate_vit_pos_embed(self.position_embeddings, height, width, self.patch_size)
-
-    def bake_pos_embed(self, height: int, width: int) -> None:
-        with torch.no_grad():
-            table = self.interpolated_pos_embed(height, width).detach().clone()
-        self.baked_pos_embed = table
-        self._baked_hw = (int(height), int(width))
-
-    def clear_baked_pos_embed(self) -> None:
-        self.baked_pos_embed = None
-        self._baked_hw = None
-
-    def pos_embed_for(self, height: int, width: int) -> Tensor:
-        if self.baked_pos_embed is not None and self._baked_hw == (height, width):
-            return self.baked_pos_embed
-        return self.interpolated_pos_embed(height, width)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
         x = self.patch_embeddings(pixel_values)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return x + self.pos_embed_for(height, width)
-
-
-def _rebake_after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    if getattr(module, "_baked_hw", None) is not None:
-        module.bake_pos_embed(*module._baked_hw)
 
 
 class ViTSelfAttention(nn.Module):
