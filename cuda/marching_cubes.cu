@@ -210,6 +210,7 @@ LRM_KERNEL void lrm_mc_emit_faces(int64_t n_cells, const int64_t* __restrict__ c
 
 // CPU build only (under nvcc the kernels above are __global__ and cannot be called like this).
 #if LRM_HOST_API && !LRM_CUDA
+#include "host_api.h"
 #include <algorithm>
 #include <memory>
 #include <new>

@@ -509,6 +509,8 @@ static int64_t eval_level(const Net& net, const float* axis, int64_t R, int64_t 
 
 }  // namespace lrm_field_cpu
 
+#include "host_api.h"
+
 extern "C" {
 
 void lrm_field_set_num_threads(int32_t n) {

@@ -438,9 +438,7 @@ LRM_KERNEL void lrm_render_depth_clamp(int64_t n, const float* __restrict__ zlim
 #include <new>
 #include <vector>
 
-extern "C" int lrm_field_query(const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
-                               const int32_t* dims, int32_t n_layers, int32_t flags, float radius,
-                               float density_bias, const float* points, int64_t n, float* density, float* rgb);
+#include "host_api.h"
 
 namespace lrm_render_cpu {
 

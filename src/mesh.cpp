@@ -11,25 +11,7 @@
 #include "field.cuh"  // flag bits and status codes of the field ABI
 #include "internal.hpp"
 
-// Host C ABI of cuda/triplane_field.cu and cuda/marching_cubes.cu (CPU build).
-extern "C" {
-void lrm_field_set_num_threads(int32_t n);
-int lrm_field_query(const float* planes, int64_t C, int64_t H, int64_t W, const float* params, const int32_t* dims,
-                    int32_t n_layers, int32_t flags, float radius, float density_bias, const float* points, int64_t n,
-                    float* density, float* rgb);
-int lrm_field_density_grid(const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
-                           const int32_t* dims, int32_t n_layers, int32_t flags, float radius, float density_bias,
-                           const float* axis, int64_t R, float* grid);
-int lrm_field_density_grid_c2f(const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
-                               const int32_t* dims, int32_t n_layers, int32_t flags, float radius,
-                               float density_bias, const float* axis, int64_t R, float level, int64_t coarse_stride,
-                               float margin_rel, float margin_abs, int32_t space, int32_t nbhd, int32_t dilation,
-                               float* grid, int64_t* n_evaluated);
-int lrm_mc_plan_dense(const float* grid, int64_t R0, int64_t R1, int64_t R2, float level, void** plan,
-                      int64_t* n_vertices, int64_t* n_faces);
-int lrm_mc_plan_emit(void* plan, float* vertices, int64_t* faces);
-void lrm_mc_plan_free(void* plan);
-}
+#include "host_api.h"  // host C ABI of the CPU build of cuda/*.cu
 
 namespace lrm {
 
