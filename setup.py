@@ -41,7 +41,7 @@ class BuildPyWithKernels(build_py):
         super().run()
         dst = Path(self.build_lib) / "lrm_rt" / "cuda_src"
         dst.mkdir(parents=True, exist_ok=True)
-        for src in (ROOT / "cuda").glob("*.cu*"):
+        for src in (p for pattern in ("*.cu", "*.cuh", "*.h") for p in (ROOT / "cuda").glob(pattern)):
             shutil.copy2(src, dst / src.name)
 
 

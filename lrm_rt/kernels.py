@@ -51,9 +51,13 @@ def nvrtc_module_source(*files: str) -> str:
     return "".join(expand(f) for f in files)
 
 
+def _kernel_files(src: Path) -> list:
+    return sorted(p for pattern in ("*.cu", "*.cuh", "*.h") for p in src.glob(pattern))
+
+
 def _sources_digest(src: Path) -> str:
     h = hashlib.sha256()
-    for p in sorted(src.glob("*.cu*")):
+    for p in _kernel_files(src):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     h.update(os.environ.get("LRM_RT_PORTABLE", "").encode())
@@ -81,7 +85,7 @@ def native_library_path() -> Path:
     """Path of an up-to-date CPU build, compiling one into the cache when needed."""
     src = cuda_source_dir()
     built = _built_library()
-    newest_src = max(p.stat().st_mtime for p in src.glob("*.cu*"))
+    newest_src = max(p.stat().st_mtime for p in _kernel_files(src))
     if built is not None and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
         return built
     cache = Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
