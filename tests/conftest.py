@@ -52,3 +52,32 @@ def openlrm_weights(fixtures_dir):
 @pytest.fixture(scope="session")
 def openlrm_v10_weights(fixtures_dir):
     return _load_st("openlrm_v10_tiny_weights.safetensors")
+
+
+# OpenLRM fixture sets: (version, io fixture, weights fixture).
+OPENLRM_VERSIONS = [("1.1", "openlrm_io", "openlrm_weights"), ("1.0", "openlrm_v10_io", "openlrm_v10_weights")]
+
+
+def make_field(io: dict, weights: dict, spec):
+    """The reference's triplane + decoder of a fixture model as a TriplaneField."""
+    from lrm_rt.field.spec import TriplaneField
+    from lrm_rt.field.torch_ref import decoder_from_state_dict
+
+    ws, bs = decoder_from_state_dict(weights, spec.family)
+    return TriplaneField(io["triplane"][0], ws, bs, spec)
+
+
+@pytest.fixture(scope="module")
+def triposr_field(triposr_io, triposr_weights):
+    from lrm_rt.field.spec import TRIPOSR_FIELD
+
+    return make_field(triposr_io, triposr_weights, TRIPOSR_FIELD)
+
+
+@pytest.fixture(scope="module", params=OPENLRM_VERSIONS, ids=["v1.1", "v1.0"])
+def openlrm_case(request):
+    """(io, field) of the OpenLRM v1.1 and v1.0 fixture models."""
+    from lrm_rt.field.spec import OPENLRM_FIELD
+
+    io, weights = (request.getfixturevalue(name) for name in request.param[1:])
+    return io, make_field(io, weights, OPENLRM_FIELD)

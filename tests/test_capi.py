@@ -12,7 +12,6 @@ run without a second build.
 from __future__ import annotations
 
 import ctypes
-import io
 import os
 import shutil
 import subprocess

@@ -6,7 +6,7 @@ import torch
 
 from lrm_rt.errors import CheckpointError
 from lrm_rt.field.base import FieldBackend
-from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec, TriplaneField
+from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD
 from lrm_rt.field.torch_ref import (
     TorchFieldBackend,
     activate,
@@ -19,28 +19,15 @@ from lrm_rt.field.torch_ref import (
     sample_triplane,
 )
 
+from conftest import make_field
+
 ATOL = RTOL = 1e-4
-OPENLRM_VERSIONS = [("openlrm_io", "openlrm_weights"), ("openlrm_v10_io", "openlrm_v10_weights")]
-
-
-def make_field(io: dict, weights: dict, spec: FieldSpec) -> TriplaneField:
-    ws, bs = decoder_from_state_dict(weights, spec.family)
-    return TriplaneField(io["triplane"][0], ws, bs, spec)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 0.0) -> None:
     torch.testing.assert_close(actual, expected.to(actual.dtype), atol=ATOL, rtol=rtol)
 
 
-@pytest.fixture(scope="module")
-def triposr_field(triposr_io, triposr_weights) -> TriplaneField:
-    return make_field(triposr_io, triposr_weights, TRIPOSR_FIELD)
-
-
-@pytest.fixture(scope="module", params=OPENLRM_VERSIONS, ids=["v1.1", "v1.0"])
-def openlrm_case(request):
-    io, weights = (request.getfixturevalue(name) for name in request.param)
-    return io, make_field(io, weights, OPENLRM_FIELD)
 
 
 # ------------------------------------------------------------------------------------ decoder loading

@@ -14,13 +14,9 @@ from lrm_rt.field import torch_ref
 from lrm_rt.field.native import CoarseToFine, NativeFieldBackend, auto_coarse_stride
 from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec, TriplaneField
 
+from conftest import make_field
+
 ATOL = RTOL = 1e-4
-OPENLRM_VERSIONS = [("openlrm_io", "openlrm_weights"), ("openlrm_v10_io", "openlrm_v10_weights")]
-
-
-def make_field(io: dict, weights: dict, spec: FieldSpec) -> TriplaneField:
-    ws, bs = torch_ref.decoder_from_state_dict(weights, spec.family)
-    return TriplaneField(io["triplane"][0].contiguous(), ws, bs, spec)
 
 
 def surface_field(seed: int = 0, spec: FieldSpec = TRIPOSR_FIELD, level: float = 25.0, channels: int = 40,
@@ -51,15 +47,6 @@ def backend() -> NativeFieldBackend:
     return NativeFieldBackend()
 
 
-@pytest.fixture(scope="module")
-def triposr_field(triposr_io, triposr_weights) -> TriplaneField:
-    return make_field(triposr_io, triposr_weights, TRIPOSR_FIELD)
-
-
-@pytest.fixture(scope="module", params=OPENLRM_VERSIONS, ids=["v1.1", "v1.0"])
-def openlrm_case(request):
-    io, weights = (request.getfixturevalue(name) for name in request.param)
-    return io, make_field(io, weights, OPENLRM_FIELD)
 
 
 # ----------------------------------------------------------------------------------- fixture parity

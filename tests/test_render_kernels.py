@@ -19,7 +19,6 @@ import math
 import pytest
 import torch
 
-from lrm_rt.field import torch_ref
 from lrm_rt.field.cuda import CudaFieldBackend
 from lrm_rt.field.native import NativeFieldBackend, _lib, render_kernel_options
 from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec, TriplaneField
@@ -35,7 +34,7 @@ from lrm_rt.render import (
     surrounding_cameras,
 )
 from test_cuda_field import HAS_GPU, HostRuntime
-from test_native_field import make_field
+from conftest import make_field
 
 ATOL = 1e-4
 OPENLRM_CASES = [("1.1", "openlrm_io", "openlrm_weights"), ("1.0", "openlrm_v10_io", "openlrm_v10_weights")]

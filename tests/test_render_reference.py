@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lrm_rt.errors import ConfigError
-from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec, TriplaneField
-from lrm_rt.field.torch_ref import TorchFieldBackend, decoder_from_state_dict, query
+from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, TriplaneField
+from lrm_rt.field.torch_ref import TorchFieldBackend, query
 from lrm_rt.render import (
     OpenLRMRenderOptions,
     TripoSRRenderOptions,
@@ -20,13 +20,10 @@ from lrm_rt.render import (
     triposr_ray_box,
 )
 
+from conftest import OPENLRM_VERSIONS, make_field
+
 ATOL = 1e-4
-OPENLRM_VERSIONS = [("1.1", "openlrm_io", "openlrm_weights"), ("1.0", "openlrm_v10_io", "openlrm_v10_weights")]
 
-
-def make_field(io: dict, weights: dict, spec: FieldSpec) -> TriplaneField:
-    ws, bs = decoder_from_state_dict(weights, spec.family)
-    return TriplaneField(io["triplane"][0], ws, bs, spec)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
