@@ -53,6 +53,7 @@ def test_other_formats(fixtures_dir, tmp_path, fmt):
                  "--render-size", "16"]) == 0
     m = trimesh.load(tmp_path / f"input.{fmt}", force="mesh", process=False)
     assert len(m.faces) > 0
+    assert (tmp_path / f"input.{fmt}").stat().st_mode & 0o044  # readable by others (not mkstemp's 0600)
     assert (tmp_path / "input_view000.png").is_file()
 
 
