@@ -47,10 +47,17 @@ def test_reconstruct_matches_reference_mesh(name, fixtures_dir, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["glb", "obj"])
 def test_other_formats(fixtures_dir, tmp_path, fmt):
+    import os
+
     d = fixtures_dir / "checkpoints" / "triposr-tiny"
-    assert main(["reconstruct", str(d / "input.png"), "--model", str(d), "--mc-resolution", "32",
-                 "--out", str(tmp_path), "--format", fmt, "--quiet", "--render-views", "1",
-                 "--render-size", "16"]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--mc-resolution", "32",
+                   "--out", str(tmp_path), "--format", fmt, "--quiet", "--render-views", "1",
+                   "--render-size", "16"])
+    finally:
+        os.umask(old_umask)
+    assert rc == 0
     m = trimesh.load(tmp_path / f"input.{fmt}", force="mesh", process=False)
     assert len(m.faces) > 0
     assert (tmp_path / f"input.{fmt}").stat().st_mode & 0o044  # readable by others (not mkstemp's 0600)
