@@ -16,9 +16,9 @@ from typing import Dict, Literal, Optional
 import numpy as np
 import torch
 
-from .errors import ConfigError, FieldError, LrmError
+from .errors import ConfigError, LrmError
 from .field.base import FieldBackend
-from .field.spec import TriplaneField
+from .field.spec import TriplaneField, check_finite_planes
 
 MeshFormat = Literal["glb", "obj", "ply"]
 Orientation = Literal["native", "y_up"]
@@ -41,15 +41,6 @@ class Mesh:
         return int(self.faces.shape[0])
 
 
-def check_finite(field_: TriplaneField) -> None:
-    """NaN/inf in the triplane would give a silently wrong mesh: refuse it."""
-    planes = field_.planes
-    if not bool(torch.isfinite(planes).all()):
-        bad = int((~torch.isfinite(planes)).sum())
-        raise FieldError(f"the triplane holds {bad} NaN/inf values; the network output is not meshable "
-                         "(check the input image and the checkpoint)")
-
-
 def grid_to_world(vertices: np.ndarray, resolution: int, radius: float) -> np.ndarray:
     """Grid index units -> world: both families use linspace(-r, r, R) grids with endpoints."""
     return (vertices / (resolution - 1) * (2.0 * radius) - radius).astype(np.float32)
@@ -62,7 +53,7 @@ def extract_mesh(field_: TriplaneField, backend: FieldBackend, resolution: int, 
 
     if resolution < 2:
         raise ConfigError(f"marching-cubes resolution must be >= 2, got {resolution}")
-    check_finite(field_)
+    check_finite_planes(field_.planes)
     t = {}
     t0 = time.perf_counter()
     grid = backend.density_grid(field_, resolution, level=threshold)

@@ -23,10 +23,9 @@ from .native import (
     FLAG_RAW_DENSITY,
     MODES,
     CoarseToFine,
-    check_finite_planes,
     check_grid_memory,
     field_flags,
-    grid_mode,
+    grid_request,
     importance_u,
     pack_decoder,
     render_kernel_options,
@@ -255,12 +254,7 @@ class CudaFieldBackend(FieldBackend):
         from .torch_ref import grid_axis
 
         rt, xp = self.rt, self.rt.xp
-        r = int(resolution)
-        if r < 2:
-            raise ConfigError(f"density-grid resolution must be >= 2, got {resolution}")
-        mode = grid_mode(mode or self.mode, level, r)
-        check_finite_planes(field.planes)
-        stride = self.c2f.stride_for(r) if mode == "coarse_to_fine" else 1
+        r, mode, stride = grid_request(field, resolution, level, mode or self.mode, self.c2f)
         nc_fine = lattice_count(r, 2) - 1 if stride > 1 else 0
         check_grid_memory(r, 2 * nc_fine ** 3, rt.free_bytes(), "GPU")
         with rt.stream():

@@ -15,9 +15,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import BackendError, ConfigError, FieldError, ResourceError
+from ..errors import BackendError, ConfigError, ResourceError
 from .base import FieldBackend
-from .spec import FieldSpec, TriplaneField
+from .spec import FieldSpec, TriplaneField, check_finite_planes
 
 # Flag bits: keep in sync with cuda/field.cuh.
 FLAG_THIRD_ZY = 1
@@ -116,10 +116,15 @@ def grid_mode(mode: str, level: Optional[float], resolution: int) -> str:
     return mode
 
 
-def check_finite_planes(planes: torch.Tensor) -> None:
-    if not bool(torch.isfinite(planes).all()):
-        bad = int((~torch.isfinite(planes)).sum())
-        raise FieldError(f"the triplane holds {bad} NaN/inf values; refusing to build a density grid from it")
+def grid_request(field: TriplaneField, resolution: int, level: Optional[float], mode: str,
+                 c2f: "CoarseToFine") -> Tuple[int, str, int]:
+    """Validated (resolution, mode, coarse stride) of a density-grid request (native and CUDA backends)."""
+    r = int(resolution)
+    if r < 2:
+        raise ConfigError(f"density-grid resolution must be >= 2, got {resolution}")
+    mode = grid_mode(mode, level, r)
+    check_finite_planes(field.planes)
+    return r, mode, (c2f.stride_for(r) if mode == "coarse_to_fine" else 1)
 
 
 def available_host_memory() -> Optional[int]:
@@ -325,12 +330,7 @@ class NativeFieldBackend(FieldBackend):
         """
         from .torch_ref import grid_axis
 
-        r = int(resolution)
-        if r < 2:
-            raise ConfigError(f"density-grid resolution must be >= 2, got {resolution}")
-        mode = grid_mode(mode or self.mode, level, r)
-        check_finite_planes(field.planes)
-        stride = self.c2f.stride_for(r) if mode == "coarse_to_fine" else 1
+        r, mode, stride = grid_request(field, resolution, level, mode or self.mode, self.c2f)
         check_grid_memory(r, c2f_scratch_bytes(r, stride), available_host_memory(), "host")
         try:
             grid = torch.empty((r, r, r), dtype=torch.float32)

@@ -10,6 +10,8 @@ from typing import List, Literal
 
 import torch
 
+from ..errors import FieldError
+
 Family = Literal["triposr", "openlrm"]
 
 
@@ -58,3 +60,11 @@ class TriplaneField:
     @property
     def channels(self) -> int:
         return int(self.planes.shape[1])
+
+
+def check_finite_planes(planes: torch.Tensor) -> None:
+    """NaN/inf in a triplane would give a silently wrong grid or mesh: refuse it with a clear error."""
+    if not bool(torch.isfinite(planes).all()):
+        bad = int((~torch.isfinite(planes)).sum())
+        raise FieldError(f"the triplane holds {bad} NaN/inf values; the network output is not meshable "
+                         "(check the input image and the checkpoint)")
