@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -195,7 +195,3 @@ class Reconstructor:
             Image.fromarray(img).save(p)
             written.append(p)
         return written
-
-
-def reconstruct_files(rec: Reconstructor, images: Sequence[str], **kw) -> List[Reconstruction]:
-    return [rec.reconstruct(img, **kw) for img in images]

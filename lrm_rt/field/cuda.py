@@ -21,9 +21,9 @@ from ..errors import BackendError, ConfigError, ResourceError
 from .base import FieldBackend
 from .native import (
     FLAG_RAW_DENSITY,
-    MODES,
     CoarseToFine,
     check_grid_memory,
+    check_mode,
     field_flags,
     grid_request,
     importance_u,
@@ -190,8 +190,7 @@ class CudaFieldBackend(FieldBackend):
                  c2f: Optional[CoarseToFine] = None, stage_weights: Optional[bool] = None, runtime=None) -> None:
         if plane_dtype not in PLANE_DTYPES:
             raise ConfigError(f"plane_dtype must be one of {PLANE_DTYPES}, got {plane_dtype!r}")
-        if mode not in MODES:
-            raise ConfigError(f"unknown density-grid mode {mode!r} ({', '.join(MODES)})")
+        check_mode(mode)
         self.rt = runtime if runtime is not None else CupyRuntime(device)
         self.plane_dtype = plane_dtype
         self.mode = mode

@@ -106,9 +106,13 @@ class CoarseToFine:
         return s
 
 
-def grid_mode(mode: str, level: Optional[float], resolution: int) -> str:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown density-grid mode {mode!r} ({', '.join(MODES)})")
+
+
+def grid_mode(mode: str, level: Optional[float], resolution: int) -> str:
+    check_mode(mode)
     if mode == "coarse_to_fine" and level is None:
         raise ConfigError("coarse-to-fine density grids need the iso-level (level=...)")
     if mode == "auto":  # small grids are cheap: keep them exact everywhere
@@ -276,8 +280,7 @@ class NativeFieldBackend(FieldBackend):
     name = "native"
 
     def __init__(self, threads: Optional[int] = None, mode: str = "auto", c2f: Optional[CoarseToFine] = None):
-        if mode not in MODES:
-            raise ConfigError(f"unknown density-grid mode {mode!r} ({', '.join(MODES)})")
+        check_mode(mode)
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         self.threads = threads
