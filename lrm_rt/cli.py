@@ -34,7 +34,9 @@ def _add_reconstruct(sub) -> None:
                         "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
-    p.add_argument("--foreground-ratio", type=float, default=None)
+    p.add_argument("--foreground-ratio", type=float, default=None,
+                   help="scale the object so its longer side fills this share of the frame (default: the "
+                        "model's setting: TripoSR 0.85, lrm-tiny 0.5; OpenLRM releases take the image as framed)")
     p.add_argument("--no-vertex-colors", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")

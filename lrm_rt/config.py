@@ -48,7 +48,7 @@ class ModelConfig:
     mc_resolution: int
     mc_threshold: float
     render_size: int
-    foreground_ratio: Optional[float]  # TripoSR recentres the object; OpenLRM's CLI does not
+    foreground_ratio: Optional[float]  # share of the frame the object is scaled to (TripoSR 0.85; OpenLRM releases: None)
     background: float  # grey level behind the object: TripoSR 0.5, OpenLRM 1.0 (white)
     source_cam_dist: float = 2.0
 
@@ -149,7 +149,10 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             mc_resolution=int(infer.get("mesh_size", 384)),
             mc_threshold=float(infer.get("mesh_thres", 3.0)),
             render_size=int(infer.get("render_size", render)),
-            foreground_ratio=None, background=1.0,
+            # OpenLRM's releases feed the image as framed; a model trained on one framing (lrm-tiny) says
+            # in infer.yaml how much of the frame its objects filled, and inputs are recentred to that.
+            foreground_ratio=None if infer.get("foreground_ratio") is None else float(infer["foreground_ratio"]),
+            background=1.0,
             source_cam_dist=float(infer.get("source_cam_dist", 2.0)),
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -33,10 +33,10 @@ def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None
     if cfg.family == "triposr":
         return PreprocessConfig("triposr", cfg.input_size, ratio, cfg.background, "bilinear_aa",
                                 cfg.image_mean, cfg.image_std, background_removal=background_removal)
-    return PreprocessConfig("openlrm", cfg.input_size, None, cfg.background, "bicubic_ac",
-                            cfg.image_mean, cfg.image_std, recenter=foreground_ratio is not None,
-                            recenter_border=1.0 - (foreground_ratio or 0.8),
-                            background_removal=background_removal)
+    # A framing ratio (the model's, e.g. lrm-tiny's, or the caller's) crops and pads exactly as TripoSR does
+    # (no resampling, so the C library reproduces it bit for bit); the model-side resize then scales.
+    return PreprocessConfig("openlrm", cfg.input_size, ratio, cfg.background, "bicubic_ac",
+                            cfg.image_mean, cfg.image_std, background_removal=background_removal)
 
 
 def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:

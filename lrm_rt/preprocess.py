@@ -550,7 +550,8 @@ class PreprocessConfig:
     family: "triposr" composites to uint8 first (its saved ``input.png``) then resizes; "openlrm"
         composites in float and resizes in one go (its ``infer_single``).
     input_size: encoder input side (TripoSR ``cond_image_size``, OpenLRM ``source_size``).
-    foreground_ratio: TripoSR ``resize_foreground`` ratio (0.85 in ``run.py``), None = no cropping.
+    foreground_ratio: crop to the object and pad so it spans this share of the side (TripoSR ``resize_foreground``,
+        0.85 in ``run.py``; also lrm-tiny's framing, 0.5), None = no cropping.
     background: compositing colour in [0, 1] (0.5 TripoSR, 1.0 OpenLRM); scalar or RGB triple.
     resize: "bilinear_aa" (TripoSR) or "bicubic_ac" (OpenLRM).
     mean, std: encoder normalisation; None = feed [0, 1] (OpenLRM v1.1's DINOv2).

@@ -411,7 +411,7 @@ def render_openlrm(
             rgb[sl] = rgb_c + opt.bg_color * (1 - w_total[:, None])
         depth[sl], weight[sl] = depth_c, w_total
         coarse_all[sl], fine_all[sl] = z_coarse, z_fine
-        d_min, d_max = min(d_min, float(z_all.min())), max(d_max, float(z_all.max()))
+        d_min, d_max = min(d_min, float(z_all.detach().min())), max(d_max, float(z_all.detach().max()))
 
     # empty rays (Σw = 0) give NaN depth -> +inf -> far end of the global depth range
     depth = torch.nan_to_num(depth, nan=math.inf).clamp(d_min, d_max)

@@ -388,6 +388,8 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
         }
         rgb01 = resize_bilinear_aa(planes, H, W, S);
     } else {
+        // A framing ratio in the model's config (lrm-tiny) frames like TripoSR; published OpenLRM configs have none.
+        if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
         const int64_t H = img.h, W = img.w;
         std::vector<float> planes((size_t)(3 * H * W));
         for (int64_t p = 0; p < H * W; ++p) {

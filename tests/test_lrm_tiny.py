@@ -9,7 +9,7 @@ import trimesh
 from lrm_rt import eval as E
 from lrm_rt import models_dir
 from lrm_rt.checkpoint import load_model, read_checkpoint_dir
-from lrm_rt.models.network import LRMNetwork
+from lrm_rt.models.network import LRMNetwork, default_source_camera
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = models_dir() / "lrm-tiny"
@@ -97,3 +97,52 @@ def test_cli_eval(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fscore"] == pytest.approx(1.0)
     assert main(["eval", str(tmp_path / "a.ply"), str(REPO / "examples" / "chair.png")]) == 2
+
+
+def _source_view_silhouettes(tiny, size=48):
+    """For each example image: its foreground mask and the model's opacity seen from the input camera."""
+    from PIL import Image
+
+    from lrm_rt.pipeline import Reconstructor
+    from lrm_rt.render import OpenLRMRenderOptions, build_cameras, default_intrinsics, openlrm_rays, render_openlrm
+
+    rec = Reconstructor(tiny)
+    cam = build_cameras(default_source_camera(2.0)[0, :12].reshape(1, 3, 4), default_intrinsics()).reshape(25)
+    rays_o, rays_d = openlrm_rays(cam, size)
+    opts = OpenLRMRenderOptions(n_coarse=32, n_fine=32)
+    masks, renders = [], []
+    for name in ("chair.png", "hamburger.png", "mailbox.png", "catstatue_rgba.png"):
+        pre = rec.preprocess(str(REPO / "examples" / name))
+        alpha = Image.fromarray(pre.framed_rgba[..., 3]).resize((size, size), Image.BILINEAR)
+        masks.append(np.asarray(alpha) > 127)
+        planes, _ = rec.triplane(pre)
+        with torch.no_grad():
+            out = render_openlrm(tiny.network.triplane_field(planes), rays_o, rays_d, options=opts)
+        renders.append(out.weight.reshape(size, size).numpy() > 0.5)
+    return masks, renders
+
+
+def test_shape_follows_the_input_image(tiny):
+    """The shipped model must reconstruct *its* input, not a mean shape: seen from the input camera, each
+    example's predicted silhouette overlaps that example's foreground, and better than any other's."""
+    masks, renders = _source_view_silhouettes(tiny)
+    iou = np.array([[(r & m).sum() / max((r | m).sum(), 1) for m in masks] for r in renders])
+    assert np.all(np.diag(iou) >= 0.6), iou.round(2)
+    assert np.all(np.argmax(iou, axis=1) == np.arange(len(masks))), iou.round(2)
+
+
+def test_inputs_are_framed_like_the_training_views(tiny):
+    """lrm-tiny's infer.yaml carries the framing of its training views; real photos are recentred to it
+    (a published OpenLRM config has no such key and keeps the image as framed)."""
+    from lrm_rt.pipeline import Reconstructor, preprocess_config
+
+    assert tiny.config.foreground_ratio == pytest.approx(0.5)
+    assert preprocess_config(tiny.config).foreground_ratio == pytest.approx(0.5)
+    pre = Reconstructor(tiny).preprocess(str(REPO / "examples" / "mailbox.png"))
+    ys, xs = np.nonzero(pre.framed_rgba[..., 3] > 127)
+    side = max(np.ptp(ys) + 1, np.ptp(xs) + 1) / pre.framed_rgba.shape[0]
+    assert side == pytest.approx(0.5, abs=0.01)
+    from lrm_rt.config import NAMED_CONFIGS
+
+    published = NAMED_CONFIGS["openlrm-obj-small-1.1"]
+    assert published.foreground_ratio is None and preprocess_config(published).foreground_ratio is None

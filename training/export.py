@@ -29,7 +29,7 @@ from evaluate import DATA, load_gt, meshes_at, object_fields  # noqa: E402
 from model_def import INFER, KWARGS  # noqa: E402
 
 OUT = ROOT / "lrm_rt" / "models_data" / "lrm-tiny"
-THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0)
 
 
 def write_model(state: dict, infer: dict, out: Path) -> None:

@@ -4,12 +4,13 @@ One input view (OpenLRM's canonical source camera) -> triplane -> OpenLRM's diff
 importance renderer (lrm_rt.render.render_openlrm) on a random subset of rays of the input view
 and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha.
 
-    python training/train.py --minutes 45            # fresh run
-    python training/train.py --minutes 45 --resume   # continue from training/data/ckpt/last.pt
+    python training/train.py --minutes 118                       # fresh run (see the model card)
+    python training/train.py --minutes 118 --resume              # continue from --ckpt
+    python training/train.py --ckpt training/data/ckpt/b.pt ...  # a second run beside the first
 
-Single-threaded on purpose (shared machine). The LR schedule is defined over ``--steps``; training
-stops at ``--steps`` or after ``--minutes`` (counted across resumes), whichever comes first, and always
-saves a checkpoint.
+One thread by default (``--threads``), so two runs can share a 2-core machine. The LR schedule
+(warmup, cosine) runs over ``--steps`` or ``--minutes``, whichever is further along; training stops at
+either (minutes are counted across resumes) and always saves a checkpoint.
 """
 from __future__ import annotations
 
@@ -113,21 +114,87 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def init_from_scratch(net: LRMNetwork) -> None:
-    """Initialise what the published modules leave at zero (they expect loaded weights).
+# Patch-grid position of a world point seen from the source camera (0, -2, 0), f = 0.75, at depth 2:
+# image column = 0.5 + 0.375 x, row = 0.5 - 0.375 z, in units of the encoder's patches.
+def _patch_coords(x: torch.Tensor, z: torch.Tensor, grid: int):
+    return grid * (0.5 + 0.375 * x) - 0.5, grid * (0.5 - 0.375 * z) - 0.5
+
+
+def _axis_code(c: torch.Tensor, n_freq: int) -> torch.Tensor:
+    """(N,) patch coordinates -> (N, 2 n_freq) sin/cos code whose dot product peaks at equal coordinates
+    and falls off within about one patch (frequencies 0.25..1.6 rad per patch)."""
+    f = torch.exp(torch.linspace(math.log(0.25), math.log(1.6), n_freq))
+    a = c.reshape(-1, 1) * f
+    return torch.cat([a.sin(), a.cos()], 1)
+
+
+def _geometric_cross_attention(net: LRMNetwork, grid: int, attn_scale: float, code_dims: int) -> None:
+    enc, cfg = net.encoder.model, net.config
+    d_tok, d_enc = net.pos_embed.shape[-1], enc.pos_embed.shape[-1]
+    assert code_dims == d_tok // cfg.transformer_heads and code_dims % 4 == 0, "the code fills one attention head"
+    nf, low = code_dims // 4, cfg.triplane_low_res
+    # image side: patch (row, col) -> [code(row), code(col)] in the first channels, generic sin-cos after
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
+    enc.pos_embed.zero_()
+    enc.pos_embed[0, 1:, :code_dims] = torch.cat([_axis_code(rows, nf), _axis_code(cols, nf)], 1)
+    enc.pos_embed[0, 1:, code_dims:] = sincos_2d(grid, d_enc - code_dims)
+    # triplane side: cell centres of each plane; a world axis the source view does not see (depth y)
+    # gets a zero code, so that token matches the whole image row/column.
+    centre = -1 + (2 * torch.arange(low, dtype=torch.float32) + 1) / low
+    v, u = torch.meshgrid(centre, centre, indexing="ij")  # plane row (v axis), column (u axis)
+    zero = torch.zeros(low * low, 2 * nf)
+    codes = []
+    for plane in range(3):  # OpenLRM planes: (u, v) = (x, y), (x, z), (z, y)
+        if plane == 0:
+            col, _ = _patch_coords(u, u, grid)
+            codes.append(torch.cat([zero, _axis_code(col, nf)], 1))
+        elif plane == 1:
+            col, row = _patch_coords(u, v, grid)
+            codes.append(torch.cat([_axis_code(row, nf), _axis_code(col, nf)], 1))
+        else:
+            _, row = _patch_coords(u, u, grid)
+            codes.append(torch.cat([_axis_code(row, nf), zero], 1))
+    net.pos_embed[0, :, :code_dims] = torch.cat(codes, 0)
+    for layer in net.transformer.layers:
+        attn = layer.cross_attn
+        w_q = attn.in_proj_weight[:d_tok] if attn.in_proj_weight is not None else attn.q_proj_weight
+        w_k = attn.in_proj_weight[d_tok:2 * d_tok] if attn.in_proj_weight is not None else attn.k_proj_weight
+        w_q[:code_dims].zero_()
+        w_k[:code_dims].zero_()
+        w_q[:code_dims, :code_dims] = attn_scale * torch.eye(code_dims)
+        w_k[:code_dims, :code_dims] = attn_scale * torch.eye(code_dims)
+        for norm in (layer.norm1, layer.norm2, layer.norm3):  # start with an unmodulated LayerNorm
+            norm.mlp[-1].weight.zero_()
+            norm.mlp[-1].bias.zero_()
+    for blk in enc.blocks:  # near-identity encoder at the start, so the position code reaches its output
+        blk.ls1.gamma.fill_(0.1)
+        blk.ls2.gamma.fill_(0.1)
+
+
+def init_from_scratch(net: LRMNetwork, attn_scale: float = 1.5, code_dims: int = 48) -> None:
+    """Initialise what the published modules leave at zero (they expect loaded weights), and start the
+    cross-attention looking where the geometry says.
 
     With zero position embeddings the encoder sees a bag of patches and all triplane query tokens are
-    identical, so training collapses to one mean shape for every input (observed: outputs independent of
-    the image after 600 steps). As the original recipes do: the triplane tokens get N(0, dim^-1/2)
-    (OpenLRM), the encoder a 2-D sin-cos code on its patch grid (learned afterwards) and small random
-    CLS/register tokens (DINOv2).
+    identical, so training collapses to one mean shape for every input. Random position embeddings fix
+    the collapse, but learning *which* image patch each triplane token should read is then most of a
+    short CPU training run (observed: a 24-minute run plateaued at an input-independent blob).
+
+    So the first ``code_dims`` channels of both streams carry one shared position code, and head 0 of
+    every cross-attention layer compares exactly those channels: a token of the x-z plane (the one facing
+    the source camera) starts attending to the patch its cell projects to, a token of the x-y plane to
+    the image column of its x, a token of the z-y plane to the image row of its z (depth is what the
+    network has to learn). Everything stays trainable; only the starting point changes.
     """
     enc = net.encoder.model
+    d_tok, d_enc = net.pos_embed.shape[-1], enc.pos_embed.shape[-1]
+    grid = int(round((enc.pos_embed.shape[1] - 1) ** 0.5))
     with torch.no_grad():
-        net.pos_embed.normal_(0.0, net.pos_embed.shape[-1] ** -0.5)
-        d = enc.pos_embed.shape[-1]
-        grid = int(round((enc.pos_embed.shape[1] - 1) ** 0.5))
-        enc.pos_embed[0, 1:] = sincos_2d(grid, d)
+        net.pos_embed.normal_(0.0, d_tok ** -0.5)
+        enc.pos_embed[0, 1:] = sincos_2d(grid, d_enc)
+        if attn_scale > 0:
+            _geometric_cross_attention(net, grid, attn_scale, code_dims)
         # The encoder takes raw [0, 1] pixels on white (v1.1 convention): bias the patch embedding so a
         # white patch embeds to ~0 and object patches stand out (a fixed normalisation folded into the
         # init), and double the weights so content is as strong as the position code.
@@ -170,19 +237,25 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attn-scale", type=float, default=1.5,
+                    help="initial sharpness of the geometric cross-attention (0: random init, no geometry)")
+    ap.add_argument("--ckpt", default=str(CKPT / "last.pt"), help="checkpoint file (written, and read by --resume)")
+    ap.add_argument("--data", default="train", help="dataset split file under training/data/")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    ckpt = Path(args.ckpt)
     torch.manual_seed(args.seed)
 
-    data = load_split("train")
+    data = load_split(args.data)
     rays = RayCache(data["cams"], data["views"].shape[2])
     net = LRMNetwork(model_config()).train()
-    init_from_scratch(net)  # overwritten by the checkpoint when resuming
+    init_from_scratch(net, args.attn_scale)  # overwritten by the checkpoint when resuming
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = np.random.default_rng(args.seed)
     step, prev_minutes = 0, 0.0
-    if args.resume and (CKPT / "last.pt").is_file():
-        ck = torch.load(CKPT / "last.pt", weights_only=False)
+    if args.resume and ckpt.is_file():
+        ck = torch.load(ckpt, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
@@ -210,7 +283,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
-        cur = np.array([float(l_rgb), float(l_mask)])
+        cur = np.array([float(l_rgb.detach()), float(l_mask.detach())])
         ema = cur if ema is None else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
             el = time.time() - t_start
@@ -218,9 +291,9 @@ def main() -> None:
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
         if time.time() - last_save > args.save_every * 60:
-            save(CKPT / "last.pt", net, opt, step, args, gen, minutes_done())
+            save(ckpt, net, opt, step, args, gen, minutes_done())
             last_save = time.time()
-    save(CKPT / "last.pt", net, opt, step, args, gen, minutes_done())
+    save(ckpt, net, opt, step, args, gen, minutes_done())
     print(f"done: step {step}, {minutes_done():.1f} min of training", flush=True)
 
 
