@@ -366,8 +366,10 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
     std::vector<float> rgb01;
     const float bg[3] = {(float)m.background[0], (float)m.background[1], (float)m.background[2]};
 
+    // TripoSR's framing (resize_foreground), for TripoSR and for any model whose config names a ratio (lrm-tiny);
+    // published OpenLRM configs have none and take the image as framed.
+    if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
     if (m.family == "triposr") {
-        if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
         // composite_uint8: float32 products rounded one by one, then truncation to uint8 (the reference's input.png);
         // opaque images go in unchanged (the reference's Image.convert("RGB") path).
         const int64_t H = img.h, W = img.w;
@@ -388,8 +390,6 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
         }
         rgb01 = resize_bilinear_aa(planes, H, W, S);
     } else {
-        // A framing ratio in the model's config (lrm-tiny) frames like TripoSR; published OpenLRM configs have none.
-        if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
         const int64_t H = img.h, W = img.w;
         std::vector<float> planes((size_t)(3 * H * W));
         for (int64_t p = 0; p < H * W; ++p) {

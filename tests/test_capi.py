@@ -120,14 +120,24 @@ def _c_image(lib, path: Path) -> np.ndarray:
         lib.lrm_image_free(img)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_preprocessing_matches_python(name, lib, build_dir, fixtures_dir):
+@pytest.mark.parametrize("name,ratio", [(m, None) for m in MODELS] + [("openlrm-tiny-1.1", 0.5)])
+def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir, tmp_path):
+    """Both families as published, and an OpenLRM config that names a framing ratio (as lrm-tiny's does)."""
+    import json
+    import shutil
+
     from lrm_rt.export import manifest_config, read_manifest
     from lrm_rt.pipeline import preprocess_config
     from lrm_rt.preprocess import load_image, preprocess
 
     export = _export(build_dir, name)
+    if ratio is not None:
+        export = Path(shutil.copytree(export, tmp_path / "export"))
+        man = json.loads((export / "manifest.json").read_text())
+        man["config"]["foreground_ratio"] = ratio
+        (export / "manifest.json").write_text(json.dumps(man))
     cfg = manifest_config(read_manifest(export))
+    assert cfg.foreground_ratio == (0.85 if name.startswith("triposr") else ratio)
     ctx = _Context(lib, export)
     rng = np.random.default_rng(0)
     cutout = rng.integers(0, 256, (61, 47, 4), dtype=np.uint8)
