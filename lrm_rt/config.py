@@ -150,7 +150,7 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             mc_threshold=float(infer.get("mesh_thres", 3.0)),
             render_size=int(infer.get("render_size", render)),
             # OpenLRM's releases feed the image as framed; a model trained on one framing (lrm-tiny) says
-            # in infer.yaml how much of the frame its objects filled, and inputs are recentred to that.
+            # in infer.yaml how much of the frame its objects filled, and inputs are framed to that.
             foreground_ratio=None if infer.get("foreground_ratio") is None else float(infer["foreground_ratio"]),
             background=1.0,
             source_cam_dist=float(infer.get("source_cam_dist", 2.0)),

@@ -217,6 +217,13 @@ def build_cameras(extrinsics: torch.Tensor, intrinsics: Tuple[float, float, floa
     return torch.cat([c2w.reshape(m, 16), k.reshape(m, 9)], dim=1)
 
 
+def source_view_camera(distance: float = 2.0) -> torch.Tensor:
+    """(25,) render camera of the network's input view: OpenLRM's canonical source camera, default intrinsics."""
+    from .models.network import default_source_camera
+
+    return build_cameras(default_source_camera(distance)[0, :12].reshape(1, 3, 4), default_intrinsics())[0]
+
+
 def surrounding_cameras(
     n_views: int, radius: float = 2.0, height: float = 0.8, version: Literal["1.1", "1.0"] = "1.1"
 ) -> torch.Tensor:

@@ -9,7 +9,7 @@ import trimesh
 from lrm_rt import eval as E
 from lrm_rt import models_dir
 from lrm_rt.checkpoint import load_model, read_checkpoint_dir
-from lrm_rt.models.network import LRMNetwork, default_source_camera
+from lrm_rt.models.network import LRMNetwork
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = models_dir() / "lrm-tiny"
@@ -104,11 +104,10 @@ def _source_view_silhouettes(tiny, size=48):
     from PIL import Image
 
     from lrm_rt.pipeline import Reconstructor
-    from lrm_rt.render import OpenLRMRenderOptions, build_cameras, default_intrinsics, openlrm_rays, render_openlrm
+    from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm, source_view_camera
 
     rec = Reconstructor(tiny)
-    cam = build_cameras(default_source_camera(2.0)[0, :12].reshape(1, 3, 4), default_intrinsics()).reshape(25)
-    rays_o, rays_d = openlrm_rays(cam, size)
+    rays_o, rays_d = openlrm_rays(source_view_camera(), size)
     opts = OpenLRMRenderOptions(n_coarse=32, n_fine=32)
     masks, renders = [], []
     for name in ("chair.png", "hamburger.png", "mailbox.png", "catstatue_rgba.png"):

@@ -13,7 +13,7 @@ import train as T  # noqa: E402
 from model_def import model_config  # noqa: E402
 
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
-from lrm_rt.render import build_cameras, default_intrinsics  # noqa: E402
+from lrm_rt.render import source_view_camera  # noqa: E402
 
 
 def _head0_attention(net: LRMNetwork, pixels: torch.Tensor) -> torch.Tensor:
@@ -63,8 +63,7 @@ def test_geometric_start_points_cross_attention_at_the_projected_patch(scale):
 
 def _tiny_dataset(path: Path, n_obj=3, views=3, res=8):
     rng = np.random.default_rng(0)
-    cam = build_cameras(default_source_camera(2.0)[0, :12].reshape(1, 3, 4), default_intrinsics()).reshape(25)
-    cams = np.broadcast_to(cam.numpy(), (n_obj, views, 25))
+    cams = np.broadcast_to(source_view_camera().numpy(), (n_obj, views, 25))
     vw = rng.integers(0, 255, (n_obj, views, res, res, 4), dtype=np.uint8)
     np.savez(path, pixels=rng.random((n_obj, 3, 112, 112)).astype(np.float16), views=vw,
              cams=cams.astype(np.float32), labels=np.array(["shape"] * n_obj))

@@ -33,9 +33,9 @@ import trimesh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrm_rt.models.network import default_source_camera  # noqa: E402
 from lrm_rt.preprocess import composite_resize_bicubic  # noqa: E402
-from lrm_rt.render import build_cameras, default_intrinsics, look_at_origin, openlrm_rays  # noqa: E402
+from lrm_rt.render import (build_cameras, default_intrinsics, look_at_origin, openlrm_rays,  # noqa: E402
+                           source_view_camera)
 
 MESH_DIR = ROOT.parent / "shared" / "data" / "meshes"
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -215,11 +215,6 @@ def mesh_object(geoms, rng, upright_spin: bool = True):
 
 # ------------------------------------------------------------------------------------------ rendering
 
-def source_camera25(distance: float = 2.0) -> torch.Tensor:
-    c16 = default_source_camera(distance)[0]
-    return build_cameras(c16[:12].reshape(1, 3, 4), default_intrinsics())
-
-
 def orbit_cameras25(rng, n: int, distance: float = 2.0) -> torch.Tensor:
     az = rng.uniform(0, 2 * math.pi, n)
     el = np.radians(rng.uniform(-20, 55, n))
@@ -256,7 +251,7 @@ def cast(parts, cam25: torch.Tensor, res: int) -> np.ndarray:
 
 
 def render_object(parts, rng, n_views: int, res: int, input_render: int, input_size: int):
-    src = source_camera25()
+    src = source_view_camera()[None]
     rgba_in = cast(parts, src, input_render)
     u8 = np.clip(np.rint(rgba_in * 255), 0, 255).astype(np.uint8)
     u8[..., :3] = np.where(u8[..., 3:] > 0, u8[..., :3], 255)

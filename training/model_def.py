@@ -26,7 +26,7 @@ INFER = {
     "render_size": 128,
     "mesh_size": 128,
     "mesh_thres": 10.0,  # replaced by the value tuned on training objects at export time
-    # Inputs are recentred so the object's longer side fills this share of the frame: the mean over the
+    # Inputs are cropped and padded so the object's longer side fills this share of the frame: the mean over the
     # training objects' source views (0.48-0.50), which a real photo's framing rarely matches.
     "foreground_ratio": 0.5,
 }

@@ -114,12 +114,6 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-# Patch-grid position of a world point seen from the source camera (0, -2, 0), f = 0.75, at depth 2:
-# image column = 0.5 + 0.375 x, row = 0.5 - 0.375 z, in units of the encoder's patches.
-def _patch_coords(x: torch.Tensor, z: torch.Tensor, grid: int):
-    return grid * (0.5 + 0.375 * x) - 0.5, grid * (0.5 - 0.375 * z) - 0.5
-
-
 def _axis_code(c: torch.Tensor, n_freq: int) -> torch.Tensor:
     """(N,) patch coordinates -> (N, 2 n_freq) sin/cos code whose dot product peaks at equal coordinates
     and falls off within about one patch (frequencies 0.25..1.6 rad per patch)."""
@@ -143,19 +137,14 @@ def _geometric_cross_attention(net: LRMNetwork, grid: int, attn_scale: float, co
     # gets a zero code, so that token matches the whole image row/column.
     centre = -1 + (2 * torch.arange(low, dtype=torch.float32) + 1) / low
     v, u = torch.meshgrid(centre, centre, indexing="ij")  # plane row (v axis), column (u axis)
-    zero = torch.zeros(low * low, 2 * nf)
-    codes = []
-    for plane in range(3):  # OpenLRM planes: (u, v) = (x, y), (x, z), (z, y)
-        if plane == 0:
-            col, _ = _patch_coords(u, u, grid)
-            codes.append(torch.cat([zero, _axis_code(col, nf)], 1))
-        elif plane == 1:
-            col, row = _patch_coords(u, v, grid)
-            codes.append(torch.cat([_axis_code(row, nf), _axis_code(col, nf)], 1))
-        else:
-            _, row = _patch_coords(u, u, grid)
-            codes.append(torch.cat([_axis_code(row, nf), zero], 1))
-    net.pos_embed[0, :, :code_dims] = torch.cat(codes, 0)
+    # Seen from the source camera (0, -2, 0), f = 0.75, at depth 2: image column = 0.5 + 0.375 x and
+    # row = 0.5 - 0.375 z, here in patch units.
+    col_of_x = _axis_code(grid * (0.5 + 0.375 * u) - 0.5, nf)  # planes 0 and 1 have x along u
+    row_of_z_v = _axis_code(grid * (0.5 - 0.375 * v) - 0.5, nf)  # plane 1 has z along v
+    row_of_z_u = _axis_code(grid * (0.5 - 0.375 * u) - 0.5, nf)  # plane 2 has z along u
+    zero = torch.zeros_like(col_of_x)
+    net.pos_embed[0, :, :code_dims] = torch.cat([  # OpenLRM planes: (u, v) = (x, y), (x, z), (z, y)
+        torch.cat([zero, col_of_x], 1), torch.cat([row_of_z_v, col_of_x], 1), torch.cat([row_of_z_u, zero], 1)])
     for layer in net.transformer.layers:
         attn = layer.cross_attn
         w_q = attn.in_proj_weight[:d_tok] if attn.in_proj_weight is not None else attn.q_proj_weight
