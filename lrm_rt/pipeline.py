@@ -29,13 +29,12 @@ ImageInput = Union[str, Path, np.ndarray]
 def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
                       background_removal: str = "auto") -> PreprocessConfig:
     """The family's reference preprocessing for ``cfg`` (TripoSR run.py / OpenLRM infer_single)."""
+    # A framing ratio (TripoSR's 0.85, lrm-tiny's, or the caller's) crops and pads as TripoSR's
+    # resize_foreground does for either family (no resampling, so the C library reproduces it bit for bit);
+    # the family's own resize then scales to the input size.
     ratio = cfg.foreground_ratio if foreground_ratio is None else foreground_ratio
-    if cfg.family == "triposr":
-        return PreprocessConfig("triposr", cfg.input_size, ratio, cfg.background, "bilinear_aa",
-                                cfg.image_mean, cfg.image_std, background_removal=background_removal)
-    # A framing ratio (the model's, e.g. lrm-tiny's, or the caller's) crops and pads exactly as TripoSR does
-    # (no resampling, so the C library reproduces it bit for bit); the model-side resize then scales.
-    return PreprocessConfig("openlrm", cfg.input_size, ratio, cfg.background, "bicubic_ac",
+    resize = "bilinear_aa" if cfg.family == "triposr" else "bicubic_ac"
+    return PreprocessConfig(cfg.family, cfg.input_size, ratio, cfg.background, resize,
                             cfg.image_mean, cfg.image_std, background_removal=background_removal)
 
 

@@ -124,7 +124,7 @@ def _axis_code(c: torch.Tensor, n_freq: int) -> torch.Tensor:
 
 def _geometric_cross_attention(net: LRMNetwork, grid: int, attn_scale: float, code_dims: int) -> None:
     enc, cfg = net.encoder.model, net.config
-    d_tok, d_enc = net.pos_embed.shape[-1], enc.pos_embed.shape[-1]
+    d_tok, d_enc = net.pos_embed.shape[-1], enc.pos_embed.shape[-1]  # triplane / image token widths
     assert code_dims == d_tok // cfg.transformer_heads and code_dims % 4 == 0, "the code fills one attention head"
     nf, low = code_dims // 4, cfg.triplane_low_res
     # image side: patch (row, col) -> [code(row), code(col)] in the first channels, generic sin-cos after
@@ -147,8 +147,10 @@ def _geometric_cross_attention(net: LRMNetwork, grid: int, attn_scale: float, co
         torch.cat([zero, col_of_x], 1), torch.cat([row_of_z_v, col_of_x], 1), torch.cat([row_of_z_u, zero], 1)])
     for layer in net.transformer.layers:
         attn = layer.cross_attn
-        w_q = attn.in_proj_weight[:d_tok] if attn.in_proj_weight is not None else attn.q_proj_weight
-        w_k = attn.in_proj_weight[d_tok:2 * d_tok] if attn.in_proj_weight is not None else attn.k_proj_weight
+        if attn.in_proj_weight is not None:  # packed q/k/v (image and triplane tokens equally wide)
+            w_q, w_k = attn.in_proj_weight[:d_tok], attn.in_proj_weight[d_tok:2 * d_tok]
+        else:
+            w_q, w_k = attn.q_proj_weight, attn.k_proj_weight
         w_q[:code_dims].zero_()
         w_k[:code_dims].zero_()
         w_q[:code_dims, :code_dims] = attn_scale * torch.eye(code_dims)
