@@ -86,3 +86,14 @@ def test_training_loop_runs_saves_and_resumes(tmp_path, monkeypatch):
     assert second["step"] == 3
     changed = [k for k in first["model"] if not torch.equal(first["model"][k], second["model"][k])]
     assert changed  # the resumed step trained the restored weights
+
+
+def test_several_split_files_are_concatenated_object_wise(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "a.npz", n_obj=3)
+    _tiny_dataset(tmp_path / "b.npz", n_obj=2)
+    a, both = T.load_split("a"), T.load_split("a,b")
+    assert set(both) == set(a)
+    assert all(len(both[k]) == 5 for k in both)
+    np.testing.assert_array_equal(both["views"][:3], a["views"])
+    np.testing.assert_array_equal(both["views"][3:], T.load_split("b")["views"])

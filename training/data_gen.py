@@ -299,7 +299,11 @@ def main() -> None:
     ap.add_argument("--input-render", type=int, default=224)
     ap.add_argument("--input-size", type=int, default=112)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--splits", default="train,val,tune", help="comma-separated subset of train,val,tune")
+    ap.add_argument("--splits", default="train,val,tune",
+                    help="comma-separated subset of train,val,tune,tune_shapes (tune_shapes: --n-tune-shapes more "
+                         "procedural objects of the training distribution, for comparing checkpoints)")
+    ap.add_argument("--n-tune-shapes", type=int, default=60)
+    ap.add_argument("--train-name", default="train", help="file name (under training/data/) of the training split")
     args = ap.parse_args()
     torch.set_num_threads(1)
     DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -314,7 +318,7 @@ def main() -> None:
         train = itertools.chain((("shape", procedural_object(rng)) for _ in range(args.n_shapes)),
                                 ((n, mesh_object(assets[n], rng)) for n in MESH_FILES if n not in HELDOUT_MESHES
                                  for _ in range(args.mesh_instances)))
-        build_split("train", train, args, rng)
+        build_split(args.train_name, train, args, rng)
     vrng = np.random.default_rng(args.seed + 1000)  # separate stream: held-out shapes never seen in training
     if "val" in splits:
         build_split("val_shapes", [("shape", procedural_object(vrng)) for _ in range(args.n_val_shapes)],
@@ -327,6 +331,10 @@ def main() -> None:
         tune = [("shape", procedural_object(trng)) for _ in range(12)]
         tune += [(n, mesh_object(assets[n], trng)) for n in MESH_FILES if n not in HELDOUT_MESHES]
         build_split("tune", tune, args, trng, gt_dir)
+    if "tune_shapes" in splits:  # its own stream, disjoint from every split above
+        srng = np.random.default_rng(args.seed + 3000)
+        build_split("tune_shapes", [("shape", procedural_object(srng)) for _ in range(args.n_tune_shapes)],
+                    args, srng, gt_dir)
     (DATA_DIR / "meta.json").write_text(json.dumps(vars(args), indent=1))
 
 

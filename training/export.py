@@ -3,8 +3,9 @@
     python training/export.py        # training/data/ckpt/last.pt -> lrm_rt/models_data/lrm-tiny/
 
 Writes config.json (ModelLRM kwargs), model.safetensors and infer.yaml. mesh_thres is chosen by
-maximising the mean F-score@0.05 on the "tune" split (fresh objects from the training distribution,
-disjoint from the validation sets), so the reported validation numbers are not tuned on.
+maximising the mean F-score@0.05 over the tuning splits "tune" and "tune_shapes" (fresh objects from the
+training distribution, disjoint from the validation sets; ``data_gen.py --splits tune,tune_shapes``), so
+the reported validation numbers are not tuned on.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from evaluate import DATA, load_gt, meshes_at, object_fields  # noqa: E402
 from model_def import INFER, KWARGS  # noqa: E402
 
 OUT = ROOT / "lrm_rt" / "models_data" / "lrm-tiny"
-THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 5.0, 10.0)
+THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 5.0, 10.0)
+TUNE_SPLITS = ("tune", "tune_shapes")
 
 
 def write_model(state: dict, infer: dict, out: Path) -> None:
@@ -41,15 +43,16 @@ def write_model(state: dict, infer: dict, out: Path) -> None:
     (out / "infer.yaml").write_text(yaml.safe_dump(infer, sort_keys=False))
 
 
-def tune_threshold(model, resolution: int):
-    z = np.load(DATA / "tune.npz")
+def tune_threshold(model, resolution: int, splits=TUNE_SPLITS):
     backend = field_backend("auto")
     scores = {t: [] for t in THRESHOLDS}
-    for i in range(len(z["pixels"])):
-        fld = object_fields(model.network, z["pixels"][i])
-        gt = load_gt("tune", i)
-        for t, mesh in meshes_at(fld, backend, resolution, THRESHOLDS).items():
-            scores[t].append(E.mesh_metrics(mesh, gt, iou_points=2000).fscore if len(mesh[1]) else 0.0)
+    for split in splits:
+        z = np.load(DATA / f"{split}.npz")
+        for i in range(len(z["pixels"])):
+            fld = object_fields(model.network, z["pixels"][i])
+            gt = load_gt(split, i)
+            for t, mesh in meshes_at(fld, backend, resolution, THRESHOLDS).items():
+                scores[t].append(E.mesh_metrics(mesh, gt, iou_points=2000).fscore if len(mesh[1]) else 0.0)
     means = {t: float(np.mean(s)) for t, s in scores.items()}
     return max(means, key=means.get), means
 
@@ -65,7 +68,7 @@ def main() -> None:
     infer = dict(INFER)
     write_model(ck["model"], infer, out)
     best, means = tune_threshold(load_model(str(out)), infer["mesh_size"])
-    print("F-score@0.05 on the tune split by threshold: " + ", ".join(f"{t:g}: {s:.3f}" for t, s in means.items()))
+    print(f"F-score@0.05 on {'+'.join(TUNE_SPLITS)} by threshold: " + ", ".join(f"{t:g}: {s:.3f}" for t, s in means.items()))
     infer["mesh_thres"] = best
     write_model(ck["model"], infer, out)
     print(f"wrote {out} (step {ck['step']}, mesh_thres {best:g})")

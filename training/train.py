@@ -37,9 +37,11 @@ DATA = HERE / "data"
 CKPT = DATA / "ckpt"
 
 
-def load_split(name: str):
-    z = np.load(DATA / f"{name}.npz")
-    return {k: z[k] for k in z.files}
+def load_split(names: str):
+    """One split file, or several (comma-separated, e.g. two ``data_gen.py`` runs with different seeds)
+    concatenated object-wise."""
+    parts = [np.load(DATA / f"{n}.npz") for n in names.split(",")]
+    return {k: np.concatenate([z[k] for z in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0].files}
 
 
 def differentiable_field(net: LRMNetwork, planes: torch.Tensor) -> TriplaneField:
@@ -232,7 +234,7 @@ def main() -> None:
     ap.add_argument("--attn-scale", type=float, default=1.5,
                     help="initial sharpness of the geometric cross-attention (0: random init, no geometry)")
     ap.add_argument("--ckpt", default=str(CKPT / "last.pt"), help="checkpoint file (written, and read by --resume)")
-    ap.add_argument("--data", default="train", help="dataset split file under training/data/")
+    ap.add_argument("--data", default="train", help="dataset split file(s) under training/data/, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = Path(args.ckpt)
