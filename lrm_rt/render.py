@@ -326,7 +326,10 @@ def mip_ray_march(
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)[:, :-1]
     w = alpha * trans
     rgb = (w[..., None] * colors_mid).sum(-2)
-    depth = (w * depths_mid).sum(-1) / w.sum(-1)
+    w_sum = w.sum(-1)
+    # NaN where Σw = 0, as the reference; dividing through a where keeps that NaN out of the gradients
+    hit = w_sum > 0
+    depth = torch.where(hit, (w * depths_mid).sum(-1) / torch.where(hit, w_sum, torch.ones_like(w_sum)), math.nan)
     return rgb, depth, w
 
 

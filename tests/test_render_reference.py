@@ -179,6 +179,22 @@ def test_openlrm_ray_limits_fill_missing_rays():
     torch.testing.assert_close(end, torch.tensor([4.0, 4.0, 2.0]))
 
 
+def test_openlrm_depth_gradient_is_finite_with_empty_rays(openlrm_io, openlrm_weights):
+    # where the field is empty enough that every sample's alpha underflows, Σw = 0 and the depth is NaN
+    # -> the far end (reference); training on depths must still get finite gradients there (a plain
+    # 0/0 in the graph puts NaN into every weight)
+    field = make_field(openlrm_io, openlrm_weights, OPENLRM_FIELD)
+    planes = field.planes.detach().clone().requires_grad_(True)
+    bias = field.biases[-1].detach().clone()
+    bias[0] = -200.0  # raw density: softplus underflows to exactly 0 on the near rays
+    field = TriplaneField(planes, field.weights, field.biases[:-1] + [bias], OPENLRM_FIELD)
+    rays_o, rays_d = _fixture_rays(openlrm_io)
+    out = render_openlrm(field, rays_o[:4, :4], rays_d[:4, :4])
+    assert float(out.weight.abs().max()) == 0.0
+    out.depth.sum().backward()
+    assert planes.grad is not None and torch.isfinite(planes.grad).all()
+
+
 def test_render_field_rejects_other_family_options(triposr_field, triposr_rays):
     with pytest.raises(ConfigError):
         render_field(triposr_field, *triposr_rays, options=OpenLRMRenderOptions())

@@ -1,6 +1,7 @@
 """The lrm-tiny training recipe (training/train.py): the geometric start and a resumable loop."""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -65,7 +66,8 @@ def _tiny_dataset(path: Path, n_obj=3, views=3, res=8):
     rng = np.random.default_rng(0)
     cams = np.broadcast_to(source_view_camera().numpy(), (n_obj, views, 25))
     vw = rng.integers(0, 255, (n_obj, views, res, res, 4), dtype=np.uint8)
-    np.savez(path, pixels=rng.random((n_obj, 3, 112, 112)).astype(np.float16), views=vw,
+    depths = np.where(vw[..., 3] > 127, rng.uniform(1.2, 2.8, vw.shape[:-1]), 0.0).astype(np.float16)
+    np.savez(path, pixels=rng.random((n_obj, 3, 112, 112)).astype(np.float16), views=vw, depths=depths,
              cams=cams.astype(np.float32), labels=np.array(["shape"] * n_obj))
 
 
@@ -97,3 +99,32 @@ def test_several_split_files_are_concatenated_object_wise(tmp_path, monkeypatch)
     assert all(len(both[k]) == 5 for k in both)
     np.testing.assert_array_equal(both["views"][:3], a["views"])
     np.testing.assert_array_equal(both["views"][3:], T.load_split("b")["views"])
+
+
+def test_depth_loss_reaches_the_network_and_a_new_stage_restarts_the_schedule(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "mini.npz")
+    data = T.load_split("mini")
+    net = LRMNetwork(model_config()).train()
+    T.init_from_scratch(net)
+    args = SimpleNamespace(samples=8, views=2, rays=32, depth_weight=1.0)
+    _, _, l_depth = T.render_loss(net, np.array([0, 1]), data, T.RayCache(data["cams"], 8), args,
+                                  np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert float(l_depth.detach()) > 0
+    l_depth.backward()
+    assert float(net.decoder_layers()[0].weight.grad.abs().sum()) > 0  # depth depends on the density
+
+    ckpt = tmp_path / "ck.pt"
+    common = ["train.py", "--data", "mini", "--batch", "2", "--views", "2", "--rays", "16", "--samples", "8",
+              "--ckpt", str(ckpt), "--warmup", "1", "--depth-weight", "0.5"]
+    monkeypatch.setattr(sys, "argv", common + ["--steps", "2"])
+    T.main()
+    assert torch.load(ckpt, weights_only=False)["origin"] == (0, 0.0)
+    # a plain resume with --steps 2 has nothing left to do; a new stage gets 2 more steps
+    monkeypatch.setattr(sys, "argv", common + ["--steps", "2", "--resume"])
+    T.main()
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    monkeypatch.setattr(sys, "argv", common + ["--steps", "2", "--resume", "--new-stage"])
+    T.main()
+    ck = torch.load(ckpt, weights_only=False)
+    assert ck["step"] == 4 and ck["origin"][0] == 2

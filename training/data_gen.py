@@ -8,7 +8,7 @@ Every object is normalised into the OpenLRM world box [-1, 1]^3 (z up) and rende
   composited on white and bicubic-resized to the encoder size by the runtime's own preprocessing
   code, so training inputs are exactly what inference feeds the network;
 * from ``--views`` cameras (the source one first, then random orbit ones) at ``--res`` px as RGBA
-  supervision for the differentiable renderer.
+  supervision for the differentiable renderer, with each pixel's ray-hit distance (``depths``).
 
 The rays come from ``lrm_rt.render.openlrm_rays``, so every ground-truth pixel is the same ray the
 model's renderer traces. Colours: albedo x a fixed world-space light (view independent, as the
@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -222,8 +223,9 @@ def orbit_cameras25(rng, n: int, distance: float = 2.0) -> torch.Tensor:
     return build_cameras(look_at_origin(torch.tensor(pos, dtype=torch.float32)), default_intrinsics())
 
 
-def cast(parts, cam25: torch.Tensor, res: int) -> np.ndarray:
-    """RGBA float image (res, res, 4) of the parts' union seen along the renderer's own rays."""
+def cast(parts, cam25: torch.Tensor, res: int) -> Tuple[np.ndarray, np.ndarray]:
+    """RGBA float image (res, res, 4) of the parts' union seen along the renderer's own rays, and the
+    hit distance along each (unit) ray (res, res), 0 where the ray misses."""
     o, d = openlrm_rays(cam25, res)
     o = o.reshape(-1, 3).double().numpy()
     d = d.reshape(-1, 3).double().numpy()
@@ -247,18 +249,19 @@ def cast(parts, cam25: torch.Tensor, res: int) -> np.ndarray:
             albedo = part.color_fn(loc, tri)
         rgb[ray] = albedo * shade[:, None]
     alpha = np.isfinite(best_t).astype(np.float64)
-    return np.concatenate([rgb, alpha[:, None]], 1).reshape(res, res, 4)
+    depth = np.where(np.isfinite(best_t), best_t, 0.0)
+    return np.concatenate([rgb, alpha[:, None]], 1).reshape(res, res, 4), depth.reshape(res, res)
 
 
 def render_object(parts, rng, n_views: int, res: int, input_render: int, input_size: int):
     src = source_view_camera()[None]
-    rgba_in = cast(parts, src, input_render)
+    rgba_in, _ = cast(parts, src, input_render)
     u8 = np.clip(np.rint(rgba_in * 255), 0, 255).astype(np.uint8)
     u8[..., :3] = np.where(u8[..., 3:] > 0, u8[..., :3], 255)
     pixels = composite_resize_bicubic(u8, input_size, 1.0)[0]  # the runtime's OpenLRM preprocessing
     cams = torch.cat([src, orbit_cameras25(rng, n_views - 1)])
-    views = np.stack([cast(parts, c, res) for c in cams])
-    return pixels.numpy(), views, cams.numpy()
+    views, depths = zip(*(cast(parts, c, res) for c in cams))
+    return pixels.numpy(), np.stack(views), np.stack(depths), cams.numpy()
 
 
 def save_gt(parts, path: Path):
@@ -272,19 +275,20 @@ def save_gt(parts, path: Path):
 
 def build_split(name, objects, args, rng, gt_dir=None):
     t0 = time.time()
-    pix, views, cams, labels = [], [], [], []
+    pix, views, depths, cams, labels = [], [], [], [], []
     n = 0
     for i, (label, parts) in enumerate(objects):
         n += 1
-        p, v, c = render_object(parts, rng, args.views, args.res, args.input_render, args.input_size)
+        p, v, d, c = render_object(parts, rng, args.views, args.res, args.input_render, args.input_size)
         pix.append(p.astype(np.float16))
         views.append(np.clip(np.rint(v * 255), 0, 255).astype(np.uint8))
+        depths.append(d.astype(np.float16))
         cams.append(c.astype(np.float32))
         labels.append(label)
         if gt_dir is not None:
             save_gt(parts, gt_dir / f"{name}_{i:04d}.npz")
-    np.savez(DATA_DIR / f"{name}.npz", pixels=np.stack(pix), views=np.stack(views), cams=np.stack(cams),
-             labels=np.array(labels))
+    np.savez(DATA_DIR / f"{name}.npz", pixels=np.stack(pix), views=np.stack(views), depths=np.stack(depths),
+             cams=np.stack(cams), labels=np.array(labels))
     print(f"{name}: {n} objects in {time.time() - t0:.0f} s", flush=True)
 
 

@@ -2,15 +2,19 @@
 
 One input view (OpenLRM's canonical source camera) -> triplane -> OpenLRM's differentiable
 importance renderer (lrm_rt.render.render_openlrm) on a random subset of rays of the input view
-and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha.
+and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha
+(+ with ``--depth-weight``, L1 of the rendered depth vs the ray caster's hit distance on the object's
+pixels).
 
     python training/train.py --minutes 118                       # fresh run (see the model card)
     python training/train.py --minutes 118 --resume              # continue from --ckpt
     python training/train.py --ckpt training/data/ckpt/b.pt ...  # a second run beside the first
+    python training/train.py --resume --new-stage --minutes 100  # warm restart: a fresh schedule
 
 One thread by default (``--threads``), so two runs can share a 2-core machine. The LR schedule
 (warmup, cosine) runs over ``--steps`` or ``--minutes``, whichever is further along; training stops at
-either (minutes are counted across resumes) and always saves a checkpoint.
+either (both counted across resumes, from the start of the run or of the last ``--new-stage``) and
+always saves a checkpoint.
 """
 from __future__ import annotations
 
@@ -84,12 +88,13 @@ def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
     planes = net(pixels, cam)  # (B, 3, C, H, W)
     fld_opts = OpenLRMRenderOptions(n_coarse=args.samples // 2, n_fine=args.samples // 2, generator=torch_gen,
                                     chunk_rays=1 << 20)
-    loss_rgb, loss_mask = 0.0, 0.0
+    loss_rgb, loss_mask, loss_depth = 0.0, 0.0, torch.zeros(())
+    use_depth = args.depth_weight > 0
     n_views = data["views"].shape[1]
     for b, obj in enumerate(batch_idx):
         # always the input view (reconstruction) + random novel views
         views = [0] + list(gen.choice(np.arange(1, n_views), args.views - 1, replace=False))
-        os_, ds_, rgb_gt, a_gt = [], [], [], []
+        os_, ds_, rgb_gt, a_gt, t_gt = [], [], [], [], []
         for v in views:
             img = data["views"][obj, v]
             sel = sample_rays(img[..., 3], args.rays, gen)
@@ -100,11 +105,18 @@ def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
             a = px[:, 3:]
             rgb_gt.append(px[:, :3] * a + (1 - a))  # ground truth on the renderer's white background
             a_gt.append(a[:, 0])
+            if use_depth:
+                t_gt.append(data["depths"][obj, v].reshape(-1)[sel].astype(np.float32))
         out = render_openlrm(differentiable_field(net, planes[b]), torch.cat(os_), torch.cat(ds_), options=fld_opts)
         loss_rgb = loss_rgb + F.mse_loss(out.rgb, torch.from_numpy(np.concatenate(rgb_gt)))
-        loss_mask = loss_mask + F.mse_loss(out.weight, torch.from_numpy(np.concatenate(a_gt)))
+        a_gt = torch.from_numpy(np.concatenate(a_gt))
+        loss_mask = loss_mask + F.mse_loss(out.weight, a_gt)
+        if use_depth:  # on the object's pixels only: elsewhere the ray caster has no depth
+            hit = a_gt > 0.5
+            if hit.any():
+                loss_depth = loss_depth + F.l1_loss(out.depth[hit], torch.from_numpy(np.concatenate(t_gt))[hit])
     n = len(batch_idx)
-    return loss_rgb / n, loss_mask / n
+    return loss_rgb / n, loss_mask / n, loss_depth / n
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -208,11 +220,11 @@ def lr_at(step: int, args, minutes: float = 0.0) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save(path: Path, net, opt, step, args, gen, minutes):
+def save(path: Path, net, opt, step, args, gen, minutes, origin=(0, 0.0)):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "args": vars(args),
-                "np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "origin": origin,
+                "args": vars(args), "np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
 
 
@@ -227,7 +239,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--mask-weight", type=float, default=1.0)
+    ap.add_argument("--depth-weight", type=float, default=0.0,
+                    help="weight of the depth L1 loss (needs a split with depths; 0: RGB + mask only)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--new-stage", action="store_true",
+                    help="with --resume: keep weights and optimiser state, restart warmup + cosine schedule "
+                         "and the --steps / --minutes budget from here")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -241,18 +258,21 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     data = load_split(args.data)
+    if args.depth_weight > 0 and "depths" not in data:
+        sys.exit(f"--depth-weight needs ray-hit depths, which {args.data} lacks: regenerate it with data_gen.py")
     rays = RayCache(data["cams"], data["views"].shape[2])
     net = LRMNetwork(model_config()).train()
     init_from_scratch(net, args.attn_scale)  # overwritten by the checkpoint when resuming
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = np.random.default_rng(args.seed)
-    step, prev_minutes = 0, 0.0
+    step, prev_minutes, origin = 0, 0.0, (0, 0.0)  # origin: (step, minutes) where this stage began
     if args.resume and ckpt.is_file():
         ck = torch.load(ckpt, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         prev_minutes = ck.get("minutes", 0.0)
+        origin = (step, prev_minutes) if args.new_stage else tuple(ck.get("origin", (0, 0.0)))
         gen.bit_generator.state = ck["np_rng"]
         torch.set_rng_state(ck["torch_rng"])
         print(f"resumed at step {step}", flush=True)
@@ -264,29 +284,36 @@ def main() -> None:
 
     def minutes_done() -> float:  # across resumed runs
         return prev_minutes + (time.time() - t_start) / 60
+
+    def stage_progress():  # (steps, minutes) since the stage's origin
+        return step - origin[0], minutes_done() - origin[1]
+
+    def lr_now() -> float:
+        steps, minutes = stage_progress()
+        return lr_at(steps, args, minutes)
     ema = None
-    while step < args.steps and minutes_done() < args.minutes:
+    while stage_progress()[0] < args.steps and stage_progress()[1] < args.minutes:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args, minutes_done())
+            g["lr"] = lr_now()
         batch_idx = gen.choice(n_obj, args.batch, replace=False)
-        l_rgb, l_mask = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
-        loss = l_rgb + args.mask_weight * l_mask
+        l_rgb, l_mask, l_depth = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
+        loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
-        cur = np.array([float(l_rgb.detach()), float(l_mask.detach())])
+        cur = np.array([float(l_rgb.detach()), float(l_mask.detach()), float(l_depth.detach())])
         ema = cur if ema is None else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
             el = time.time() - t_start
-            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} lr {lr_at(step, args, minutes_done()):.2e} "
+            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} lr {lr_now():.2e} "
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
         if time.time() - last_save > args.save_every * 60:
-            save(ckpt, net, opt, step, args, gen, minutes_done())
+            save(ckpt, net, opt, step, args, gen, minutes_done(), origin)
             last_save = time.time()
-    save(ckpt, net, opt, step, args, gen, minutes_done())
+    save(ckpt, net, opt, step, args, gen, minutes_done(), origin)
     print(f"done: step {step}, {minutes_done():.1f} min of training", flush=True)
 
 
