@@ -220,7 +220,7 @@ def lr_at(step: int, args, minutes: float = 0.0) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save(path: Path, net, opt, step, args, gen, minutes, origin=(0, 0.0)):
+def save(path: Path, net, opt, step, args, gen, minutes, origin):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "origin": origin,
