@@ -30,7 +30,7 @@ from evaluate import DATA, load_gt, meshes_at, object_fields  # noqa: E402
 from model_def import INFER, KWARGS  # noqa: E402
 
 OUT = ROOT / "lrm_rt" / "models_data" / "lrm-tiny"
-THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 5.0, 10.0)
+THRESHOLDS = (0.2, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 5.0, 7.0, 10.0, 15.0)
 TUNE_SPLITS = ("tune", "tune_shapes")
 
 
