@@ -6,7 +6,9 @@ about x into glTF's y-up convention (x, y, z) -> (x, z, -y), identically for eve
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -82,12 +84,47 @@ def oriented_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndar
 def to_trimesh(mesh: Mesh, orientation: Orientation = "native"):
     import trimesh
 
-    colors = None
-    if mesh.vertex_colors is not None:
-        rgb = np.clip(np.rint(mesh.vertex_colors * 255.0), 0, 255).astype(np.uint8)
-        colors = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
     return trimesh.Trimesh(vertices=oriented_vertices(mesh.vertices, orientation), faces=mesh.faces,
-                           vertex_colors=colors, process=False)
+                           vertex_colors=_vertex_rgba(mesh), process=False)
+
+
+def _vertex_rgba(mesh: Mesh) -> Optional[np.ndarray]:
+    if mesh.vertex_colors is None:
+        return None
+    rgb = np.clip(np.rint(mesh.vertex_colors * 255.0), 0, 255).astype(np.uint8)
+    return np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+
+
+def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
+    """glTF 2.0 binary: one indexed triangle primitive, POSITION and (when present) COLOR_0 as RGBA8.
+
+    Written directly from the arrays: trimesh's exporter spent ~30 ms on a 280k-face mesh, a fifth of a
+    whole GPU reconstruction. Every block is a multiple of 4 bytes (uint32 indices, float32 xyz, RGBA8),
+    so the buffer views need no padding between them.
+    """
+    pos = np.ascontiguousarray(oriented_vertices(mesh.vertices, orientation), dtype="<f4")
+    idx = np.ascontiguousarray(mesh.faces, dtype="<u4")
+    rgba = _vertex_rgba(mesh)
+    cols = np.ascontiguousarray(pos.T)  # min/max over axis 0 of an (N, 3) array is ~40x slower than over rows
+    blocks = [(idx, {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
+              (pos, {"componentType": 5126, "type": "VEC3", "count": len(pos),
+                     "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
+    if rgba is not None:
+        blocks.append((rgba, {"componentType": 5121, "normalized": True, "type": "VEC4", "count": len(rgba)}, 34962))
+    views, accessors, offset = [], [], 0
+    for i, (arr, accessor, target) in enumerate(blocks):
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes, "target": target})
+        accessors.append({"bufferView": i, **accessor})
+        offset += arr.nbytes
+    attributes = {"POSITION": 1, **({"COLOR_0": 2} if rgba is not None else {})}
+    doc = {"asset": {"version": "2.0", "generator": "lrm_rt"}, "scene": 0, "scenes": [{"nodes": [0]}],
+           "nodes": [{"mesh": 0}], "meshes": [{"primitives": [{"attributes": attributes, "indices": 0, "mode": 4}]}],
+           "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": offset}]}
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)  # the JSON chunk is padded with spaces, the BIN chunk needs none here
+    total = 12 + 8 + len(text) + 8 + offset
+    head = struct.pack("<4sII", b"glTF", 2, total) + struct.pack("<I4s", len(text), b"JSON") + text
+    return b"".join([head, struct.pack("<I4s", offset, b"BIN\0"), *(arr.tobytes() for arr, _, _ in blocks)])
 
 
 def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
@@ -99,7 +136,7 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
         raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
     if mesh.num_faces == 0:
         raise LrmError("the mesh is empty: no surface at this threshold (try a lower --mc-threshold)")
-    data = to_trimesh(mesh, orientation).export(file_type=fmt)
+    data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
     if isinstance(data, str):
         data = data.encode()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,69 @@
+"""The GLB writer (lrm_rt.mesh.glb_bytes): what trimesh reads back, and the container rules of glTF 2.0."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+import trimesh
+
+from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, to_trimesh
+
+
+def _mesh(colors: bool) -> Mesh:
+    box = trimesh.creation.icosphere(subdivisions=3)
+    rng = np.random.default_rng(0)
+    return Mesh(vertices=(box.vertices * [0.5, 0.7, 0.9] + [0.1, -0.2, 0.05]).astype(np.float32),
+                faces=box.faces.astype(np.int64),
+                vertex_colors=rng.random((len(box.vertices), 3)).astype(np.float32) if colors else None)
+
+
+def _chunks(data: bytes):
+    magic, version, total = struct.unpack_from("<4sII", data, 0)
+    assert (magic, version, total) == (b"glTF", 2, len(data))
+    jlen, jtype = struct.unpack_from("<I4s", data, 12)
+    assert jtype == b"JSON" and jlen % 4 == 0
+    doc = json.loads(data[20:20 + jlen])
+    blen, btype = struct.unpack_from("<I4s", data, 20 + jlen)
+    assert btype == b"BIN\0" and blen % 4 == 0 and 28 + jlen + blen == len(data)
+    return doc, data[28 + jlen:]
+
+
+@pytest.mark.parametrize("orientation", ["native", "y_up"])
+@pytest.mark.parametrize("colors", [True, False])
+def test_trimesh_reads_back_the_same_mesh(colors, orientation):
+    mesh = _mesh(colors)
+    ref = to_trimesh(mesh, orientation)
+    back = trimesh.load(io.BytesIO(glb_bytes(mesh, orientation)), file_type="glb", force="mesh", process=False)
+    np.testing.assert_array_equal(back.vertices, ref.vertices)
+    np.testing.assert_array_equal(back.faces, mesh.faces)
+    if colors:
+        np.testing.assert_array_equal(back.visual.vertex_colors, ref.visual.vertex_colors)
+    assert back.is_watertight
+
+
+@pytest.mark.parametrize("colors", [True, False])
+def test_container_follows_gltf(colors):
+    mesh = _mesh(colors)
+    doc, binary = _chunks(glb_bytes(mesh, "y_up"))
+    assert doc["asset"]["version"] == "2.0"
+    assert doc["buffers"] == [{"byteLength": len(binary)}]
+    prim = doc["meshes"][0]["primitives"][0]
+    assert set(prim["attributes"]) == ({"POSITION", "COLOR_0"} if colors else {"POSITION"})
+    for acc in doc["accessors"]:
+        view = doc["bufferViews"][acc["bufferView"]]
+        assert view["byteOffset"] % 4 == 0 and view["byteOffset"] + view["byteLength"] <= len(binary)
+    pos_acc = doc["accessors"][prim["attributes"]["POSITION"]]
+    view = doc["bufferViews"][pos_acc["bufferView"]]
+    pos = np.frombuffer(binary, "<f4", pos_acc["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+    assert pos_acc["min"] == pos.min(axis=0).tolist() and pos_acc["max"] == pos.max(axis=0).tolist()
+    idx_acc = doc["accessors"][prim["indices"]]
+    assert idx_acc["componentType"] == 5125 and idx_acc["count"] == mesh.faces.size
+
+
+def test_export_writes_the_glb(tmp_path):
+    mesh = _mesh(True)
+    path = export_mesh(mesh, tmp_path / "m.glb")
+    assert path.read_bytes() == glb_bytes(mesh)
