@@ -100,6 +100,8 @@ def markdown(res: Dict[str, Any]) -> str:
           f"torch capability {m['torch_cpu_capability']}), {m.get('memory_gb')} GB RAM  ",
           f"Threads: torch intra-op {thr['torch_intra_op']}, inter-op {thr['torch_inter_op']}, "
           f"OMP_NUM_THREADS={thr.get('OMP_NUM_THREADS') or 'unset'}  "]
+    if res.get("interrupted"):
+        L.append(f"**Interrupted** during {res['interrupted']}: only the rows that finished are here.  ")
     if m.get("gpu"):
         L.append(f"GPU: {m['gpu']}, driver {m.get('gpu_driver', '?')}, CUDA {m.get('cuda_runtime')}, {m.get('gpu_memory', '')}  ")
     L += [f"Libraries: {lib}  ",

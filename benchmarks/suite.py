@@ -1471,11 +1471,16 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; device {runner.device}; results -> {out}")
     t_start = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="lrm-bench-"))
+    interrupted = None
     try:
         for spec in settings.models:
             try:
                 runner.run_model(spec, scratch)
-            except (KeyboardInterrupt, SystemExit):
+            except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: keep what finished (GPU time is scarce)
+                interrupted = spec
+                log(f"   interrupted during {spec}: writing the rows measured so far")
+                break
+            except SystemExit:
                 raise
             except Exception as exc:  # one model failing (OOM, bad checkpoint) must not lose the others
                 msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
@@ -1500,6 +1505,7 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
         "scaling": fits,
         "targets": evaluate_targets(runner.rows, fits, machine, runner.models),
         "model_errors": runner.model_errors,
+        "interrupted": interrupted,
     }
     report.write_all(results, out, plots=settings.plots, log=log)
     return results
@@ -1514,6 +1520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(report.targets_text(results))
+    if results["interrupted"]:
+        return 130
     bad = [r for k in ("network", "extraction", "render", "end_to_end") for r in results[k]
            if r["status"] in ("FAILING", "error")] + results["model_errors"]
     if bad:

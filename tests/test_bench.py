@@ -240,3 +240,21 @@ def test_bench_entry_without_checkout(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exc:
         B.main(["--quick"])
     assert "source checkout" in str(exc.value)
+
+
+def test_interrupt_keeps_finished_rows(tmp_path):
+    """Ctrl-C (or `timeout -s INT` on a time-limited GPU machine) writes what finished instead of nothing."""
+    def interrupt(ctx):
+        if ctx.src.name == "lrm-tiny":
+            raise KeyboardInterrupt
+        return TorchFieldBackend(), "cpu", "pymcubes"
+
+    settings = S.settings_from_args(["--models", "tiny-triposr,lrm-tiny", "--resolutions", "16", "--batch", "1",
+                                     "--repeats", "1", "--warmup", "1", "--e2e-resolution", "16", "--render-size", "8",
+                                     "--network-backends", "torch-fp32", "--field-backends", "torch,stop",
+                                     "--device", "cpu", "--no-plots", "--out", str(tmp_path)])
+    results = S.run_suite(settings, None, {"stop": S.FieldEntry("stop", interrupt)}, log=lambda m: None)
+    assert results["interrupted"] == "lrm-tiny"
+    assert {r["model"] for r in results["extraction"]} == {"tiny-triposr"}
+    assert json.loads((tmp_path / "results.json").read_text())["interrupted"] == "lrm-tiny"
+    assert "**Interrupted** during lrm-tiny" in (tmp_path / "results.md").read_text()
