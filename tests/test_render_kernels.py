@@ -19,7 +19,8 @@ import math
 import pytest
 import torch
 
-from lrm_rt.field.cuda import CudaFieldBackend
+from lrm_rt.errors import ConfigError
+from lrm_rt.field.cuda import RENDER_SMEM_BYTES, CudaFieldBackend, reference_render_preferred
 from lrm_rt.field.native import NativeFieldBackend, _lib, render_kernel_options
 from lrm_rt.field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec, TriplaneField
 from lrm_rt.field.torch_ref import TorchFieldBackend
@@ -222,13 +223,63 @@ def test_c_abi_rejects_sample_counts_beyond_scratch(openlrm_case):
     close(out[0], render_openlrm(field, o, d).rgb)
 
 
+def _wide_field(family: str, width: int = 64, layers: int = 10) -> TriplaneField:
+    """A decoder too large for the render kernel's shared memory (TripoSR-sized)."""
+    g = torch.Generator().manual_seed(3)
+    dims = [3 * 40] + [width] * (layers - 1) + [4]
+    ws = [torch.randn(o, i, generator=g) / math.sqrt(i) for i, o in zip(dims[:-1], dims[1:])]
+    bs = [0.1 * torch.randn(o, generator=g) for o in dims[1:]]
+    spec = TRIPOSR_FIELD if family == "triposr" else OPENLRM_FIELD
+    return TriplaneField(torch.randn(3, 40, 16, 16, generator=g), ws, bs, spec)
+
+
+def test_reference_render_choice():
+    fits = RENDER_SMEM_BYTES // 4
+    assert reference_render_preferred(fits + 1, None, True)  # unstaged on a GPU: torch's renderer
+    assert not reference_render_preferred(fits, None, True)  # staged: the kernel
+    assert reference_render_preferred(fits, False, True)  # staging switched off
+    assert not reference_render_preferred(fits + 1, None, False)  # host tensors: the kernel (torch would run on the CPU)
+    with pytest.raises(ConfigError, match="render_kernel"):
+        CudaFieldBackend(runtime=HostRuntime(), render_kernel="never")
+
+
+def test_host_rays_keep_the_kernel_for_wide_decoders():
+    rt = HostRuntime()
+    field = _wide_field("triposr")
+    rays_o, rays_d = spherical_cameras(1, 10.0, 1.9, 40.0, 6, 6)
+    out = CudaFieldBackend(runtime=rt).render(field, rays_o[0], rays_d[0], TripoSRRenderOptions(n_samples=16))
+    assert "lrm_render_triposr_f32" in rt.launches
+    same_render(out, render_triposr(field, rays_o[0], rays_d[0], options=TripoSRRenderOptions(n_samples=16)))
+
+
 # ------------------------------------------------------------------------------------ real GPU
 
 
 @pytest.mark.gpu
 @needs_gpu
+def test_gpu_wide_decoders_render_with_torch_on_cuda():
+    """auto: torch CUDA inputs + a decoder too large to stage -> torch's renderer, same result as the kernel."""
+    for family in ("triposr", "openlrm"):
+        field = _wide_field(family)
+        gpu = TriplaneField(field.planes.cuda(), [w.cuda() for w in field.weights],
+                            [b.cuda() for b in field.biases], field.spec)
+        if family == "triposr":
+            o, d = (t[0].cuda() for t in spherical_cameras(1, 10.0, 1.9, 40.0, 16, 16))
+            opt = None
+        else:
+            o, d = (t.cuda() for t in openlrm_rays(surrounding_cameras(1, 2.0, 0.3, "1.1")[0], 16))
+            opt = OpenLRMRenderOptions(version="1.1")
+        auto = CudaFieldBackend().render(gpu, o, d, opt)
+        kernel = CudaFieldBackend(render_kernel="always").render(gpu, o, d, opt)
+        assert auto.rgb.is_cuda
+        close(auto.rgb.cpu(), kernel.rgb.cpu())
+        close(auto.weight.cpu(), kernel.weight.cpu())
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_render_matches_reference(triposr_case, openlrm_case):
-    be = CudaFieldBackend()
+    be = CudaFieldBackend(render_kernel="always")
     io, field, rays_o, rays_d = triposr_case
     cases = [(field, rays_o, rays_d, None, io["render_rgb"])]
     version, io, field, rays_o, rays_d = openlrm_case

@@ -35,6 +35,19 @@ from .spec import TriplaneField
 PLANE_DTYPES = ("float32", "float16")
 RAY_BLOCK = 64  # render kernels: a thread does a whole ray, so small blocks spread few rays over every SM
 RENDER_SMEM_BYTES = 48 * 1024  # staging a larger decoder would leave one block (of few rays) per SM
+RENDER_KERNEL_MODES = ("auto", "always")
+
+
+def reference_render_preferred(n_params: int, stage_weights: Optional[bool], tensors_on_cuda: bool) -> bool:
+    """Whether torch's reference renderer on the GPU beats the fused kernel.
+
+    Measured on an H200 (benchmarks/results/gpu-nvidia-h200): when the decoder does not fit the render
+    kernel's shared memory, its weights come from global memory and torch (cuBLAS on all samples) wins —
+    TripoSR 11 vs 130 ms, OpenLRM base 19 vs 30 ms per 128^2 view; staged (lrm-tiny) the kernel wins, 10 vs
+    14 ms. Only for torch CUDA tensors, where the reference renderer runs on the GPU.
+    """
+    staged = stage_weights is not False and 4 * n_params <= RENDER_SMEM_BYTES
+    return tensors_on_cuda and not staged
 
 
 def kernel_source() -> str:
@@ -179,6 +192,8 @@ class CudaFieldBackend(FieldBackend):
         and the MLP stay float32). Mind TripoSR's triplane range (|x| up to ~1.4e3, half spacing ~1 there).
     mode / c2f: density-grid mode and coarse-to-fine settings, as ``NativeFieldBackend``.
     stage_weights: stage the decoder in shared memory (None: when it fits the device's opt-in limit).
+    render_kernel: "auto" renders with torch's reference renderer on the GPU where that is faster (decoders
+        too large to stage, torch CUDA inputs: ``reference_render_preferred``), "always" with the kernel.
     runtime: the launcher (default ``CupyRuntime(device)``); tests pass a host one.
     Results come back like the input: torch CUDA tensors, CuPy arrays, or CPU tensors for host input;
     density grids as torch CUDA tensors when torch has CUDA, else CuPy arrays.
@@ -187,9 +202,13 @@ class CudaFieldBackend(FieldBackend):
     name = "cuda"
 
     def __init__(self, device: Optional[int] = None, plane_dtype: str = "float32", mode: str = "auto",
-                 c2f: Optional[CoarseToFine] = None, stage_weights: Optional[bool] = None, runtime=None) -> None:
+                 c2f: Optional[CoarseToFine] = None, stage_weights: Optional[bool] = None, runtime=None,
+                 render_kernel: str = "auto") -> None:
         if plane_dtype not in PLANE_DTYPES:
             raise ConfigError(f"plane_dtype must be one of {PLANE_DTYPES}, got {plane_dtype!r}")
+        if render_kernel not in RENDER_KERNEL_MODES:
+            raise ConfigError(f"render_kernel must be one of {RENDER_KERNEL_MODES}, got {render_kernel!r}")
+        self.render_kernel = render_kernel
         check_mode(mode)
         self.rt = runtime if runtime is not None else CupyRuntime(device)
         self.plane_dtype = plane_dtype
@@ -309,6 +328,14 @@ class CudaFieldBackend(FieldBackend):
         opt = render_kernel_options(field, options)
         if opt is None:
             return super().render(field, rays_o, rays_d, options)
+        if self.render_kernel == "auto":
+            tensors = (rays_o, rays_d, field.planes, *field.weights, *field.biases)
+            on_cuda = all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+            n_params = sum(t.numel() for t in (*field.weights, *field.biases))
+            if reference_render_preferred(n_params, self.stage_weights, on_cuda):
+                from ..render import render_field
+
+                return render_field(field, rays_o, rays_d, options)
         rt, xp = self.rt, self.rt.xp
         with rt.stream():
             o, kind = rt.from_input(rays_o)
