@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # The README's GPU table (about a minute on an H200). onnxruntime is left out: the GPU machine had its CPU
 # build only, which the CPU results already cover; tensorrt is listed as unavailable unless installed.
-: "${BENCH_ARGS:=--models triposr --resolutions 128,256,512 --batch 1 --network-backends torch-fp32,torch-fp16,tensorrt --field-backends torch,cuda --repeats 5 --warmup 2}"
+: "${BENCH_ARGS:=--models triposr --resolutions 128,256,512 --batch 1 --network-backends torch-fp32,torch-fp16,tensorrt --field-backends torch,cuda,cuda-compact --repeats 5 --warmup 2}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to OUTDIR/NAME.log, record the exit status
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS

@@ -29,6 +29,26 @@ LRM_DEVICE_FN void lrm_field_query_body(int64_t n, const float* __restrict__ poi
     }
 }
 
+// Fine indices of node t of level s (m = count(R, s) nodes per axis; x slowest, z fastest).
+LRM_DEVICE_FN void lrm_level_node(int64_t R, int64_t s, int64_t m, int64_t t, int64_t* x, int64_t* y, int64_t* z) {
+    *x = lrm_lattice_node(R, s, t / (m * m));
+    *y = lrm_lattice_node(R, s, (t / m) % m);
+    *z = lrm_lattice_node(R, s, t % m);
+}
+
+// Decodes grid node (x, y, z) into the grid (activated density).
+template <typename PT>
+LRM_DEVICE_FN void lrm_decode_node(int64_t R, int64_t x, int64_t y, int64_t z, const float* __restrict__ axis,
+                                   const PT* __restrict__ planes, int C, int H, int W, const float* w,
+                                   const int* __restrict__ dims, int n_layers, int flags, float radius,
+                                   float density_bias, float* __restrict__ grid) {
+    const float pos[3] = {axis[x], axis[y], axis[z]};
+    float out[4];
+    lrm_field_eval_point(pos, planes, C, H, W, w, dims, n_layers, flags, radius, density_bias, 0, out);
+    grid[(x * R + y) * R + z] = out[0];
+}
+#define LRM_DECODE_PASS planes, C, H, W, w, dims, n_layers, flags, radius, density_bias, grid
+
 // Activated density at every node of lattice level s (n = count(R, s)^3); s = 1 is the dense grid.
 template <typename PT>
 LRM_DEVICE_FN void lrm_field_lattice_body(int64_t n, int64_t R, int64_t s, const float* __restrict__ axis,
@@ -36,13 +56,9 @@ LRM_DEVICE_FN void lrm_field_lattice_body(int64_t n, int64_t R, int64_t s, const
     const float* w = lrm_stage_params(params, smem_floats);
     const int64_t m = lrm_lattice_count(R, s);
     LRM_FOR_EACH(t, n) {
-        const int64_t x = lrm_lattice_node(R, s, t / (m * m));
-        const int64_t y = lrm_lattice_node(R, s, (t / m) % m);
-        const int64_t z = lrm_lattice_node(R, s, t % m);
-        const float pos[3] = {axis[x], axis[y], axis[z]};
-        float out[4];
-        lrm_field_eval_point(pos, planes, C, H, W, w, dims, n_layers, flags, radius, density_bias, 0, out);
-        grid[(x * R + y) * R + z] = out[0];
+        int64_t x, y, z;
+        lrm_level_node(R, s, m, t, &x, &y, &z);
+        lrm_decode_node(R, x, y, z, axis, LRM_DECODE_PASS);
     }
 }
 
@@ -55,20 +71,11 @@ LRM_DEVICE_FN void lrm_field_c2f_level_body(int64_t n, int64_t R, int64_t s, con
     const float* w = lrm_stage_params(params, smem_floats);
     const int64_t s2 = s / 2, m2 = lrm_lattice_count(R, s2), nc = lrm_lattice_count(R, s) - 1;
     LRM_FOR_EACH(t, n) {
-        const int64_t x = lrm_lattice_node(R, s2, t / (m2 * m2));
-        const int64_t y = lrm_lattice_node(R, s2, (t / m2) % m2);
-        const int64_t z = lrm_lattice_node(R, s2, t % m2);
+        int64_t x, y, z;
+        lrm_level_node(R, s2, m2, t, &x, &y, &z);
         if (!(lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y) && lrm_on_lattice(R, s, z))) {
-            float v;
-            if (lrm_c2f_node_active(mask, nc, s, x, y, z)) {
-                const float pos[3] = {axis[x], axis[y], axis[z]};
-                float out[4];
-                lrm_field_eval_point(pos, planes, C, H, W, w, dims, n_layers, flags, radius, density_bias, 0, out);
-                v = out[0];
-            } else {
-                v = lrm_c2f_fill(grid, R, s, nc, x, y, z);
-            }
-            grid[(x * R + y) * R + z] = v;
+            if (lrm_c2f_node_active(mask, nc, s, x, y, z)) lrm_decode_node(R, x, y, z, axis, LRM_DECODE_PASS);
+            else grid[(x * R + y) * R + z] = lrm_c2f_fill(grid, R, s, nc, x, y, z);
         }
     }
 }
@@ -98,6 +105,49 @@ LRM_KERNEL void lrm_field_c2f_level_f16(int64_t n, int64_t R, int64_t s, const u
                                         const float* __restrict__ axis, LRM_FIELD_PARAMS(unsigned short),
                                         float* __restrict__ grid) {
     lrm_field_c2f_level_body<unsigned short>(n, R, s, mask, axis, LRM_FIELD_PASS, grid);
+}
+
+// Compacted refinement, the GPU's way (lrm_field_c2f_level evaluates in place, which on a GPU runs every
+// warp that holds one node near the surface at the cost of a full one). Step 1, over new nodes t0 .. t0+n-1
+// of level s/2: fill those outside active cells, flag those inside (need[t - t0] = 1).
+LRM_KERNEL void lrm_c2f_level_split(int64_t n, int64_t t0, int64_t R, int64_t s,
+                                    const unsigned char* __restrict__ mask, float* __restrict__ grid,
+                                    unsigned char* __restrict__ need) {
+    const int64_t s2 = s / 2, m2 = lrm_lattice_count(R, s2), nc = lrm_lattice_count(R, s) - 1;
+    LRM_FOR_EACH(i, n) {
+        int64_t x, y, z;
+        lrm_level_node(R, s2, m2, t0 + i, &x, &y, &z);
+        unsigned char flag = 0;
+        if (!(lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y) && lrm_on_lattice(R, s, z))) {
+            if (lrm_c2f_node_active(mask, nc, s, x, y, z)) flag = 1;
+            else grid[(x * R + y) * R + z] = lrm_c2f_fill(grid, R, s, nc, x, y, z);
+        }
+        need[i] = flag;
+    }
+}
+
+// Step 2: decodes the flagged nodes, t = t0 + idx[i] (n = number of flags set), one per thread.
+template <typename PT>
+LRM_DEVICE_FN void lrm_field_c2f_points_body(int64_t n, const int64_t* __restrict__ idx, int64_t t0, int64_t R,
+                                             int64_t s, const float* __restrict__ axis, LRM_FIELD_PARAMS(PT),
+                                             float* __restrict__ grid) {
+    const float* w = lrm_stage_params(params, smem_floats);
+    const int64_t s2 = s / 2, m2 = lrm_lattice_count(R, s2);
+    LRM_FOR_EACH(i, n) {
+        int64_t x, y, z;
+        lrm_level_node(R, s2, m2, t0 + idx[i], &x, &y, &z);
+        lrm_decode_node(R, x, y, z, axis, LRM_DECODE_PASS);
+    }
+}
+LRM_KERNEL void lrm_field_c2f_points_f32(int64_t n, const int64_t* __restrict__ idx, int64_t t0, int64_t R,
+                                         int64_t s, const float* __restrict__ axis, LRM_FIELD_PARAMS(float),
+                                         float* __restrict__ grid) {
+    lrm_field_c2f_points_body<float>(n, idx, t0, R, s, axis, LRM_FIELD_PASS, grid);
+}
+LRM_KERNEL void lrm_field_c2f_points_f16(int64_t n, const int64_t* __restrict__ idx, int64_t t0, int64_t R,
+                                         int64_t s, const float* __restrict__ axis, LRM_FIELD_PARAMS(unsigned short),
+                                         float* __restrict__ grid) {
+    lrm_field_c2f_points_body<unsigned short>(n, idx, t0, R, s, axis, LRM_FIELD_PASS, grid);
 }
 
 // Level-s cell activity (n = nc^3 cells, nc = count(R, s) - 1) from the grid values around each cell;

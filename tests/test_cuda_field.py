@@ -214,6 +214,29 @@ def test_emulated_coarse_to_fine_matches_dense(request, name, resolution, stride
     torch.testing.assert_close(c2f, native_c2f, atol=0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("plane_dtype", ["float32", "float16"])
+def test_compacted_refinement_equals_in_place(plane_dtype, monkeypatch):
+    """Listing the nodes to decode first (compact=True) writes exactly the grid of the in-place kernel,
+    also when a level spans several slabs; the stats count the decoded nodes and the warps they touch."""
+    import lrm_rt.field.cuda as cuda_mod
+
+    field = surface_field()
+    c2f = CoarseToFine(coarse_stride=4)
+    in_place = emulated(c2f=c2f, plane_dtype=plane_dtype)
+    ref = in_place.density_grid(field, 49, level=25.0, mode="coarse_to_fine")
+    assert "lrm_field_c2f_level" + ("_f16" if plane_dtype == "float16" else "_f32") in in_place.rt.launches
+    monkeypatch.setattr(cuda_mod, "COMPACT_CHUNK", 32 * 97)  # several slabs per level, the last one partial
+    be = emulated(c2f=c2f, plane_dtype=plane_dtype, compact=True)
+    grid = be.density_grid(field, 49, level=25.0, mode="coarse_to_fine")
+    assert torch.equal(grid, ref)
+    assert be.rt.launches.count("lrm_c2f_level_split") > 2
+    st = be.last_grid_stats
+    native = NativeFieldBackend(c2f=c2f)
+    native.density_grid(field, 49, level=25.0, mode="coarse_to_fine")
+    assert st["evaluated"] == native.last_grid_stats["evaluated"]
+    assert st["refined"] / 32 <= st["warps_touched"] <= st["refined"]
+
+
 def test_emulated_errors(triposr_field):
     planes = triposr_field.planes.clone()
     planes[0, 0, 0, 0] = float("nan")
