@@ -29,6 +29,9 @@
 #define lrm_field_c2f_level_f16 lrm_cuda_field_c2f_level_f16
 #define lrm_c2f_mask lrm_cuda_c2f_mask
 #define lrm_c2f_dilate lrm_cuda_c2f_dilate
+#define lrm_c2f_level_split lrm_cuda_c2f_level_split
+#define lrm_field_c2f_points_f32 lrm_cuda_field_c2f_points_f32
+#define lrm_field_c2f_points_f16 lrm_cuda_field_c2f_points_f16
 #include "marching_cubes.cu"
 #include "triplane_field.cu"
 

@@ -88,3 +88,13 @@ def test_cupy_module_text_compiles(module, tmp_path, nvcc_version):
     res = nvcc("-c", "-x", "cu", "-std=c++17", "-DLRM_HOST_API=0", *gencode(["90"]), str(src),
                "-o", str(tmp_path / f"{module}.o"))
     assert res.returncode == 0, f"nvcc {nvcc_version} failed on the {module} module text:\n{res.stderr[-4000:]}"
+
+
+def test_c_library_renames_every_kernel_it_includes():
+    """src/field_cuda.cu compiles kernel files into liblrm_rt beside their CPU build, whose extern "C" names
+    are the same: each included kernel needs a #define to a lrm_cuda_ name, or the link fails."""
+    src = (CUDA_DIR.parent / "src" / "field_cuda.cu").read_text()
+    renamed = set(re.findall(r"#define (lrm_\w+) lrm_cuda_\w+", src))
+    for name in re.findall(r'#include "(\w+\.cu)"', src):
+        kernels = set(re.findall(r"LRM_KERNEL void (\w+)\(", (CUDA_DIR / name).read_text()))
+        assert kernels <= renamed, f"{name}: not renamed in src/field_cuda.cu: {sorted(kernels - renamed)}"
