@@ -49,6 +49,16 @@ LRM_DEVICE_FN void lrm_decode_node(int64_t R, int64_t x, int64_t y, int64_t z, c
 }
 #define LRM_DECODE_PASS planes, C, H, W, w, dims, n_layers, flags, radius, density_bias, grid
 
+// Refinement level s -> s/2, new node (x, y, z): true when it lies in an active level-s cell (it must be
+// decoded); otherwise fills it by clamped trilinear interpolation. Nodes of level s keep their values.
+LRM_DEVICE_FN bool lrm_c2f_fill_or_flag(const unsigned char* __restrict__ mask, float* __restrict__ grid, int64_t R,
+                                        int64_t s, int64_t nc, int64_t x, int64_t y, int64_t z) {
+    if (lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y) && lrm_on_lattice(R, s, z)) return false;
+    if (lrm_c2f_node_active(mask, nc, s, x, y, z)) return true;
+    grid[(x * R + y) * R + z] = lrm_c2f_fill(grid, R, s, nc, x, y, z);
+    return false;
+}
+
 // Activated density at every node of lattice level s (n = count(R, s)^3); s = 1 is the dense grid.
 template <typename PT>
 LRM_DEVICE_FN void lrm_field_lattice_body(int64_t n, int64_t R, int64_t s, const float* __restrict__ axis,
@@ -73,10 +83,7 @@ LRM_DEVICE_FN void lrm_field_c2f_level_body(int64_t n, int64_t R, int64_t s, con
     LRM_FOR_EACH(t, n) {
         int64_t x, y, z;
         lrm_level_node(R, s2, m2, t, &x, &y, &z);
-        if (!(lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y) && lrm_on_lattice(R, s, z))) {
-            if (lrm_c2f_node_active(mask, nc, s, x, y, z)) lrm_decode_node(R, x, y, z, axis, LRM_DECODE_PASS);
-            else grid[(x * R + y) * R + z] = lrm_c2f_fill(grid, R, s, nc, x, y, z);
-        }
+        if (lrm_c2f_fill_or_flag(mask, grid, R, s, nc, x, y, z)) lrm_decode_node(R, x, y, z, axis, LRM_DECODE_PASS);
     }
 }
 
@@ -117,12 +124,7 @@ LRM_KERNEL void lrm_c2f_level_split(int64_t n, int64_t t0, int64_t R, int64_t s,
     LRM_FOR_EACH(i, n) {
         int64_t x, y, z;
         lrm_level_node(R, s2, m2, t0 + i, &x, &y, &z);
-        unsigned char flag = 0;
-        if (!(lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y) && lrm_on_lattice(R, s, z))) {
-            if (lrm_c2f_node_active(mask, nc, s, x, y, z)) flag = 1;
-            else grid[(x * R + y) * R + z] = lrm_c2f_fill(grid, R, s, nc, x, y, z);
-        }
-        need[i] = flag;
+        need[i] = lrm_c2f_fill_or_flag(mask, grid, R, s, nc, x, y, z) ? 1 : 0;
     }
 }
 

@@ -36,7 +36,7 @@ PLANE_DTYPES = ("float32", "float16")
 RAY_BLOCK = 64  # render kernels: a thread does a whole ray, so small blocks spread few rays over every SM
 RENDER_SMEM_BYTES = 48 * 1024  # staging a larger decoder would leave one block (of few rays) per SM
 RENDER_KERNEL_MODES = ("auto", "always")
-COMPACT_CHUNK = 1 << 24  # nodes per slab of a compacted refinement: 16 MB of flags + up to 128 MB of indices
+COMPACT_CHUNK = 1 << 24  # nodes per compacted slab (a multiple of 32): 16 MB of flags + up to 128 MB of indices
 
 
 def reference_render_preferred(n_params: int, stage_weights: Optional[bool], tensors_on_cuda: bool) -> bool:
@@ -342,9 +342,9 @@ class CudaFieldBackend(FieldBackend):
                 rt.launch("lrm_field_c2f_points" + dev.suffix, count,
                           [np.int64(count), idx, np.int64(t0), np.int64(r), np.int64(s), axis, *fargs, grid],
                           smem, width)
-                pad = -k % 32  # COMPACT_CHUNK is a multiple of 32, so groups line up with the in-place kernel's warps
-                groups = xp.concatenate([need[:k], xp.zeros((pad,), dtype=xp.uint8)]).reshape(-1, 32)
-                warps += int(groups.any(axis=1).sum())
+                # idx is sorted and t0 a multiple of 32: count the distinct 32-node groups (the in-place warps)
+                group = idx // 32
+                warps += 1 + int((group[1:] != group[:-1]).sum())
             evaluated += count
         return evaluated, warps
 
