@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,6 +103,12 @@ class Settings:
     plots: bool = True
     strict: bool = False
     command: str = ""
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A bad option: one ``error:`` line and exit status 2, as everywhere else in the lrm-rt CLI."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _csv_ints(text: str) -> List[int]:
@@ -176,9 +182,11 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> Settings:
     )
     for name, vals in (("--resolutions", s.resolutions), ("--batch", s.batches), ("--e2e-batch", s.e2e_batches)):
         if any(v < (2 if name == "--resolutions" else 1) for v in vals):
-            raise SystemExit(f"error: {name} values must be >= {2 if name == '--resolutions' else 1}")
+            _usage_error(f"{name} values must be >= {2 if name == '--resolutions' else 1}")
     if s.repeats < 1 or s.warmup < 1 or s.baseline_repeats < 1:
-        raise SystemExit("error: --repeats, --baseline-repeats and --warmup must be >= 1 (the parity run is a warm-up)")
+        _usage_error("--repeats, --baseline-repeats and --warmup must be >= 1 (the parity run is a warm-up)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):  # otherwise every model would fail the same way
+        _usage_error(f"--device must be auto, cpu or cuda, got {s.device!r}")
     return s
 
 
@@ -950,7 +958,7 @@ class Runner:
             names += [n for n in (extra or {}) if n not in names]
         unknown = [n for n in names if n not in entries]
         if unknown:
-            raise SystemExit(f"error: unknown backend(s) {', '.join(unknown)}; known: {', '.join(entries)}")
+            _usage_error(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(entries)}")
         return [baseline] + [n for n in names if n != baseline]
 
     # -- one measured configuration ---------------------------------------------------------
@@ -1526,10 +1534,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.targets_text(results))
     if results["interrupted"]:
         return 130
-    bad = [r for k in ("network", "extraction", "render", "end_to_end") for r in results[k]
-           if r["status"] in ("FAILING", "error")] + results["model_errors"]
+    rows = [r for k in ("network", "extraction", "render", "end_to_end") for r in results[k]]
+    bad = [r for r in rows if r["status"] in ("FAILING", "error")] + results["model_errors"]
     if bad:
         print(f"{len(bad)} configuration(s) FAILING or erroring: see results.md")
+    if not any(r["status"] == "ok" for r in rows):  # e.g. every model unloadable: nothing was measured
+        print(f"error: no configuration ran successfully ({len(bad)} FAILING or erroring): see results.md",
+              file=sys.stderr)
+        return 2
     return 1 if bad and settings.strict else 0
 
 

@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _load_suite():
     if not (REPO / "benchmarks" / "suite.py").is_file():
-        raise SystemExit(
-            f"error: the benchmark suite is not here (expected {REPO / 'benchmarks' / 'suite.py'}): `lrm-rt bench` "
-            "runs from a source checkout or an editable install (git clone ...; pip install -e .)")
+        # one error line and status 2, like the CLI's other errors (SystemExit("...") would exit 1)
+        print(f"error: the benchmark suite is not here (expected {REPO / 'benchmarks' / 'suite.py'}): `lrm-rt bench` "
+              "runs from a source checkout or an editable install (git clone ...; pip install -e .)", file=sys.stderr)
+        raise SystemExit(2)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     return importlib.import_module("benchmarks.suite")

@@ -70,17 +70,36 @@ def _require(cfg: Mapping[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
+def _int(where: str, key: str, value: Any, minimum: int = 1) -> int:
+    """A size from a config file, checked here: zero or negative ones only fail later, deep in torch."""
+    try:
+        n = int(value)
+        ok = n == float(value) and n >= minimum
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return n
+
+
 def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
                    vit: Optional[ViTConfig] = None) -> ModelConfig:
     """From TripoSR's config.yaml (already parsed; ``${...}`` interpolations resolved or not)."""
-    where = f"TripoSR config of {name}"
+    where = f"TripoSR config.yaml of {name}"
     try:
         tok = _require(yaml_cfg, "tokenizer", where)
         bb = _require(yaml_cfg, "backbone", where)
         post = _require(yaml_cfg, "post_processor", where)
         dec = _require(yaml_cfg, "decoder", where)
         ren = yaml_cfg.get("renderer", {})
-        channels = int(tok["num_channels"])
+        channels = _int(where, "tokenizer.num_channels", tok["num_channels"])
+        if channels % 32:  # Transformer1D normalises the tokens with GroupNorm(32 groups)
+            raise ConfigError(f"{where}: tokenizer.num_channels {channels} must be a multiple of 32")
+        triplane_dim = _int(where, "post_processor.out_channels", post["out_channels"])
+        decoder_in = _int(where, "decoder.in_channels", dec["in_channels"])
+        if decoder_in != 3 * triplane_dim:  # the decoder reads the three planes' features concatenated
+            raise ConfigError(f"{where}: decoder.in_channels {decoder_in} must be 3 x post_processor.out_channels "
+                              f"= {3 * triplane_dim}")
         if float(ren.get("radius", 0.87)) != TRIPOSR_FIELD.radius:
             raise ConfigError(f"{where}: renderer.radius {ren.get('radius')} is not supported (only 0.87)")
         if ren.get("density_activation", "exp") != "exp" or dec.get("activation", "silu") != "silu":
@@ -90,20 +109,20 @@ def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
         return ModelConfig(
             name=name, family="triposr", version="triposr",
             encoder=vit or DINO_VITB16,
-            input_size=int(yaml_cfg.get("cond_image_size", 512)),
+            input_size=_int(where, "cond_image_size", yaml_cfg.get("cond_image_size", 512)),
             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
             transformer_dim=channels,
-            transformer_layers=int(bb["num_layers"]),
-            transformer_heads=int(bb["num_attention_heads"]),
-            head_dim=int(bb["attention_head_dim"]),
-            encoder_feat_dim=int(bb.get("cross_attention_dim", 768)),
+            transformer_layers=_int(where, "backbone.num_layers", bb["num_layers"]),
+            transformer_heads=_int(where, "backbone.num_attention_heads", bb["num_attention_heads"]),
+            head_dim=_int(where, "backbone.attention_head_dim", bb["attention_head_dim"]),
+            encoder_feat_dim=_int(where, "backbone.cross_attention_dim", bb.get("cross_attention_dim", 768)),
             camera_embed_dim=0,
-            triplane_low_res=int(tok["plane_size"]),
-            triplane_dim=int(post["out_channels"]),
-            decoder_in=int(dec["in_channels"]),
-            decoder_hidden=int(dec["n_neurons"]),
-            decoder_linear_layers=int(dec["n_hidden_layers"]) + 1,
-            samples_per_ray=int(ren.get("num_samples_per_ray", 128)),
+            triplane_low_res=_int(where, "tokenizer.plane_size", tok["plane_size"]),
+            triplane_dim=triplane_dim,
+            decoder_in=decoder_in,
+            decoder_hidden=_int(where, "decoder.n_neurons", dec["n_neurons"]),
+            decoder_linear_layers=_int(where, "decoder.n_hidden_layers", dec["n_hidden_layers"], minimum=0) + 1,
+            samples_per_ray=_int(where, "renderer.num_samples_per_ray", ren.get("num_samples_per_ray", 128)),
             mc_resolution=256, mc_threshold=25.0, render_size=256,
             foreground_ratio=0.85, background=0.5,
         )
@@ -118,11 +137,15 @@ _V11_INFER = {512: (224, 192), 768: (336, 288), 1024: (448, 384)}
 def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], name: str,
                    infer: Optional[Mapping[str, Any]] = None, vit: Optional[ViTConfig] = None) -> ModelConfig:
     """From OpenLRM's model kwargs (v1.1 config.json, v1.0 model.pth['kwargs']['model'])."""
-    where = f"OpenLRM {version} config of {name}"
+    where = f"OpenLRM {version} {'config.json' if version == '1.1' else 'model.pth kwargs'} of {name}"
+    iwhere = f"OpenLRM {version} {'infer.yaml' if version == '1.1' else 'model.pth infer kwargs'} of {name}"
     infer = dict(infer or {})
     try:
-        dim = int(kwargs["transformer_dim"])
-        heads = int(kwargs["transformer_heads"])
+        dim = _int(where, "transformer_dim", kwargs["transformer_dim"])
+        heads = _int(where, "transformer_heads", kwargs["transformer_heads"])
+        if dim % heads:  # nn.MultiheadAttention splits the width into equal heads
+            raise ConfigError(f"{where}: transformer_dim {dim} is not divisible by transformer_heads {heads}")
+        triplane_dim = _int(where, "triplane_dim", kwargs["triplane_dim"])
         if version == "1.1":
             if kwargs.get("encoder_type", "dinov2") != "dinov2":
                 raise ConfigError(f"{where}: encoder_type {kwargs.get('encoder_type')!r} is not supported")
@@ -134,21 +157,21 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             # facebook/dino-vitb16's image processor normalises with ImageNet statistics.
             mean, std = IMAGENET_MEAN, IMAGENET_STD
             size, render = 512, 384  # only used without a checkpoint: real ones carry kwargs.infer
-        size = int(infer.get("source_size", size))
+        size = _int(iwhere, "source_size", infer.get("source_size", size))
         return ModelConfig(
             name=name, family="openlrm", version=version, encoder=encoder,
             input_size=size, image_mean=mean, image_std=std,
-            transformer_dim=dim, transformer_layers=int(kwargs["transformer_layers"]),
+            transformer_dim=dim, transformer_layers=_int(where, "transformer_layers", kwargs["transformer_layers"]),
             transformer_heads=heads, head_dim=dim // heads,
-            encoder_feat_dim=int(kwargs["encoder_feat_dim"]),
-            camera_embed_dim=int(kwargs["camera_embed_dim"]),
-            triplane_low_res=int(kwargs["triplane_low_res"]),
-            triplane_dim=int(kwargs["triplane_dim"]),
-            decoder_in=3 * int(kwargs["triplane_dim"]), decoder_hidden=64, decoder_linear_layers=4,
-            samples_per_ray=int(kwargs.get("rendering_samples_per_ray", 96)),
-            mc_resolution=int(infer.get("mesh_size", 384)),
+            encoder_feat_dim=_int(where, "encoder_feat_dim", kwargs["encoder_feat_dim"]),
+            camera_embed_dim=_int(where, "camera_embed_dim", kwargs["camera_embed_dim"]),
+            triplane_low_res=_int(where, "triplane_low_res", kwargs["triplane_low_res"]),
+            triplane_dim=triplane_dim,
+            decoder_in=3 * triplane_dim, decoder_hidden=64, decoder_linear_layers=4,
+            samples_per_ray=_int(where, "rendering_samples_per_ray", kwargs.get("rendering_samples_per_ray", 96)),
+            mc_resolution=_int(iwhere, "mesh_size", infer.get("mesh_size", 384), minimum=2),
             mc_threshold=float(infer.get("mesh_thres", 3.0)),
-            render_size=int(infer.get("render_size", render)),
+            render_size=_int(iwhere, "render_size", infer.get("render_size", render)),
             # OpenLRM's releases feed the image as framed; a model trained on one framing (lrm-tiny) says
             # in infer.yaml how much of the frame its objects filled, and inputs are framed to that.
             foreground_ratio=None if infer.get("foreground_ratio") is None else float(infer["foreground_ratio"]),

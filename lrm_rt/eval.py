@@ -11,29 +11,53 @@ averaged over channels), silhouette IoU of alpha/opacity masks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .errors import ConfigError, ImageError, LrmError
+
 MeshLike = Tuple[np.ndarray, np.ndarray]  # (vertices (V, 3), faces (F, 3))
+# Bound on surface / volume samples per mesh: 5e6 already take ~1.5 GB and tens of seconds (1e6: 0.3 GB).
+MAX_POINTS = 5_000_000
+
+
+class MeshError(LrmError):
+    """A mesh file cannot be read, or holds nothing that can be measured."""
 
 
 # ------------------------------------------------------------------------------------------ geometry
 
 def load_mesh(path: Union[str, Path]) -> MeshLike:
-    """Vertices and faces of any mesh file trimesh reads (scenes are flattened)."""
+    """Vertices and faces of any mesh file trimesh reads (scenes are flattened).
+
+    Raises ``MeshError`` for a file trimesh cannot read (unknown format, corrupt or empty data) and for
+    a mesh without faces (a point cloud, or text that merely has a mesh extension).
+    """
     import trimesh
 
-    obj = trimesh.load(str(path), force="mesh", process=False)
-    return np.asarray(obj.vertices, np.float64), np.asarray(obj.faces, np.int64)
+    try:
+        obj = trimesh.load(str(path), force="mesh", process=False)
+        v, f = np.asarray(obj.vertices, np.float64), np.asarray(obj.faces, np.int64)
+    except Exception as exc:  # trimesh reports bad files as IndexError, ValueError, NotImplementedError, ...
+        raise MeshError(f"cannot read mesh {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if f.ndim != 2 or len(f) == 0:
+        raise MeshError(f"mesh {path} has no faces (not a mesh file, or a point cloud)")
+    if not np.isfinite(v).all():
+        raise MeshError(f"mesh {path} has non-finite (NaN / inf) vertex coordinates")
+    return v, f
 
 
-def normalisation(vertices: np.ndarray) -> Tuple[np.ndarray, float]:
+def normalisation(vertices: np.ndarray, what: str = "mesh") -> Tuple[np.ndarray, float]:
     """(centre, scale) mapping ``vertices`` to a bounding box centred at 0 with largest side 1."""
     lo, hi = vertices.min(0), vertices.max(0)
-    return (lo + hi) / 2, 1.0 / max(float((hi - lo).max()), 1e-12)
+    extent = float((hi - lo).max())
+    if not extent > 0:  # a single point: no scale to divide by, every metric would be NaN / inf
+        raise MeshError(f"the {what} is degenerate (all vertices at one point): it cannot be normalised")
+    return (lo + hi) / 2, 1.0 / extent
 
 
 def apply_normalisation(vertices: np.ndarray, norm: Tuple[np.ndarray, float]) -> np.ndarray:
@@ -112,6 +136,11 @@ class MeshMetrics:
     tau: float
 
 
+def _check_count(name: str, n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_POINTS:
+        raise ConfigError(f"{name} must be an integer from 1 to {MAX_POINTS}, got {n!r}")
+
+
 def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, Sequence[MeshLike]],
                  tau: float = 0.05, n_points: int = 20000, normalize: str = "gt", iou_points: int = 50000,
                  seed: int = 0) -> MeshMetrics:
@@ -120,17 +149,29 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
     normalize: "gt" maps *both* with the ground truth's unit-box normalisation (keeps the predicted
     pose and scale honest when the frame is shared, as for LRMs with a fixed source camera); "each"
     normalises every mesh by its own box (for predictions in an unknown frame); "none" keeps units.
+    Raises ConfigError for bad options and MeshError for a ground truth without a surface to compare to.
     """
     pred_parts = [pred] if isinstance(pred, tuple) else list(pred)
     gt_parts = [gt] if isinstance(gt, tuple) else list(gt)
 
-    def norm_of(parts):
-        return normalisation(np.concatenate([v for v, f in parts]))
+    def norm_of(parts, what):
+        return normalisation(np.concatenate([v for v, f in parts]), what)
 
     if normalize not in ("gt", "each", "none"):
-        raise ValueError(f"normalize must be gt, each or none, got {normalize!r}")
-    ng = norm_of(gt_parts) if normalize != "none" else (np.zeros(3), 1.0)
-    npred = ng if normalize != "each" else (norm_of(pred_parts) if any(len(f) for _, f in pred_parts) else ng)
+        raise ConfigError(f"normalize must be gt, each or none, got {normalize!r}")
+    try:
+        tau_ok = math.isfinite(tau) and tau > 0
+    except TypeError:
+        tau_ok = False
+    if not tau_ok:
+        raise ConfigError(f"tau (--tau) must be a finite distance > 0, got {tau!r}")
+    _check_count("n_points (--points)", n_points)
+    _check_count("iou_points", iou_points)
+    if not any(len(f) for _, f in gt_parts):
+        raise MeshError("the ground-truth mesh has no faces")
+    ng = norm_of(gt_parts, "ground-truth mesh") if normalize != "none" else (np.zeros(3), 1.0)
+    npred = ng if normalize != "each" else (norm_of(pred_parts, "predicted mesh (normalised by its own box)")
+                                            if any(len(f) for _, f in pred_parts) else ng)
     gt_parts = [(apply_normalisation(v, ng), f) for v, f in gt_parts]
     pred_parts = [(apply_normalisation(v, npred), f) for v, f in pred_parts]
 
@@ -144,7 +185,10 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
             pts.append(p)
         return np.concatenate(pts)
 
-    cf = chamfer_fscore(surface(pred_parts, False), surface(gt_parts, True), tau)
+    gt_pts = surface(gt_parts, True)
+    if len(gt_pts) == 0:  # zero-area faces (e.g. all on a line): nothing to measure distances to
+        raise MeshError("the ground-truth mesh has no surface area (all faces are degenerate)")
+    cf = chamfer_fscore(surface(pred_parts, False), gt_pts, tau)
     has_pred = any(len(f) for _, f in pred_parts)
     iou = volume_iou(pred_parts, gt_parts, iou_points, seed) if has_pred else 0.0
     return MeshMetrics(cf["chamfer"], cf["fscore"], cf["precision"], cf["recall"], iou, tau)
@@ -172,6 +216,8 @@ def ssim(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
     x, y = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     if x.shape != y.shape:
         raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
+    if min(x.shape[:2]) < 11:  # the 11x11 window would leave nothing: the mean would be NaN
+        raise ImageError(f"SSIM needs images of at least 11x11 pixels, got {x.shape[1]}x{x.shape[0]}")
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
     mx, my = _gaussian_blur(x), _gaussian_blur(y)
     vx = _gaussian_blur(x * x) - mx ** 2
@@ -199,7 +245,11 @@ def load_image01(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     """RGB composited on white and alpha, as floats in [0, 1]."""
     from PIL import Image
 
-    x = np.asarray(Image.open(path).convert("RGBA"), np.float64) / 255.0
+    try:
+        with Image.open(path) as im:
+            x = np.asarray(im.convert("RGBA"), np.float64) / 255.0
+    except Exception as exc:  # not an image, truncated data, decompression bomb: one line, naming the file
+        raise ImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     a = x[..., 3:]
     return x[..., :3] * a + (1 - a), a[..., 0]
 

@@ -233,13 +233,39 @@ def test_cli_entry(tmp_path):
     assert [m["name"] for m in data["models"]] == ["tiny-triposr"] and data["end_to_end"]
 
 
-def test_bench_entry_without_checkout(monkeypatch, tmp_path):
+def test_bench_entry_without_checkout(monkeypatch, tmp_path, capsys):
     import lrm_rt.bench as B
 
     monkeypatch.setattr(B, "REPO", tmp_path)
     with pytest.raises(SystemExit) as exc:
         B.main(["--quick"])
-    assert "source checkout" in str(exc.value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "source checkout" in err
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--device", "foo"], "--device must be auto, cpu or cuda, got 'foo'"),
+    (["--repeats", "0"], "--repeats, --baseline-repeats and --warmup must be >= 1"),
+    (["--resolutions", "1"], "--resolutions values must be >= 2"),
+    (["--models", "tiny-triposr", "--network-backends", "no-such-backend"], "unknown backend(s) no-such-backend"),
+])
+def test_bad_options_exit_2_with_an_error_line(tmp_path, capsys, args, pattern):
+    with pytest.raises(SystemExit) as exc:
+        S.main([*args, "--quick", "--no-plots", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {pattern}" in err and "Traceback" not in err
+
+
+def test_nothing_measured_exits_2(tmp_path):
+    """Every model failing is not a benchmark result: exit 2 (partial failure stays 0, see test_cli_entry)."""
+    r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", "no-such-model,nor-this-one",
+                        "--quick", "--no-plots", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, r.stderr + r.stdout
+    assert "error: no configuration ran successfully" in r.stderr and "Traceback" not in r.stderr
+    data = json.loads((tmp_path / "results.json").read_text())  # the errors are still written down
+    assert [e["model"] for e in data["model_errors"]] == ["no-such-model", "nor-this-one"]
 
 
 def test_interrupt_keeps_finished_rows(tmp_path):

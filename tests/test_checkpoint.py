@@ -108,3 +108,45 @@ def test_fused_and_separate_cross_attention_are_interchangeable(ckpts, tmp_path)
     save_file(sd, d / "model.safetensors")
     net = load_model(str(d)).network
     assert torch.equal(net.state_dict()[key], ref[key])
+
+
+def _set_config(d, layout, key, value):
+    """Change one hyper-parameter in the config file of a copied checkpoint directory."""
+    import json
+
+    import yaml
+
+    if layout == "openlrm-tiny-1.1":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif layout == "openlrm-tiny-1.0":
+        obj = torch.load(d / "model.pth", weights_only=True)
+        obj["kwargs"]["model"][key] = value
+        torch.save(obj, d / "model.pth")
+    else:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        section, name = key.split(".")
+        cfg[section][name] = value
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("layout, key, value, pattern", [
+    ("openlrm-tiny-1.1", "transformer_heads", 0, r"config.json of openlrm-tiny-1.1: transformer_heads .* got 0"),
+    ("openlrm-tiny-1.1", "triplane_dim", -16, r"config.json .*triplane_dim .* got -16"),
+    ("openlrm-tiny-1.1", "transformer_heads", 5, r"transformer_dim 48 is not divisible by transformer_heads 5"),
+    ("openlrm-tiny-1.1", "triplane_low_res", 0, r"triplane_low_res .* got 0"),
+    ("openlrm-tiny-1.0", "transformer_heads", 0, r"model.pth kwargs .*transformer_heads .* got 0"),
+    ("openlrm-tiny-1.0", "transformer_dim", -48, r"transformer_dim .* got -48"),
+    ("triposr-tiny", "backbone.num_attention_heads", 0, r"config.yaml .*backbone.num_attention_heads .* got 0"),
+    ("triposr-tiny", "tokenizer.plane_size", -8, r"tokenizer.plane_size .* got -8"),
+    ("triposr-tiny", "tokenizer.num_channels", 48, r"num_channels 48 must be a multiple of 32"),
+    ("triposr-tiny", "post_processor.out_channels", 0, r"post_processor.out_channels .* got 0"),
+    ("triposr-tiny", "decoder.in_channels", 25, r"decoder.in_channels 25 must be 3 x post_processor.out_channels"),
+])
+def test_bad_architecture_sizes_are_config_errors(ckpts, tmp_path, layout, key, value, pattern):
+    """Zero / negative / indivisible sizes: a ConfigError naming the file and field, not a crash in torch."""
+    d = _copy(ckpts / layout, tmp_path)
+    _set_config(d, layout, key, value)
+    with pytest.raises(ConfigError, match=pattern):
+        load_model(str(d))

@@ -245,3 +245,54 @@ def test_full_size_export_random_weights(tmp_path):
     assert all(r["passed"] for r in man["validation"]["fp32"].values())
     triplane, _ = OnnxRuntimeNetworkBackend(d, providers="cpu").run(torch.rand(1, 3, 224, 224))
     assert triplane.shape == (1, 3, 32, 64, 64)
+
+
+def test_decoder_file_mode_matches_the_other_files(exports):
+    """safetensors creates its file 0600; the export gives it the mode of a plain open(): 0666 & ~umask."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for d in exports.values():
+        modes = {f.name: f.stat().st_mode & 0o777 for f in d.iterdir() if f.is_file()}
+        assert modes["decoder.safetensors"] == 0o666 & ~umask, modes
+        assert len(set(modes.values())) == 1, modes
+
+
+def test_opset_above_the_exporter_range_is_refused_before_writing(fixtures_dir, tmp_path, capsys):
+    from lrm_rt.errors import ConfigError
+    from lrm_rt.export.onnx_export import max_opset
+
+    hi = max_opset()
+    assert hi is not None and hi >= 17  # the default opset must be exportable
+    loaded = load_model(str(fixtures_dir / "checkpoints" / "triposr-tiny"))
+    for opset in (hi + 1, 99):
+        with pytest.raises(ConfigError, match=rf"--opset {opset} is not supported .*supported: 14\.\.{hi}"):
+            export_model(loaded, tmp_path / "x", opset=opset, log=lambda m: None)
+        assert not (tmp_path / "x").exists()
+    assert main(["export", "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"), "--out",
+                 str(tmp_path / "x"), "--opset", "99", "--quiet"]) == 2
+    assert "error: --opset 99" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_opset_rejected_by_the_exporter_itself_is_a_config_error(fixtures_dir, tmp_path, monkeypatch):
+    """Where torch's maximum cannot be read, the exporter's own RuntimeError becomes a ConfigError."""
+    from lrm_rt.errors import ConfigError
+    from lrm_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "max_opset", lambda: None)
+    loaded = load_model(str(fixtures_dir / "checkpoints" / "triposr-tiny"))
+    with pytest.raises(ConfigError, match=r"--opset 99 is not supported .*supported: >= 14"):
+        export_model(loaded, tmp_path / "x", opset=99, log=lambda m: None)
+
+
+def test_aoti_device_is_checked_up_front(monkeypatch):
+    from lrm_rt.errors import ConfigError
+    from lrm_rt.export.aoti import check_aoti_device
+
+    check_aoti_device("cpu")
+    with pytest.raises(ConfigError, match="'tpu'"):
+        check_aoti_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        check_aoti_device("cuda")

@@ -40,6 +40,15 @@ class ImageToTriplane(nn.Module):
         return self.net.image_to_triplane(self.net.encode(pixels), camera)
 
 
+def check_aoti_device(device: str) -> None:
+    """Refuse a device the package cannot be compiled for; call it before the ONNX export, which takes minutes."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--aoti device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("an AOTInductor package for cuda must be compiled on a machine with a CUDA GPU "
+                          "(torch sees none here); use --aoti-device cpu")
+
+
 def export_aoti(loaded: LoadedModel, out_dir: Union[str, Path], *, device: str = "cpu",
                 log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Compile ``loaded`` into ``out_dir/network.pt2`` and add its entry to the directory's manifest.
@@ -48,10 +57,7 @@ def export_aoti(loaded: LoadedModel, out_dir: Union[str, Path], *, device: str =
     model config and the decoder from it. Returns the manifest entry; raises ExportError when the package
     does not reproduce eager PyTorch within the fp32 tolerance.
     """
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--aoti device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("an AOTInductor package for cuda must be compiled on a machine with a CUDA GPU")
+    check_aoti_device(device)
     out = Path(out_dir)
     man = M.read_manifest(out, require=())
     cfg = loaded.config

@@ -10,6 +10,7 @@ into a Reshape would show up as an error there.
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import tempfile
 import time
@@ -38,6 +39,30 @@ FP32_TOL = 1e-4
 # fp16 graphs: relative to the peak magnitude. fp16 has an 11-bit mantissa (~5e-4 per rounding);
 # a dozen layers of rounding stay well under 1 %.
 FP16_TOL = 2e-2
+
+
+def max_opset() -> Optional[int]:
+    """Highest opset the installed torch's TorchScript exporter supports (None: unknown).
+
+    torch has no public query, so its private constants are read defensively (ONNX_MAX_OPSET as a
+    fallback). Above this opset the exporter only warns "not supported" (torch 2.13: 21..23), and beyond
+    its table it fails deep inside with "RuntimeError: Unsupported onnx_opset_version".
+    """
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    for name in ("ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", "ONNX_MAX_OPSET"):
+        if isinstance(getattr(_constants, name, None), int):
+            return getattr(_constants, name)
+    return None
+
+
+def _unsupported_opset(opset: int) -> ConfigError:
+    hi = max_opset()
+    supported = f"{MIN_OPSET}..{hi}" if hi else f">= {MIN_OPSET}"
+    return ConfigError(f"--opset {opset} is not supported by the ONNX exporter of torch {torch.__version__} "
+                       f"(supported: {supported}; {DEFAULT_OPSET} recommended)")
 
 
 class ExportError(LrmError):
@@ -135,9 +160,15 @@ def _export_graph(module: nn.Module, args: Sequence[torch.Tensor], spec: Dict[st
             warnings.simplefilter("ignore")
             # torch < 2.5 has no ``dynamo`` argument and always uses the TorchScript exporter.
             pin = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-            with torch.no_grad():
-                torch.onnx.export(module, tuple(args), str(tmp_path), input_names=in_names, output_names=out_names,
-                                  dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, **pin)
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(module, tuple(args), str(tmp_path), input_names=in_names,
+                                      output_names=out_names, dynamic_axes=dyn, opset_version=opset,
+                                      do_constant_folding=True, **pin)
+            except RuntimeError as exc:  # "Unsupported onnx_opset_version: N", when max_opset() could not tell
+                if "opset" not in str(exc).lower():
+                    raise
+                raise _unsupported_opset(opset) from None
         model = onnx.load(str(tmp_path))  # pulls in external data if the exporter wrote any
     for k, v in metadata.items():
         entry = model.metadata_props.add()
@@ -209,6 +240,8 @@ def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int =
     """Export ``loaded`` to ``out_dir``; returns the manifest. Raises ExportError when validation fails."""
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset} is too old (need >= {MIN_OPSET}; {DEFAULT_OPSET} recommended)")
+    if opset > (max_opset() or opset):  # before --out is touched: an earlier export there stays loadable
+        raise _unsupported_opset(opset)
     if check_batch < 1 or max_batch < 1:
         raise ConfigError("batch sizes must be >= 1")
     if tensorrt:
@@ -341,6 +374,10 @@ def _write_decoder(out: Path, net: LRMNetwork) -> Dict[str, Any]:
         tensors[f"layers.{i}.bias"] = b.contiguous()
     path = out / M.DECODER_NAME
     save_file(tensors, str(path), metadata={"format": "pt", "content": "lrm_rt NeRF decoder (nn.Linear layout)"})
+    # safetensors' save_file creates the file 0600; give it the mode of the other files (0666 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return {"file": M.DECODER_NAME, "sha256": M.sha256_file(path), "layers": len(weights),
             "shapes": [list(w.shape) for w in weights], "hidden_activation": net.config.field_spec.hidden_activation}
 
