@@ -47,6 +47,18 @@ Background = Union[float, Tuple[float, float, float]]
 # is 256 MiB as uint8 and 1 GiB once the float pipeline converts it; nothing an LRM needs (inputs are
 # resized to <= 512 px) justifies more. Module-level so tests and callers can adjust it.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# Files are read whole before decoding; no sane encoding of MAX_IMAGE_PIXELS needs more than this.
+MAX_IMAGE_FILE_BYTES = 1 << 30
+# Work-size bound: an image whose longer side exceeds this is box-reduced (premultiplied alpha) by an
+# integer factor before masking, and so is one whose framed canvas would (framing pads to 1/foreground_ratio
+# of the object). The float stages take ~48 bytes a canvas pixel, so an 8192 px photo framed at 0.5 would
+# need over 10 GB; this keeps the peak near 1 GB. The network input is <= 512 px, so nothing it sees is
+# lost; below the bound images are processed exactly as the references do.
+MAX_WORK_SIDE = 4096
+MIN_FOREGROUND_RATIO = 0.05
+# An alpha channel is taken as the object's mask when at least this share of the pixels is less than half
+# opaque (and at least one pixel is); fewer is an opaque image with stray soft pixels.
+MIN_TRANSPARENT_SHARE = 1e-3
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,6 +148,11 @@ def load_image(path: PathLike) -> np.ndarray:
         raise ImageError(f"image file not found: {path}")
     if p.is_dir():
         raise ImageError(f"image path is a directory, not a file: {path}")
+    if not p.is_file():  # a FIFO would block the read forever, a device (/dev/zero) never end
+        raise ImageError(f"image path is not a regular file: {path}")
+    size = p.stat().st_size
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise ImageError(f"image file is too large ({size} bytes, limit {MAX_IMAGE_FILE_BYTES}): {path}")
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -183,16 +200,26 @@ def load_image(path: PathLike) -> np.ndarray:
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
+    if getattr(im, "n_frames", 1) > 1:
+        log.warning("%s has %d frames (animation or pages): using the first", path, im.n_frames)
+    return image_to_rgba(im, path)
+
+
+def image_to_rgba(im: Image.Image, source: PathLike = "<PIL image>") -> np.ndarray:
+    """A Pillow image (any mode) -> (H, W, 4) uint8 RGBA with the EXIF orientation applied."""
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(_too_large_message(source, w, h))
     try:
         im = ImageOps.exif_transpose(im)
     except Exception as e:  # a broken EXIF block should not make a decodable image unusable
-        log.warning("ignoring unreadable EXIF orientation of %s: %s", path, _one_line(e))
+        log.warning("ignoring unreadable EXIF orientation of %s: %s", source, _one_line(e))
 
-    rgba = _to_rgba_array(im, path)
+    rgba = _to_rgba_array(im, source)
     if rgba.ndim != 3 or rgba.shape[0] == 0 or rgba.shape[1] == 0:
-        raise ImageError(f"image has zero size: {path}")
+        raise ImageError(f"image has zero size: {source}")
     if rgba[..., 3].max() == 0:
-        raise ImageError(f"alpha channel is empty (every pixel fully transparent): {path}")
+        raise ImageError(f"alpha channel is empty (every pixel fully transparent): {source}")
     return rgba
 
 
@@ -366,7 +393,10 @@ def _rembg_alpha(rgba: np.ndarray) -> np.ndarray:
 def foreground(rgba: np.ndarray, removal: BackgroundRemoval = "auto", source: str = "<array>") -> ForegroundResult:
     """Decide the foreground mask and return it as the alpha channel.
 
-    * alpha with any value < 255 -> used as is ("alpha"), like both references;
+    * alpha with any value < 255 -> used as is ("alpha"), like both references, when it separates
+      something: an alpha with no pixel at least half opaque is an error (nothing to reconstruct), one
+      with under ``MIN_TRANSPARENT_SHARE`` of the pixels less than half opaque (an opaque photo saved with
+      a stray soft pixel) is ignored with a warning, so the background is still found from the colours;
     * otherwise ("auto"): a uniform background is removed without weights ("uniform_background"); if
       the background is not uniform, rembg is used when importable ("rembg"); else the whole image is
       kept ("none") with a warning, because framing and compositing then cannot isolate the object.
@@ -374,8 +404,18 @@ def foreground(rgba: np.ndarray, removal: BackgroundRemoval = "auto", source: st
     """
     _check_rgba(rgba, source)
     msgs: List[str] = []
-    if rgba[..., 3].min() < 255:
-        return ForegroundResult(rgba, "alpha", msgs)
+    alpha = rgba[..., 3]
+    if alpha.min() < 255:
+        solid = alpha >= 128
+        if not solid.any():
+            raise ImageError(f"alpha channel has no pixel at least half opaque (max alpha {int(alpha.max())}): "
+                             f"nothing to reconstruct: {source}")
+        see_through = alpha.size - int(np.count_nonzero(solid))
+        if removal == "off" or see_through >= max(1, MIN_TRANSPARENT_SHARE * alpha.size):
+            return ForegroundResult(rgba, "alpha", msgs)
+        msgs.append(f"alpha channel is opaque almost everywhere ({see_through} of {alpha.size} pixels under "
+                    f"half opaque): ignored, the background is found from the colours instead: {source}")
+        rgba = _with_alpha(rgba, np.full_like(alpha, 255))
     if removal == "off":
         return ForegroundResult(rgba, "none", msgs)
 
@@ -410,8 +450,7 @@ def foreground(rgba: np.ndarray, removal: BackgroundRemoval = "auto", source: st
 
 
 def _none_with_warning(rgba: np.ndarray, msgs: List[str]) -> ForegroundResult:
-    for m in msgs:
-        log.warning(m)
+    # The warnings travel in the result (PreprocessResult.warnings); the CLI prints them once.
     return ForegroundResult(rgba, "none", msgs)
 
 
@@ -577,8 +616,8 @@ class PreprocessConfig:
             raise ConfigError(f"unknown preprocessing family {self.family!r} (expected 'triposr' or 'openlrm')")
         if int(self.input_size) != self.input_size or self.input_size < 1:
             raise ConfigError(f"input_size must be a positive integer, got {self.input_size!r}")
-        if self.foreground_ratio is not None and not (0.0 < self.foreground_ratio <= 1.0):
-            raise ConfigError(f"foreground_ratio must be in (0, 1], got {self.foreground_ratio!r}")
+        if self.foreground_ratio is not None and not (MIN_FOREGROUND_RATIO <= self.foreground_ratio <= 1.0):
+            raise ConfigError(f"foreground_ratio must be in [{MIN_FOREGROUND_RATIO}, 1], got {self.foreground_ratio!r}")
         if self.recenter and self.foreground_ratio is not None:
             raise ConfigError(
                 "choose either foreground_ratio (TripoSR framing) or recenter (OpenLRM framing), not both"
@@ -640,6 +679,28 @@ class PreprocessResult:
     warnings: List[str] = field(default_factory=list)
 
 
+def reduce_large(rgba: np.ndarray, max_side: Optional[int] = None) -> np.ndarray:
+    """Box-reduce an image whose longer side exceeds ``max_side`` (``MAX_WORK_SIDE``) by the smallest
+    integer factor that brings it within; alpha is premultiplied so transparent pixels' colours do not
+    bleed into the object's edge. Smaller images are returned unchanged."""
+    limit = MAX_WORK_SIDE if max_side is None else max_side
+    factor = -(-max(rgba.shape[:2]) // limit)
+    if factor <= 1:
+        return rgba
+    im = Image.fromarray(np.ascontiguousarray(rgba), "RGBA").convert("RGBa").reduce(factor)
+    return np.asarray(im.convert("RGBA"))
+
+
+def _fit_canvas(rgba: np.ndarray, ratio: float) -> np.ndarray:
+    """Reduce ``rgba`` so the canvas ``resize_foreground`` pads its object to stays within MAX_WORK_SIDE."""
+    mask = rgba[..., 3] > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return rgba  # resize_foreground names the problem
+    canvas = int(max(rows[-1] - rows[0], cols[-1] - cols[0]) / ratio)
+    return reduce_large(rgba, max(rgba.shape[:2]) * MAX_WORK_SIDE // canvas) if canvas > MAX_WORK_SIDE else rgba
+
+
 def frame(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>") -> Tuple[np.ndarray, MaskSource, List[str]]:
     """Stage 1a: foreground mask + framing; returns (framed RGBA, mask source, warnings)."""
     fg = foreground(rgba, cfg.background_removal, source)
@@ -652,7 +713,7 @@ def frame(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>") -> T
             msgs.append(f"no foreground mask, object not re-framed: {source}")
         return out, fg.mask_source, msgs
     if cfg.foreground_ratio is not None:
-        out = resize_foreground(out, cfg.foreground_ratio, source)
+        out = resize_foreground(_fit_canvas(out, cfg.foreground_ratio), cfg.foreground_ratio, source)
     elif cfg.recenter:
         out = recenter(out, cfg.recenter_size, cfg.recenter_border, source)
     return out, fg.mask_source, msgs
@@ -664,7 +725,7 @@ def preprocess(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>")
     ``source`` names the image in error and warning messages (pass the file path).
     """
     _check_rgba(rgba, source)
-    framed, mask_source, msgs = frame(rgba, cfg, source)
+    framed, mask_source, msgs = frame(reduce_large(rgba), cfg, source)
 
     if cfg.family == "triposr":
         # Opaque images with no mask go in unchanged (reference: Image.convert("RGB"), no composite,

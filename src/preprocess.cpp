@@ -346,18 +346,30 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
     img.h = height;
     img.px.resize((size_t)width * height * 4);
     uint8_t amin = 255, amax = 0;
+    int64_t see_through = 0;  // pixels less than half opaque
     for (int64_t y = 0; y < height; ++y) {
         const uint8_t* row = pixels + y * stride;
         std::memcpy(&img.px[(size_t)(y * width * 4)], row, (size_t)width * 4);
         for (int64_t x = 0; x < width; ++x) {
             amin = std::min(amin, row[4 * x + 3]);
             amax = std::max(amax, row[4 * x + 3]);
+            see_through += row[4 * x + 3] < 128;
         }
     }
     if (amax == 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
-    // Foreground mask: the alpha channel when it is used (both references); for an opaque image, the removal of a
-    // uniform background (no weights), else the whole image with a warning (Python without rembg does the same).
+    if (amax < 128) fail(LRM_ERR_IMAGE, "alpha channel has no pixel at least half opaque: nothing to reconstruct");
+    // Foreground mask: the alpha channel when it separates something (both references use any alpha; as in
+    // lrm_rt.preprocess.foreground, one under half opaque on fewer than 0.1 % of the pixels is a stray soft pixel
+    // of an opaque image and is ignored); for an opaque image, the removal of a uniform background (no weights),
+    // else the whole image with a warning (Python without rembg does the same).
     bool has_mask = amin < 255;
+    const double n_pixels = (double)width * (double)height;
+    if (has_mask && (double)see_through < std::max(1.0, 1e-3 * n_pixels)) {
+        for (size_t i = 3; i < img.px.size(); i += 4) img.px[i] = 255;
+        res.warnings.push_back("alpha channel is opaque almost everywhere: ignored, the background is found from "
+                               "the colours instead");
+        has_mask = false;
+    }
     if (!has_mask) {
         has_mask = remove_uniform_background(img);
         if (!has_mask) res.warnings.push_back("background is not uniform: the whole image is used as foreground");

@@ -120,6 +120,12 @@ def _c_image(lib, path: Path) -> np.ndarray:
         lib.lrm_image_free(img)
 
 
+def _with_one_soft_pixel(rgba: np.ndarray) -> np.ndarray:
+    out = rgba.copy()
+    out[0, 0, 3] = 254
+    return out
+
+
 @pytest.mark.parametrize("name,ratio", [(m, None) for m in MODELS] + [("openlrm-tiny-1.1", 0.5)])
 def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir, tmp_path):
     """Both families as published, and an OpenLRM config that names a framing ratio (as lrm-tiny's does)."""
@@ -152,6 +158,7 @@ def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir,
               cutout,
               noise,
               on_grey,  # opaque, uniform background: removed without weights on both sides
+              _with_one_soft_pixel(on_grey),  # a stray soft pixel: alpha ignored on both sides, background removed
               np.concatenate([noise[..., :3], np.full(noise.shape[:2] + (1,), 255, np.uint8)], -1)]  # used whole
     try:
         for rgba in images:

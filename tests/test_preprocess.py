@@ -429,6 +429,79 @@ def test_single_colour_image_has_no_foreground():
         preprocess(rgba, PreprocessConfig.triposr(64), source="blank.png")
 
 
+def test_nearly_opaque_alpha_is_ignored_with_a_warning():
+    # An opaque photo saved with one soft pixel must still get its background removed, not be taken as
+    # "already masked" (which would skip removal and framing).
+    rgba, disk = _disk_image()
+    rgba[5, 5, 3] = 254
+    res = preprocess(rgba, PreprocessConfig.triposr(128), source="soft.png")
+    assert res.mask_source == "uniform_background"
+    assert any("opaque almost everywhere" in w and "soft.png" in w for w in res.warnings)
+    ref = preprocess(_disk_image()[0], PreprocessConfig.triposr(128))
+    torch.testing.assert_close(res.pixel_values, ref.pixel_values, atol=0, rtol=0)
+    # A real mask (the disk's outside transparent) is still used as is, soft edge and all.
+    masked = rgba.copy()
+    masked[..., 3] = np.where(disk, 255, 0)
+    assert preprocess(masked, PreprocessConfig.triposr(128)).mask_source == "alpha"
+
+
+def test_alpha_with_no_half_opaque_pixel_is_an_error():
+    rgba, _ = _disk_image()
+    rgba[..., 3] = 1  # invisible everywhere: composited, nothing is left to reconstruct
+    with pytest.raises(ImageError, match="no pixel at least half opaque"):
+        preprocess(rgba, PreprocessConfig.triposr(64), source="faint.png")
+
+
+def test_special_files_are_refused_before_reading(tmp_path):
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo)
+
+
+def test_multi_frame_image_uses_the_first_frame_and_says_so(tmp_path, caplog):
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level("WARNING", logger="lrm_rt.preprocess"):
+        rgba = load_image(tmp_path / "anim.gif")
+    assert rgba[0, 0, 0] == 10 and "2 frames" in caplog.text
+
+
+def test_file_size_limit(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(_gradient()).save(path)
+    monkeypatch.setattr(pp, "MAX_IMAGE_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ImageError, match="image file is too large"):
+        load_image(path)
+
+
+def test_large_images_are_reduced_before_framing(monkeypatch):
+    # Framing pads the canvas to 1/ratio of the object; above MAX_WORK_SIDE the image is box-reduced
+    # first, so memory stays bounded. Compared with the same object drawn at the reduced size.
+    monkeypatch.setattr(pp, "MAX_WORK_SIDE", 256)
+    big = np.zeros((600, 400, 4), np.uint8)
+    big[100:500, 50:350] = (200, 40, 40, 255)
+    cfg = PreprocessConfig("openlrm", 64, 0.5, 1.0, "bicubic_ac")
+    framed, source, _ = pp.frame(pp.reduce_large(big), cfg)
+    assert source == "alpha" and framed.shape[0] <= 256
+    small = np.zeros((200, 134, 4), np.uint8)  # reduced by 3 (600 -> 200): object rows 34:167, cols 17:117
+    small[34:167, 17:117] = (200, 40, 40, 255)
+    a = preprocess(big, cfg).pixel_values
+    b = preprocess(small, cfg).pixel_values
+    assert (a - b).abs().mean() < 0.02
+    # Below the bound nothing changes (reference parity).
+    assert pp.reduce_large(small) is small
+
+
+def test_tiny_foreground_ratio_is_refused():
+    with pytest.raises(ConfigError, match="foreground_ratio"):
+        PreprocessConfig.triposr(64, foreground_ratio=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # Real inputs
 # --------------------------------------------------------------------------------------------------
