@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import platform
 import sys
 import time
@@ -12,18 +15,53 @@ from . import __version__
 from .errors import LrmError
 
 
+def _int_in(lo: int, hi: int = 1 << 30):
+    """argparse type: an integer in [lo, hi], refused at parse time with the option named."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}")
+        return v
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return v
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+MESH_FORMATS = ("glb", "obj", "ply")
+
+
 def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="image(s) -> textured (vertex-coloured) mesh(es)")
     p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background)")
     p.add_argument("--model", default=None,
                    help="built-in name (default lrm-tiny), a release name (e.g. triposr), a model directory "
                         "or a Hugging Face repo id")
-    p.add_argument("--out", default="out", help="output directory (default: out)")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
-    p.add_argument("--mc-resolution", type=int, default=None, help="marching-cubes grid size (family default)")
+    p.add_argument("--out", default="out", type=_nonempty,
+                   help="output directory (default: out), or with one image a mesh file name (out/chair.obj)")
+    p.add_argument("--format", default=None, choices=MESH_FORMATS,
+                   help="mesh format (default: from an --out file name, else glb)")
+    p.add_argument("--mc-resolution", type=_int_in(2, 4096), default=None,
+                   help="marching-cubes grid size (family default)")
     p.add_argument("--mc-threshold", type=float, default=None, help="density iso-level (family default)")
-    p.add_argument("--render-views", type=int, default=0, help="also render N novel views as PNG")
-    p.add_argument("--render-size", type=int, default=None)
+    p.add_argument("--render-views", type=_int_in(0, 1000), default=0, help="also render N novel views as PNG")
+    p.add_argument("--render-size", type=_int_in(8, 4096), default=None, help="novel-view size in pixels")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
                    help="auto: onnxruntime for an export directory (lrm-rt export), torch otherwise")
@@ -34,11 +72,11 @@ def _add_reconstruct(sub) -> None:
                         "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
-    p.add_argument("--foreground-ratio", type=float, default=None,
+    p.add_argument("--foreground-ratio", type=_finite, default=None,
                    help="scale the object so its longer side fills this share of the frame (default: the "
                         "model's setting: TripoSR 0.85, lrm-tiny 0.5; OpenLRM releases take the image as framed)")
     p.add_argument("--no-vertex-colors", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -53,11 +91,11 @@ def _add_export(sub) -> None:
                    help="also write network.pt2 (AOTInductor package) for the C/C++ library (liblrm_rt)")
     p.add_argument("--aoti-device", default="cpu", choices=["cpu", "cuda"],
                    help="device the AOTInductor package is compiled for (default cpu)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=_int_in(1, 1000), default=None, help="ONNX opset (default 17)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for a release name")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT profile (default 4)")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the built-in validation (default 2)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -69,9 +107,14 @@ def cmd_export(args) -> int:
 
     if args.threads:
         torch.set_num_threads(int(args.threads))
+    if args.aoti:  # before the ONNX export, which takes minutes
+        from .export.aoti import check_aoti_device
+
+        check_aoti_device(args.aoti_device)
     _log(args, f"loading {args.model} ...")
     loaded = load_model(args.model, random_weights=args.random_weights)
-    export_model(loaded, args.out, opset=args.opset or DEFAULT_OPSET, fp16=args.fp16, tensorrt=args.tensorrt,
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    export_model(loaded, args.out, opset=opset, fp16=args.fp16, tensorrt=args.tensorrt,
                  max_batch=args.max_batch, check_batch=args.check_batch, threads=args.threads,
                  log=lambda m: _log(args, m))
     if args.aoti:
@@ -85,7 +128,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="metrics of a reconstruction: mesh vs ground-truth mesh, or render vs image")
     p.add_argument("pred", help="predicted mesh (glb/obj/ply/...) or rendered image (png/jpg)")
     p.add_argument("gt", help="ground-truth mesh or image (RGBA: alpha gives the silhouette)")
-    p.add_argument("--tau", type=float, default=0.05, help="F-score distance, in normalised units (default 0.05)")
+    p.add_argument("--tau", type=_finite, default=0.05, help="F-score distance, in normalised units (default 0.05)")
     p.add_argument("--normalize", default="gt", choices=["gt", "each", "none"],
                    help="gt: both meshes by the ground truth's unit box (shared frame); each: every mesh by its own")
     p.add_argument("--points", type=int, default=20000, help="surface samples per mesh")
@@ -124,8 +167,7 @@ def cmd_reconstruct(args) -> int:
     from .pipeline import DEFAULT_MODEL, Reconstructor
 
     model = args.model or DEFAULT_MODEL
-    if args.mc_resolution is not None and args.mc_resolution < 2:
-        raise LrmError(f"--mc-resolution must be >= 2, got {args.mc_resolution}")
+    out_dir, out_name, fmt = _output_target(args)
     _log(args, f"loading {model} ...")
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
@@ -137,7 +179,8 @@ def cmd_reconstruct(args) -> int:
         pres.append(rec.preprocess(img, args.foreground_ratio))
         for w in pres[-1].warnings:
             _log(args, f"  warning: {w}")
-    names = _unique_names(args.images)
+    names = [out_name] if out_name else _unique_names(args.images)
+    _prepare_out_dir(out_dir)
     totals: dict = {}
     for img, pre, name in zip(args.images, pres, names):
         _log(args, f"[{name}] reconstructing {img}")
@@ -146,7 +189,7 @@ def cmd_reconstruct(args) -> int:
                               vertex_colors=not args.no_vertex_colors, render_views=args.render_views,
                               render_size=args.render_size)
         t1 = time.perf_counter()
-        paths = rec.save(res, args.out, name, args.format, args.orientation)
+        paths = rec.save(res, out_dir, name, fmt, args.orientation)
         res.timings["export"] = time.perf_counter() - t1
         res.timings["total"] = time.perf_counter() - t0
         m = res.mesh
@@ -159,13 +202,51 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _output_target(args):
+    """(directory, fixed mesh name or None, format) from --out / --format / the number of images."""
+    out = Path(args.out)
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix in MESH_FORMATS and not out.is_dir():
+        if len(args.images) != 1:
+            raise LrmError(f"--out {args.out} names one mesh file but {len(args.images)} images were given: "
+                           "pass an output directory")
+        if args.format and args.format != suffix:
+            raise LrmError(f"--format {args.format} contradicts the --out file name {args.out}")
+        return out.parent, out.stem, suffix
+    return out, None, args.format or "glb"
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create the output directory up front, so an unwritable one fails before minutes of work."""
+    if out.exists() and not out.is_dir():
+        raise LrmError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LrmError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise LrmError(f"output directory is not writable: {out}")
+
+
 def _unique_names(images: List[str]) -> List[str]:
-    names, seen = [], {}
+    """Output names from the image stems, suffixed _2, _3, ... so no two collide (a/chair.png, b/chair.png)."""
+    names: List[str] = []
+    used = set()
     for img in images:
         stem = Path(img).stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        name, k = stem, 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}"
+        used.add(name)
+        names.append(name)
     return names
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch reports failed allocations as RuntimeError (torch.cuda.OutOfMemoryError is one), not MemoryError."""
+    text = str(exc).lower()
+    return any(m in text for m in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
 def cmd_info(args) -> int:
@@ -218,13 +299,39 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    # Library warnings (lrm_rt.* loggers) print like the CLI's own, once, and --quiet silences them; the
+    # logger is restored afterwards, for callers that run main() in their own process.
+    lib_log = logging.getLogger("lrm_rt")
+    saved = lib_log.handlers[:], lib_log.level, lib_log.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  warning: %(message)s"))
+    lib_log.handlers[:] = [handler]
+    lib_log.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+    lib_log.propagate = False
+    try:
+        return _run(args)
+    finally:
+        lib_log.handlers[:], lib_log.propagate = saved[0], saved[2]
+        lib_log.setLevel(saved[1])  # setLevel, not the attribute: it also clears the loggers' level cache
+
+
+def _run(args) -> int:
     try:
         return {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval}[args.command](args)
     except LrmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("error: out of memory (try a smaller --mc-resolution)", file=sys.stderr)
+        print("error: out of memory (try a smaller --mc-resolution or --render-size)", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0][:200]}); try a smaller --mc-resolution or "
+              "--render-size", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command reads or writes (export, bench paths); named by the OS message
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -139,8 +139,13 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
     data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
     if isinstance(data, str):
         data = data.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "a directory of that name exists")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise LrmError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -149,7 +154,9 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, permissions changed under us, ...
+            raise LrmError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path

@@ -5,6 +5,7 @@ density grid + marching cubes + vertex colours -> mesh export; novel views by vo
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,18 +13,40 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig
-from .errors import BackendError, ConfigError
+from .errors import BackendError, ConfigError, LrmError
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import Mesh, MeshFormat, Orientation, export_mesh, extract_mesh
 from .network_backends import NetworkBackend, TorchNetworkBackend
-from .preprocess import PreprocessConfig, PreprocessResult, load_image, preprocess
+from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
 
 DEFAULT_MODEL = "lrm-tiny"
-ImageInput = Union[str, Path, np.ndarray]
+ImageInput = Union[str, Path, np.ndarray, Image.Image]
+MAX_RENDER_SIZE = 4096
+
+
+def check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
+    """``value`` as an int in [lo, hi], or a ConfigError naming the option (a float or bool is refused)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not is_int or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; anything else (a typo, ``meta``) is refused up front."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r} (cpu, cuda or cuda:N)")
+    return device
 
 
 def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
@@ -98,14 +121,17 @@ class Reconstructor:
 
     >>> rec = Reconstructor("lrm-tiny")                      # doctest: +SKIP
     >>> result = rec.reconstruct("chair.png")                # doctest: +SKIP
-    >>> rec.save(result, "out/", fmt="glb")                  # doctest: +SKIP
+    >>> rec.save(result, "out/", "chair", fmt="glb")         # doctest: +SKIP
     """
 
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, *, device: str = "cpu",
                  network_backend: Union[str, NetworkBackend] = "auto", field_backend_name: str = "auto",
                  precision: str = "fp32", threads: Optional[int] = None, random_weights: bool = False):
-        if threads:
-            torch.set_num_threads(int(threads))
+        if not isinstance(model, (str, Path, LoadedModel)):
+            raise ConfigError(f"model must be a name, a directory or a LoadedModel, got {type(model).__name__}")
+        check_device(device)
+        if threads is not None:
+            torch.set_num_threads(check_int("threads", threads, 1))
         t0 = time.perf_counter()
         if isinstance(model, (str, Path)) and not isinstance(network_backend, NetworkBackend) and is_export_dir(model):
             # An export directory (lrm-rt export) holds graphs, not torch weights: no checkpoint to load.
@@ -131,6 +157,11 @@ class Reconstructor:
         cfg = preprocess_config(self.config, foreground_ratio, background_removal)
         if isinstance(image, np.ndarray):
             return preprocess(image, cfg)
+        if isinstance(image, Image.Image):
+            return preprocess(image_to_rgba(image), cfg)
+        if not isinstance(image, (str, Path)):
+            raise ConfigError(f"image must be a file path, a PIL image or an (H, W, 4) uint8 RGBA array, "
+                              f"got {type(image).__name__}")
         return preprocess(load_image(image), cfg, source=str(image))
 
     def triplane(self, pre: PreprocessResult, camera: Optional[torch.Tensor] = None):
@@ -141,6 +172,11 @@ class Reconstructor:
                     render_size: Optional[int] = None, make_mesh: bool = True,
                     foreground_ratio: Optional[float] = None) -> Reconstruction:
         cfg = self.config
+        if mc_resolution is not None:
+            check_int("mc_resolution", mc_resolution, 2)
+        if render_size is not None:
+            check_int("render_size", render_size, 8, MAX_RENDER_SIZE)
+        check_int("render_views", render_views, 0)
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
         pre = image if isinstance(image, PreprocessResult) else self.preprocess(image, foreground_ratio)
@@ -183,14 +219,17 @@ class Reconstructor:
     def save(result: Reconstruction, out_dir: Union[str, Path], name: str, fmt: MeshFormat = "glb",
              orientation: Orientation = "native") -> List[Path]:
         """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths."""
-        from PIL import Image
-
+        if not name or name in (".", "..") or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+            raise ConfigError(f"output name must be a plain file name (no directories), got {name!r}")
         out = Path(out_dir)
         written: List[Path] = []
         if result.mesh is not None:
             written.append(export_mesh(result.mesh, out / f"{name}.{fmt}", fmt, orientation))
         for k, img in enumerate(result.views):
             p = out / f"{name}_view{k:03d}.png"
-            Image.fromarray(img).save(p)
+            try:
+                Image.fromarray(img).save(p)
+            except OSError as e:
+                raise LrmError(f"cannot write {p}: {e.strerror or e}") from None
             written.append(p)
         return written

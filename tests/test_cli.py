@@ -95,3 +95,112 @@ def test_bad_model_errors(fixtures_dir, tmp_path, model, pattern):
 def test_info_runs():
     r = _run_cli("info")
     assert r.returncode == 0 and "torch" in r.stdout
+
+
+def _main_rc(argv):
+    """Exit status of main(argv), argparse's own errors (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--threads", "-1"], "--threads"),
+    (["--render-views", "1", "--render-size", "-5"], "--render-size"),
+    (["--foreground-ratio", "1e-9"], "foreground_ratio"),
+    (["--foreground-ratio", "nan"], "--foreground-ratio"),
+    (["--device", "foo"], "unknown device"),
+    (["--device", "meta"], "unknown device"),
+    (["--mc-resolution", "1"], "--mc-resolution"),
+    (["--out", ""], "--out"),
+])
+def test_bad_options_are_refused_with_one_line(fixtures_dir, tmp_path, capsys, extra, pattern):
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    rc = _main_rc(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path / "o"),
+                   "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and pattern in err and "Traceback" not in err, err
+
+
+def test_output_path_problems_fail_before_any_work(fixtures_dir, tmp_path, capsys, monkeypatch):
+    from lrm_rt.pipeline import Reconstructor
+
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    monkeypatch.setattr(Reconstructor, "reconstruct", lambda *a, **k: pytest.fail("reconstructed anyway"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, pattern in [(afile, "exists and is not a directory"), (afile / "sub", "cannot create output directory")]:
+        rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and pattern in err, err
+
+
+def test_out_may_name_the_mesh_file(fixtures_dir, tmp_path, capsys):
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    args = ["--model", str(d), "--mc-resolution", "32", "--quiet"]
+    assert main(["reconstruct", str(d / "input.png"), "--out", str(tmp_path / "m" / "mesh.obj"), *args]) == 0
+    assert len(trimesh.load(tmp_path / "m" / "mesh.obj", force="mesh", process=False).faces) > 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["mesh.obj"]
+    rc = main(["reconstruct", str(d / "input.png"), str(d / "input.png"), "--out", str(tmp_path / "x.glb"), *args])
+    assert rc == 2 and "names one mesh file but 2 images" in capsys.readouterr().err
+
+
+def test_output_names_never_collide():
+    from lrm_rt.cli import _unique_names
+
+    assert _unique_names(["a/chair.png", "b/chair.png", "chair_2.png", "c/chair.jpg"]) == \
+        ["chair", "chair_2", "chair_2_2", "chair_3"]
+
+
+def test_allocation_failure_in_torch_reads_as_out_of_memory(fixtures_dir, tmp_path, capsys, monkeypatch):
+    from lrm_rt.pipeline import Reconstructor
+
+    def fail(*a, **k):  # what torch raises when malloc fails (RuntimeError, not MemoryError)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Reconstructor, "reconstruct", fail)
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: out of memory") and len(err.splitlines()) == 1
+
+
+def test_torch_field_backend_checks_grid_memory_first(fixtures_dir, tmp_path, capsys):
+    # 4096^3 floats are 256 GiB: refused from the memory check, before torch tries to allocate them.
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path), "--quiet",
+               "--field-backend", "torch", "--mc-resolution", "4096"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "4096^3 density grid needs" in err, err
+
+
+def test_python_api_validates_its_arguments(fixtures_dir, tmp_path):
+    from PIL import Image
+
+    from lrm_rt.errors import ConfigError
+    from lrm_rt.pipeline import Reconstructor
+
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    with pytest.raises(ConfigError, match="threads"):
+        Reconstructor(str(d), threads=0)
+    with pytest.raises(ConfigError, match="unknown device"):
+        Reconstructor(str(d), device="meta")
+    with pytest.raises(ConfigError, match="model must be"):
+        Reconstructor(None)
+    rec = Reconstructor(str(d))
+    for bad in ({"mc_resolution": 64.5}, {"mc_resolution": 0}, {"render_size": 0, "render_views": 1},
+                {"render_views": -1}):
+        with pytest.raises(ConfigError):
+            rec.reconstruct(str(d / "input.png"), **bad)
+    with pytest.raises(ConfigError, match="file path, a PIL image"):
+        rec.preprocess(b"not an image")
+    # A PIL image is accepted and means the same as its file.
+    from_pil = rec.preprocess(Image.open(d / "input.png"))
+    torch_equal = (from_pil.pixel_values == rec.preprocess(str(d / "input.png")).pixel_values).all()
+    assert bool(torch_equal)
+    res = rec.reconstruct(str(d / "input.png"), mc_resolution=16)
+    with pytest.raises(ConfigError, match="plain file name"):
+        rec.save(res, tmp_path, "../escape")
+    assert not (tmp_path.parent / "escape.glb").exists()

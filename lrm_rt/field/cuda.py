@@ -19,10 +19,10 @@ import torch
 
 from ..errors import BackendError, ConfigError, ResourceError
 from .base import FieldBackend
+from .memory import check_grid_memory
 from .native import (
     FLAG_RAW_DENSITY,
     CoarseToFine,
-    check_grid_memory,
     check_mode,
     field_flags,
     grid_request,

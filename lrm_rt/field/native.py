@@ -8,7 +8,6 @@ The helpers at the top (flags, decoder packing, memory checks) are shared with t
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import BackendError, ConfigError, ResourceError
 from .base import FieldBackend
+from .memory import available_host_memory, check_grid_memory  # noqa: F401  (re-exported)
 from .spec import FieldSpec, TriplaneField, check_finite_planes
 
 # Flag bits: keep in sync with cuda/field.cuh.
@@ -129,41 +129,6 @@ def grid_request(field: TriplaneField, resolution: int, level: Optional[float], 
     mode = grid_mode(mode, level, r)
     check_finite_planes(field.planes)
     return r, mode, (c2f.stride_for(r) if mode == "coarse_to_fine" else 1)
-
-
-def available_host_memory() -> Optional[int]:
-    """Bytes the process can still allocate: MemAvailable, capped by a cgroup v2 limit when there is one."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            room = int(limit) - used
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def check_grid_memory(resolution: int, extra_bytes: int, available: Optional[int], where: str) -> None:
-    need = resolution ** 3 * 4 + extra_bytes
-    if available is not None and need > available:
-        raise ResourceError(
-            f"a {resolution}^3 density grid needs {need} bytes ({need / 2**30:.2f} GiB) of {where} memory, "
-            f"only {available} bytes ({available / 2**30:.2f} GiB) are available; lower the resolution")
 
 
 def c2f_scratch_bytes(resolution: int, stride: int) -> int:

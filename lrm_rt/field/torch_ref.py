@@ -11,8 +11,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, ResourceError
 from .base import FieldBackend
+from .memory import available_host_memory, check_grid_memory
 from .spec import Family, FieldSpec, TriplaneField
 
 DEFAULT_CHUNK = 1 << 18  # points per MLP evaluation: bounds peak memory at ~ chunk * (3C + hidden) floats
@@ -143,9 +144,18 @@ def grid_points(resolution: int, spec: FieldSpec) -> torch.Tensor:
 
 def density_grid(field: TriplaneField, resolution: int, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Activated density on the family's mesh grid (R, R, R), built slab by slab along x to bound memory."""
-    r = resolution
-    a = grid_axis(r, field.spec, field.planes.device)
-    out = torch.empty((r, r, r), dtype=field.planes.dtype, device=field.planes.device)
+    r = int(resolution)
+    if r < 2:
+        raise ConfigError(f"density-grid resolution must be >= 2, got {resolution}")
+    dev = field.planes.device
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else available_host_memory()
+    # + one chunk of MLP activations (under 256 floats a point for every released decoder)
+    check_grid_memory(r, chunk * 1024, free, "GPU" if dev.type == "cuda" else "host")
+    a = grid_axis(r, field.spec, dev)
+    try:
+        out = torch.empty((r, r, r), dtype=field.planes.dtype, device=dev)
+    except RuntimeError as e:  # torch reports a failed allocation as RuntimeError, not MemoryError
+        raise ResourceError(f"allocating a {r}^3 density grid failed: {str(e).splitlines()[0]}") from None
     yy, zz = torch.meshgrid(a, a, indexing="ij")
     yz = torch.stack((yy, zz), dim=-1).reshape(-1, 2)  # (R*R, 2), shared by every x slab
     slabs = max(1, chunk // (r * r))
