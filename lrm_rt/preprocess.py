@@ -52,8 +52,8 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 # Work-size bound: an image whose longer side exceeds this is box-reduced (premultiplied alpha) by an
 # integer factor before masking, and so is one whose framed canvas would (framing pads to 1/foreground_ratio
 # of the object). The float stages take ~48 bytes a canvas pixel, so an 8192 px photo framed at 0.5 would
-# need over 10 GB; this keeps the peak near 1 GB. The network input is <= 512 px, so nothing it sees is
-# lost; below the bound images are processed exactly as the references do.
+# need over 10 GB; with the bound a whole reconstruction of one peaked at 1.6 GB. The network input is
+# <= 512 px, so nothing it sees is lost; below the bound images are processed exactly as the references do.
 MAX_WORK_SIDE = 4096
 MIN_FOREGROUND_RATIO = 0.05
 # An alpha channel is taken as the object's mask when at least this share of the pixels is less than half
