@@ -1478,7 +1478,10 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
     runner = Runner(settings, extra_network, extra_field, log)
     machine = machine_info(runner.device)
     out = Path(settings.out) if settings.out else BENCH_DIR / "results" / machine["slug"]
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _usage_error(f"cannot create --out directory {out}: {exc.strerror or exc}")
     log(f"lrm-rt bench: {machine['cpu']} ({machine['usable_cores']} usable cores)"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; device {runner.device}; results -> {out}")
     t_start = time.perf_counter()

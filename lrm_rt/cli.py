@@ -144,8 +144,10 @@ def cmd_eval(args) -> int:
     if len(kinds) != 1:
         raise LrmError("eval compares two meshes or two images, not one of each")
     for f in (args.pred, args.gt):
-        if not Path(f).is_file():
+        if not Path(f).exists():
             raise LrmError(f"file not found: {f}")
+        if not Path(f).is_file():
+            raise LrmError(f"not a regular file: {f}")
     if Path(args.pred).suffix.lower() in images:
         (prgb, pa), (grgb, ga) = E.load_image01(args.pred), E.load_image01(args.gt)
         if prgb.shape != grgb.shape:

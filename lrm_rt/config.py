@@ -7,6 +7,7 @@ v1.1 ``config.json`` kwargs, OpenLRM v1.0 ``model.pth['kwargs']``) or taken from
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
@@ -14,6 +15,8 @@ from .errors import ConfigError
 from .field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec
 from .models.dinov2 import Dinov2Config, dinov2_config
 from .models.vit import DINO_VITB16, ViTConfig
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,6 +155,10 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             encoder: EncoderConfig = dinov2_config(str(kwargs["encoder_model_name"]))
             mean = std = None  # DINOv2 in OpenLRM v1.1 takes the [0,1] image as is
             size, render = _V11_INFER.get(dim, (224, 192))
+            if not infer and dim not in _V11_INFER:  # not a release size: its own infer.yaml is missing
+                log.warning("%s has no infer.yaml and transformer_dim %d matches no OpenLRM release: using "
+                            "generic settings (source_size 224, mesh_size 384, mesh_thres 3.0); a model "
+                            "trained at other settings needs its infer.yaml beside config.json", name, dim)
         else:
             encoder = dataclasses.replace(vit or DINO_VITB16, with_pooler=False)
             # facebook/dino-vitb16's image processor normalises with ImageNet statistics.

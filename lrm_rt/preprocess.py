@@ -57,8 +57,9 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 MAX_WORK_SIDE = 4096
 MIN_FOREGROUND_RATIO = 0.05
 # An alpha channel is taken as the object's mask when at least this share of the pixels is less than half
-# opaque (and at least one pixel is); fewer is an opaque image with stray soft pixels.
-MIN_TRANSPARENT_SHARE = 1e-3
+# opaque (and at least one pixel is); fewer is an opaque image with stray soft pixels. Small enough that a
+# 1-pixel transparent frame around an image at the size limit (4 / 8192 of its pixels) still counts.
+MIN_TRANSPARENT_SHARE = 1e-4
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -688,7 +689,7 @@ def reduce_large(rgba: np.ndarray, max_side: Optional[int] = None) -> np.ndarray
     if factor <= 1:
         return rgba
     im = Image.fromarray(np.ascontiguousarray(rgba), "RGBA").convert("RGBa").reduce(factor)
-    return np.asarray(im.convert("RGBA"))
+    return np.array(im.convert("RGBA"))  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def _fit_canvas(rgba: np.ndarray, ratio: float) -> np.ndarray:

@@ -359,12 +359,12 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
     if (amax == 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
     if (amax < 128) fail(LRM_ERR_IMAGE, "alpha channel has no pixel at least half opaque: nothing to reconstruct");
     // Foreground mask: the alpha channel when it separates something (both references use any alpha; as in
-    // lrm_rt.preprocess.foreground, one under half opaque on fewer than 0.1 % of the pixels is a stray soft pixel
+    // lrm_rt.preprocess.foreground, one under half opaque on fewer than 0.01 % of the pixels is a stray soft pixel
     // of an opaque image and is ignored); for an opaque image, the removal of a uniform background (no weights),
     // else the whole image with a warning (Python without rembg does the same).
     bool has_mask = amin < 255;
     const double n_pixels = (double)width * (double)height;
-    if (has_mask && (double)see_through < std::max(1.0, 1e-3 * n_pixels)) {
+    if (has_mask && (double)see_through < std::max(1.0, 1e-4 * n_pixels)) {
         for (size_t i = 3; i < img.px.size(); i += 4) img.px[i] = 255;
         res.warnings.push_back("alpha channel is opaque almost everywhere: ignored, the background is found from "
                                "the colours instead");

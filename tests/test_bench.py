@@ -258,6 +258,15 @@ def test_bad_options_exit_2_with_an_error_line(tmp_path, capsys, args, pattern):
     assert f"error: {pattern}" in err and "Traceback" not in err
 
 
+def test_unusable_out_directory_exits_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        S.main(["--models", "lrm-tiny", "--quick", "--no-plots", "--out", str(afile)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: cannot create --out directory" in err, err
+
+
 def test_nothing_measured_exits_2(tmp_path):
     """Every model failing is not a benchmark result: exit 2 (partial failure stays 0, see test_cli_entry)."""
     r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", "no-such-model,nor-this-one",

@@ -150,3 +150,22 @@ def test_bad_architecture_sizes_are_config_errors(ckpts, tmp_path, layout, key, 
     _set_config(d, layout, key, value)
     with pytest.raises(ConfigError, match=pattern):
         load_model(str(d))
+
+
+def test_missing_infer_settings_of_a_non_release_size_warn(caplog):
+    """A v1.1 model of no release width (lrm-tiny's 192) without its infer.yaml runs on generic settings:
+    say so, since its mesh threshold and input size are then guesses."""
+    from lrm_rt.config import openlrm_config
+
+    import json
+
+    from lrm_rt import models_dir
+
+    kwargs = json.loads((models_dir() / "lrm-tiny" / "config.json").read_text())
+    with caplog.at_level("WARNING", logger="lrm_rt.config"):
+        openlrm_config(kwargs, "1.1", "lrm-tiny-copy")
+    assert "lrm-tiny-copy has no infer.yaml" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lrm_rt.config"):
+        openlrm_config(kwargs, "1.1", "lrm-tiny", infer={"source_size": 112})
+    assert caplog.text == ""

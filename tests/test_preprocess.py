@@ -445,6 +445,14 @@ def test_nearly_opaque_alpha_is_ignored_with_a_warning():
     assert preprocess(masked, PreprocessConfig.triposr(128)).mask_source == "alpha"
 
 
+def test_thin_transparent_frame_of_a_large_image_is_still_a_mask():
+    # 1-pixel transparent border of a 5000 px image: 0.08 % of the pixels, a real mask all the same.
+    rgba = np.full((5000, 5000, 4), 255, np.uint8)
+    rgba[[0, -1], :, 3] = 0
+    rgba[:, [0, -1], 3] = 0
+    assert pp.foreground(rgba).mask_source == "alpha"
+
+
 def test_alpha_with_no_half_opaque_pixel_is_an_error():
     rgba, _ = _disk_image()
     rgba[..., 3] = 1  # invisible everywhere: composited, nothing is left to reconstruct
@@ -486,6 +494,7 @@ def test_large_images_are_reduced_before_framing(monkeypatch):
     big = np.zeros((600, 400, 4), np.uint8)
     big[100:500, 50:350] = (200, 40, 40, 255)
     cfg = PreprocessConfig("openlrm", 64, 0.5, 1.0, "bicubic_ac")
+    assert pp.reduce_large(big).flags.writeable  # torch.from_numpy warns on read-only arrays
     framed, source, _ = pp.frame(pp.reduce_large(big), cfg)
     assert source == "alpha" and framed.shape[0] <= 256
     small = np.zeros((200, 134, 4), np.uint8)  # reduced by 3 (600 -> 200): object rows 34:167, cols 17:117
