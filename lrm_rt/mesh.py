@@ -143,6 +143,8 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise IsADirectoryError(21, "a directory of that name exists")
+        if path.exists() and not path.is_file():  # the rename below would replace a FIFO or device node
+            raise OSError(0, "it exists and is not a regular file")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise LrmError(f"cannot write {path}: {e.strerror or e}") from None

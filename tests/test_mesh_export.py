@@ -67,3 +67,19 @@ def test_export_writes_the_glb(tmp_path):
     mesh = _mesh(True)
     path = export_mesh(mesh, tmp_path / "m.glb")
     assert path.read_bytes() == glb_bytes(mesh)
+
+
+def test_export_refuses_special_files_and_names_the_path(tmp_path):
+    import os
+
+    from lrm_rt.errors import LrmError
+
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe.glb"
+        os.mkfifo(fifo)
+        with pytest.raises(LrmError, match="not a regular file"):
+            export_mesh(_mesh(True), fifo)
+        assert fifo.exists() and not fifo.is_file()  # left as it was, not replaced by the mesh
+    (tmp_path / "adir.glb").mkdir()
+    with pytest.raises(LrmError, match="cannot write .*adir.glb"):
+        export_mesh(_mesh(True), tmp_path / "adir.glb")
