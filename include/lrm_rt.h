@@ -67,7 +67,9 @@ typedef enum lrm_mesh_format {
  * get their defaults; struct_size lets the library check the caller's layout. */
 typedef struct lrm_params {
     uint32_t struct_size;   /* sizeof(lrm_params), set by lrm_default_params() */
-    int32_t threads;        /* CPU threads; 0 = all cores. A nonzero value also sets LibTorch's
+    int32_t threads;        /* CPU threads in [0, 1024]; 0 = all cores. At most one thread per
+                               available processor is used (OpenMP would end the process if the
+                               OS refused a thread). A nonzero value also sets LibTorch's
                                (process-wide) intra-op thread count */
     int32_t mc_resolution;  /* marching-cubes grid side (>= 2); 0 = the model's default */
     float mc_threshold;     /* density iso-level; NaN = the model's default */
@@ -119,8 +121,14 @@ LRM_API const char* lrm_last_error(const lrm_context* ctx);
 /* ---- context ---------------------------------------------------------------------------------- */
 LRM_API lrm_params lrm_default_params(void);
 /* Loads an export directory (manifest.json, decoder.safetensors, network.pt2). params may be NULL
- * (defaults). On success *out receives the context. */
+ * (defaults). On success *out receives the context. The manifest's record of the network's input
+ * shapes (aoti.inputs, written by every `lrm-rt export --aoti`) is required and checked against the
+ * model config: the AOTInductor runtime does not check input shapes itself (unless the environment
+ * sets AOTI_RUNTIME_CHECK_INPUTS=1). */
 LRM_API lrm_status lrm_create(const char* export_dir, const lrm_params* params, lrm_context** out);
+/* Each context loads a private copy of network.pt2's compiled library, which the process cannot
+ * unload (it has STB_GNU_UNIQUE symbols, so glibc ignores dlclose): every create/free cycle leaves
+ * about that library's size mapped. Long-running hosts should keep contexts, not recreate them. */
 LRM_API void lrm_free(lrm_context* ctx);
 LRM_API lrm_status lrm_get_model_info(const lrm_context* ctx, lrm_model_info* out);
 
@@ -154,7 +162,10 @@ LRM_API const float* lrm_mesh_vertices(const lrm_mesh* mesh); /* vertex_count * 
 LRM_API const int32_t* lrm_mesh_faces(const lrm_mesh* mesh);  /* face_count * 3 vertex indices */
 LRM_API const float* lrm_mesh_colors(const lrm_mesh* mesh);   /* vertex_count * 3, or NULL */
 LRM_API lrm_status lrm_mesh_timings(const lrm_mesh* mesh, lrm_timings* out);
-/* Writes atomically (temporary file + rename): a failure never leaves a partial file. */
+/* Writes atomically (temporary file + rename): a failure never leaves a partial file. An existing
+ * path that is not a regular file (a device such as /dev/null, a FIFO, a socket, or a symbolic link
+ * to one) is refused with LRM_ERR_IO. A symbolic link to a regular file is replaced by the new file;
+ * the file it pointed to is left unchanged. */
 /* format: an lrm_mesh_format (int32_t, so that any value a caller passes is well defined). */
 LRM_API lrm_status lrm_mesh_write(const lrm_mesh* mesh, const char* path, int32_t format);
 LRM_API void lrm_mesh_free(lrm_mesh* mesh);

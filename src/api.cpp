@@ -2,6 +2,7 @@
 // Nothing thrown inside the library crosses this file.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -59,6 +60,8 @@ lrm_status guarded(lrm_context* ctx, F&& f) {
     }
 }
 
+constexpr int32_t kMaxThreads = 1024;  // as the Python CLI's --threads
+
 void require(bool ok, const std::string& msg) {
     if (!ok) lrm::fail(LRM_ERR_INVALID_ARGUMENT, msg);
 }
@@ -67,7 +70,8 @@ void check_params(const lrm_params& p) {
     require(p.struct_size == sizeof(lrm_params),
             "lrm_params.struct_size is " + std::to_string(p.struct_size) + ", expected " +
                 std::to_string(sizeof(lrm_params)) + ": initialise params with lrm_default_params()");
-    require(p.threads >= 0 && p.threads <= 4096, "threads must be in [0, 4096] (0 = all cores)");
+    require(p.threads >= 0 && p.threads <= kMaxThreads,
+            "threads must be in [0, " + std::to_string(kMaxThreads) + "] (0 = all cores), got " + std::to_string(p.threads));
     require(p.mc_resolution == 0 || (p.mc_resolution >= 2 && p.mc_resolution <= 2048),
             "mc_resolution must be 0 (model default) or in [2, 2048], got " + std::to_string(p.mc_resolution));
     require(std::isnan(p.mc_threshold) || std::isfinite(p.mc_threshold), "mc_threshold must be finite or NaN (default)");
@@ -88,10 +92,14 @@ void check_pixels(const uint8_t* pixels, int32_t width, int32_t height, int64_t 
                                        std::to_string(4LL * width) + ")");
 }
 
+// At most one thread per available processor: more only adds overhead to these CPU-bound loops, and libgomp calls
+// exit() when the OS refuses a thread (address-space cap, pids cgroup, RLIMIT_NPROC), which no status can report.
 void set_threads(lrm_context* ctx) {
-    const int n = ctx->params.threads > 0 ? ctx->params.threads : omp_get_num_procs();
+    const int procs = std::max(1, omp_get_num_procs());
+    const int asked = ctx->params.threads;
+    const int n = asked > 0 ? std::min(asked, procs) : procs;
     omp_set_num_threads(n);  // the field kernels' OpenMP loops run on this thread's setting
-    ctx->net->set_threads(ctx->params.threads);
+    ctx->net->set_threads(asked > 0 ? n : 0);
 }
 
 lrm_mesh* reconstruct(lrm_context* ctx, const uint8_t* pixels, int32_t width, int32_t height, int64_t stride,

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "internal.hpp"
@@ -19,9 +20,11 @@ namespace {
     fail(LRM_ERR_IMAGE, what + ": " + source);
 }
 
+// Header sizes are untrusted: PNG sides go up to 2^32 - 1 and PNM/PAM ones further, so w * h can overflow int64
+// and pass a plain product test. Each side is bounded first and the product compared by division.
 void check_size(int64_t w, int64_t h, const std::string& source) {
     if (w <= 0 || h <= 0) bad_image(source, "image has zero size (" + std::to_string(w) + "x" + std::to_string(h) + ")");
-    if (w * h > kMaxImagePixels)
+    if (w > kMaxImagePixels || h > kMaxImagePixels || w > kMaxImagePixels / h)
         bad_image(source, "image is too large (" + std::to_string(w) + "x" + std::to_string(h) + " pixels, limit " +
                               std::to_string(kMaxImagePixels) + "; refusing to decode a possible decompression bomb)");
 }
@@ -291,7 +294,7 @@ Image decode_pnm(const std::string& bytes, const std::string& source) {
             const size_t sp = l.find(' ');
             const std::string key = l.substr(0, sp), val = sp == std::string::npos ? "" : l.substr(sp + 1);
             if (key == "TUPLTYPE") { tuple = val; continue; }
-            const int64_t v = std::atoll(val.c_str());
+            const int64_t v = std::strtoll(val.c_str(), nullptr, 10);  // saturates out of range (atoll: undefined)
             if (key == "WIDTH") w = v;
             else if (key == "HEIGHT") h = v;
             else if (key == "DEPTH") depth = v;
@@ -355,7 +358,9 @@ Image decode_image(const std::string& bytes, const std::string& source) {
 }
 
 Image load_image(const std::string& path) {
-    if (!is_file(path) && !is_dir(path)) fail(LRM_ERR_IO, "image file not found: " + path);
+    if (!path_exists(path)) fail(LRM_ERR_IO, "image file not found: " + path);
+    // Directories get read_file's message; devices and FIFOs are never read (they may not end).
+    if (!is_file(path) && !is_dir(path)) fail(LRM_ERR_IO, "image path is not a regular file: " + path);
     return decode_image(read_file(path, "image file"), path);
 }
 

@@ -21,8 +21,9 @@ struct Error : std::runtime_error {
 
 double now_seconds();
 std::string read_file(const std::string& path, const char* what);  // throws LRM_ERR_IO
-bool is_file(const std::string& path);
+bool is_file(const std::string& path);  // these three follow symbolic links
 bool is_dir(const std::string& path);
+bool path_exists(const std::string& path);
 std::string join_path(const std::string& dir, const std::string& name);
 std::string sha256_hex(const std::string& data);
 std::string sha256_file(const std::string& path);
@@ -37,6 +38,9 @@ struct Image {
 
 // Largest image accepted (pixels), as the Python loader's decompression-bomb guard.
 constexpr int64_t kMaxImagePixels = 8192LL * 8192LL;
+// Smallest TripoSR framing ratio accepted (lrm_rt.preprocess.MIN_FOREGROUND_RATIO): the object spans this share
+// of the framed canvas's side.
+constexpr double kMinForegroundRatio = 0.05;
 
 Image load_image(const std::string& path);
 Image decode_image(const std::string& bytes, const std::string& source);

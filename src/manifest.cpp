@@ -1,5 +1,6 @@
 // Reads an export directory (lrm_rt/export/manifest.py's layout) and checks that its pieces belong together:
 // manifest format and version, config vs triplane shape vs decoder shapes, file hashes and sizes.
+#include <charconv>
 #include <cmath>
 #include <cstring>
 
@@ -12,10 +13,18 @@ namespace {
 
 constexpr const char* kFormat = "lrm_rt-export";
 constexpr int kFormatVersion = 1;
+// The largest default grid a manifest may name: the Python CLI's --mc-resolution bound.
+constexpr int kMaxManifestMcResolution = 4096;
 constexpr const char* kReexport = "; re-export it with: lrm-rt export --model M --out DIR --aoti";
 
 [[noreturn]] void bad(const std::string& dir, const std::string& what) {
     fail(LRM_ERR_ARTIFACT, "export directory " + dir + ": " + what + kReexport);
+}
+
+// Shortest round-trip text (std::to_string prints 1e-300 as 0.000000).
+std::string num_text(double v) {
+    char b[32];
+    return std::string(b, std::to_chars(b, b + sizeof(b), v).ptr);
 }
 
 double num(const Json& j, const std::string& dir, const char* key) {
@@ -68,14 +77,20 @@ void read_decoder(ModelInfo& m, const std::string& path, int layers, const std::
             const Json& shape = t["shape"];
             const Json& off = t["data_offsets"];
             if (!shape.is_array() || !off.is_array() || off.size() != 2) bad(m.dir, key + ": malformed entry");
+            // Offsets and shapes are untrusted numbers: compared as doubles against the bytes after the header
+            // (offsets near 2^64 would wrap a size_t sum), and the element count bounded by the same bytes.
+            const size_t avail = blob.size() - data0;
             int64_t count = 1;
             std::vector<int> dims;
             for (const Json& d : shape.array()) {
                 dims.push_back(integer(d, m.dir, "shape"));
+                if (dims.back() < 0) bad(m.dir, key + ": negative shape");
+                if (dims.back() > 0 && count > (int64_t)(avail / 4) / dims.back())
+                    bad(m.dir, key + ": shape larger than decoder.safetensors");
                 count *= dims.back();
             }
             const double b = num(off.array()[0], m.dir, "data_offsets"), e = num(off.array()[1], m.dir, "data_offsets");
-            if (b < 0 || e < b || data0 + (size_t)e > blob.size() || (e - b) != 4.0 * (double)count)
+            if (!(b >= 0 && b <= e && e <= (double)avail) || b != std::floor(b) || e - b != 4.0 * (double)count)
                 bad(m.dir, key + ": data offsets out of range");
             const bool weight = part[0] == 'w';
             if (weight) {
@@ -90,6 +105,23 @@ void read_decoder(ModelInfo& m, const std::string& path, int layers, const std::
             m.decoder_params.resize(at + (size_t)count);
             std::memcpy(m.decoder_params.data() + at, blob.data() + data0 + (size_t)b, (size_t)count * 4);
         }
+    }
+}
+
+// aoti.inputs is the only record of the shapes network.pt2 was compiled for: the AOTInductor runtime does not
+// check input shapes by default (only with AOTI_RUNTIME_CHECK_INPUTS=1), so a (1, 3, S, S) buffer of another S
+// would be read out of bounds. `lrm-rt export --aoti` always writes the entry: without it the manifest is malformed.
+void check_aoti_inputs(const Json& in, const ModelInfo& m, const std::string& dir) {
+    const bool tsr = m.family == "triposr";
+    if (!in.is_array() || in.size() != (tsr ? 1u : 2u))
+        bad(dir, std::string("manifest field 'aoti.inputs' is missing or does not list the ") +
+                     (tsr ? "pixel input" : "pixel and camera inputs") + " of network.pt2");
+    const auto px = numbers(in.array()[0]["shape"], dir, "aoti.inputs.shape", 4);
+    if (px[0] != 1 || px[1] != 3 || px[2] != m.input_size || px[3] != m.input_size)
+        bad(dir, "network.pt2 takes another input size than the config");
+    if (!tsr) {
+        const auto cam = numbers(in.array()[1]["shape"], dir, "aoti.inputs.shape", 2);
+        if (cam[0] != 1 || cam[1] != 16) bad(dir, "network.pt2 camera input is not (1, 16)");
     }
 }
 
@@ -141,10 +173,14 @@ ModelInfo read_export_dir(const std::string& dir) {
         }
         m.normalize = true;
     }
-    if (cfg["foreground_ratio"].is_number()) {
-        m.foreground_ratio = cfg["foreground_ratio"].number();
-        if (!(m.foreground_ratio > 0.0 && m.foreground_ratio <= 1.0)) bad(dir, "foreground_ratio out of (0, 1]");
+    if (!cfg["foreground_ratio"].is_null()) {  // null: no framing
+        m.foreground_ratio = num(cfg["foreground_ratio"], dir, "config.foreground_ratio");
+        // The framed canvas is 1/ratio of the object's side: tiny ratios only make huge canvases (as Python).
+        if (!(m.foreground_ratio >= kMinForegroundRatio && m.foreground_ratio <= 1.0))
+            bad(dir, "config.foreground_ratio must be in [" + num_text(kMinForegroundRatio) + ", 1], got " +
+                         num_text(m.foreground_ratio));
     }
+    // Compositing colour in [0, 1]; a value outside makes the TripoSR uint8 conversion undefined.
     if (cfg["background"].is_array()) {
         const auto bg = numbers(cfg["background"], dir, "config.background", 3);
         for (int c = 0; c < 3; ++c) m.background[c] = bg[c];
@@ -152,9 +188,14 @@ ModelInfo read_export_dir(const std::string& dir) {
         const double bg = num(cfg["background"], dir, "config.background");
         m.background[0] = m.background[1] = m.background[2] = bg;
     }
+    for (double bg : m.background)
+        if (!(bg >= 0.0 && bg <= 1.0)) bad(dir, "config.background must be in [0, 1], got " + num_text(bg));
     m.mc_resolution = integer(cfg["mc_resolution"], dir, "config.mc_resolution");
     m.mc_threshold = num(cfg["mc_threshold"], dir, "config.mc_threshold");
-    if (m.mc_resolution < 2) bad(dir, "mc_resolution < 2");
+    if (m.mc_resolution < 2 || m.mc_resolution > kMaxManifestMcResolution)
+        bad(dir, "config.mc_resolution must be in [2, " + std::to_string(kMaxManifestMcResolution) + "], got " +
+                     std::to_string(m.mc_resolution));
+    if (!std::isfinite(m.mc_threshold)) bad(dir, "config.mc_threshold is not a finite number");
 
     // Triplane: the config's shape, the manifest's record of it and (later) the network's output must agree.
     const int low = integer(cfg["triplane_low_res"], dir, "config.triplane_low_res");
@@ -214,12 +255,7 @@ ModelInfo read_export_dir(const std::string& dir) {
             bad(dir, m.aoti_file + " has another size than manifest.json records (mixed-up or truncated files)");
         if (!m.aoti_sha256.empty() && sha256_file(apath) != m.aoti_sha256)
             bad(dir, m.aoti_file + " does not match the sha256 recorded in manifest.json (mixed-up files)");
-        const Json& in = aoti["inputs"];
-        if (in.is_array() && !in.array().empty()) {
-            const auto px = numbers(in.array()[0]["shape"], dir, "aoti.inputs.shape", 4);
-            if (px[2] != m.input_size || px[3] != m.input_size) bad(dir, "network.pt2 takes another input size than the config");
-            if ((in.size() == 2) == tsr) bad(dir, "network.pt2 camera input does not fit the model family");
-        }
+        check_aoti_inputs(aoti["inputs"], m, dir);
     }
     const Json& trt = man["tensorrt"]["engines"];
     if (trt.is_object()) {

@@ -159,6 +159,10 @@ void write_atomic(const std::string& path, const std::string& data) {
     const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
     if (!is_dir(dir)) fail(LRM_ERR_IO, "output directory does not exist: " + dir);
     if (is_dir(path)) fail(LRM_ERR_IO, "output path is a directory: " + path);
+    // rename() would replace a device node or FIFO (e.g. /dev/null, when the directory is writable) with a regular
+    // file. Checked through symbolic links; a link to a regular file is itself replaced, its target left as it was.
+    if (path_exists(path) && !is_file(path))
+        fail(LRM_ERR_IO, "output path exists and is not a regular file (a device, FIFO or socket): " + path);
     std::string tmpl = path + ".tmpXXXXXX";
     const int fd = ::mkstemp(&tmpl[0]);
     if (fd < 0) fail(LRM_ERR_IO, "cannot create a file in " + dir + " (" + std::strerror(errno) + ")");

@@ -39,8 +39,15 @@ Rgba resize_foreground(const Rgba& in, double ratio) {
     if (y1 <= y0 || x1 <= x0) fail(LRM_ERR_IMAGE, "foreground is too small to frame (under 2 pixels wide or tall)");
     const int64_t h = y1 - y0, w = x1 - x0, side = std::max(h, w);
     const int64_t top = (side - h) / 2, left = (side - w) / 2;
-    const int64_t new_side = (int64_t)((double)side / ratio);  // Python int(side / ratio)
-    const int64_t off = (new_side - side) / 2;                  // >= 0: ratio <= 1
+    // Python int(side / ratio). Bounded before the conversion and the allocation: lrm_create only accepts ratios in
+    // [kMinForegroundRatio, 1], but a side of a long thin image over the ratio could still pass kMaxImagePixels, and
+    // new_side^2 * 4 must not overflow.
+    const double framed = std::floor((double)side / ratio);
+    if (!(framed >= (double)side && framed <= (double)kMaxImagePixels))
+        fail(LRM_ERR_IMAGE, "framing the " + std::to_string(side) + "-pixel-wide foreground at the model's "
+                            "foreground_ratio needs a canvas over " + std::to_string(kMaxImagePixels) + " pixels a side");
+    const int64_t new_side = (int64_t)framed;
+    const int64_t off = (new_side - side) / 2;  // >= 0: new_side >= side
     Rgba out;
     out.w = out.h = new_side;
     out.px.assign((size_t)(new_side * new_side * 4), 0);

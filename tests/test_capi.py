@@ -279,3 +279,68 @@ def test_errors_are_codes_not_crashes(lib, build_dir, tmp_path):
         assert mesh.value is None and lib.lrm_last_error(c.ptr)
     finally:
         c.close()
+
+
+def test_framing_canvas_is_bounded(lib, build_dir, tmp_path):
+    """resize_foreground checks the canvas side before allocating: a 3.4-Mpx-wide, 2-px-tall cutout (within the
+    image size limit) at the smallest accepted ratio would need a ~68-Mpx-wide square canvas."""
+    import json
+
+    export = Path(shutil.copytree(_export(build_dir, "triposr-tiny"), tmp_path / "export"))
+    man = json.loads((export / "manifest.json").read_text())
+    man["config"]["foreground_ratio"] = 0.05
+    (export / "manifest.json").write_text(json.dumps(man))
+    ctx = _Context(lib, export)
+    try:
+        w, h, s = 3_400_000, 2, man["config"]["input_size"]
+        rgba = np.full((h, w, 4), 200, np.uint8)
+        rgba[1, :1000, 3] = 0  # enough see-through pixels for the alpha to be the mask
+        out = np.empty(3 * s * s, np.float32)
+        st = lib.lrm_preprocess_rgba(ctx.ptr, rgba.ctypes.data, w, h, 4 * w, out.ctypes.data, out.size)
+        assert st == 3, (st, lib.lrm_last_error(ctx.ptr))  # LRM_ERR_IMAGE, not a huge allocation
+        assert b"canvas" in lib.lrm_last_error(ctx.ptr)
+    finally:
+        ctx.close()
+
+
+_THREADS_CHILD = r"""
+import ctypes, resource, sys
+lib = ctypes.CDLL(sys.argv[1])
+vp = ctypes.c_void_p
+lib.lrm_create.argtypes = [ctypes.c_char_p, vp, ctypes.POINTER(vp)]
+lib.lrm_reconstruct_file.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(vp)]
+lib.lrm_free.argtypes = lib.lrm_mesh_free.argtypes = [vp]
+lib.lrm_last_error.restype = ctypes.c_char_p
+lib.lrm_last_error.argtypes = [vp]
+
+class Params(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("threads", ctypes.c_int32), ("mc_resolution", ctypes.c_int32),
+                ("mc_threshold", ctypes.c_float), ("vertex_colors", ctypes.c_int32), ("device", ctypes.c_int32),
+                ("device_index", ctypes.c_int32)]
+
+def run(threads):
+    p = Params(ctypes.sizeof(Params), threads, 16, float("nan"), 1, 0, 0)
+    ctx, mesh = vp(), vp()
+    assert lib.lrm_create(sys.argv[2].encode(), ctypes.byref(p), ctypes.byref(ctx)) == 0, lib.lrm_last_error(None)
+    st = lib.lrm_reconstruct_file(ctx, sys.argv[3].encode(), ctypes.byref(mesh))
+    print(threads, st, lib.lrm_last_error(ctx).decode(), flush=True)
+    lib.lrm_mesh_free(mesh)
+    lib.lrm_free(ctx)
+    return st
+
+assert run(0) == 0
+peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmPeak:"))
+cap = (peak_kb << 10) + (512 << 20)  # room for another context, not for ~1000 more thread stacks
+resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.exit(run(1024))
+"""
+
+
+def test_threads_beyond_the_cores_cannot_end_the_process(lib, build_dir, fixtures_dir):
+    """threads = 1024 uses at most one thread per processor: libgomp exit()s the process when the OS refuses a
+    thread, here an address-space cap with no room for a thousand more stacks (before: exit status 1)."""
+    so = next(iter(sorted(build_dir.glob("liblrm_rt.so*"))))
+    image = fixtures_dir / "checkpoints" / "triposr-tiny" / "input.png"
+    res = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(so), str(_export(build_dir, "triposr-tiny")),
+                          str(image)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])

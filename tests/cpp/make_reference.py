@@ -131,7 +131,39 @@ def broken_exports(good: Path, other: Path, out: Path) -> None:
     d = make("network_truncated_nohash", "create", "LRM_ERR_ARTIFACT", edited(aoti__sha256=None, aoti__bytes=None))
     data = (good / "network.pt2").read_bytes()
     (d / "network.pt2").write_bytes(data[: len(data) // 2])
+    # Manifest values outside what the library (and the Python side) accepts.
+    make("foreground_ratio_tiny", "create", "LRM_ERR_ARTIFACT", edited(config__foreground_ratio=0.01))
+    make("background_out_of_range", "create", "LRM_ERR_ARTIFACT", edited(config__background=300))
+    make("background_nan", "create", "LRM_ERR_ARTIFACT", edited(config__background=[0.5, float("nan"), 0.5]))
+    make("mc_threshold_nan", "create", "LRM_ERR_ARTIFACT", edited(config__mc_threshold=float("nan")))
+    make("mc_threshold_inf", "create", "LRM_ERR_ARTIFACT", edited(config__mc_threshold=float("inf")))
+    make("mc_resolution_huge", "create", "LRM_ERR_ARTIFACT", edited(config__mc_resolution=4097))
+    # Without aoti.inputs nothing ties config.input_size to the compiled network (AOTInductor does not check).
+    make("no_aoti_inputs", "create", "LRM_ERR_ARTIFACT", edited(aoti__inputs=None, config__input_size=128))
+    d = make("decoder_offsets_wrap", "create", "LRM_ERR_ARTIFACT",
+             edited(decoder__sha256=None, decoder__layers=2, config__decoder_linear_layers=2))
+    (d / "decoder.safetensors").write_bytes(wrapping_decoder(3 * man["config"]["triplane_dim"]))
     (out / "cases.txt").write_text("\n".join(cases) + "\n")
+
+
+def wrapping_decoder(features: int, hidden: int = 64) -> bytes:
+    """A 2-layer decoder.safetensors whose first tensor ends at data_offsets 2**64 - data0: with the header's
+    8 + data0 bytes added in size_t, the end wraps to 0 and every bound looks fine."""
+    import struct
+
+    data0 = 2048  # the offsets near 2**64 are then exact doubles (JSON numbers): the spacing there is 2048
+    shapes = {"layers.0.weight": [hidden, features], "layers.0.bias": [hidden], "layers.1.weight": [4, hidden],
+              "layers.1.bias": [4]}
+    header, off = {}, 0
+    for name, shape in shapes.items():
+        n = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    n0 = 4 * hidden * features
+    assert n0 % 2048 == 0
+    header["layers.0.weight"]["data_offsets"] = [2**64 - data0 - n0, 2**64 - data0]
+    text = json.dumps(header).encode().ljust(data0 - 8)
+    return struct.pack("<Q", len(text)) + text + bytes(off)
 
 
 def main() -> int:

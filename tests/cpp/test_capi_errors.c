@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "lrm_rt.h"
 
@@ -26,6 +28,18 @@ static void expect(const char* what, lrm_status got, lrm_status want, const lrm_
     } else {
         printf("ok   %-46s %-26s %s\n", what, lrm_status_string(got), want != LRM_OK ? msg : "");
     }
+}
+
+/* expect() and the message names the cause. */
+static void expect_msg(const char* what, lrm_status got, lrm_status want, const lrm_context* ctx, const char* part) {
+    const char* msg = lrm_last_error(ctx);
+    if (got == want && want != LRM_OK && strstr(msg, part) == NULL) {
+        ++checks;
+        fprintf(stderr, "FAIL %s: message '%s' does not say '%s'\n", what, msg, part);
+        ++failures;
+        return;
+    }
+    expect(what, got, want, ctx);
 }
 
 static void expect_null(const char* what, const void* p) {
@@ -75,6 +89,80 @@ static void bad_image(lrm_context* ctx, const char* work, const char* name, cons
     expect_null(what, img);
 }
 
+/* Headers whose width * height overflows int64 (or the int32 image size): refused before any allocation. The
+ * decoder is tried first, and the reconstruction only when it refused the file, so that a build with the
+ * overflow never gets to allocate what the wrapped sizes ask for. */
+static void oversized_image(lrm_context* ctx, const char* work, const char* name, const void* data, size_t n) {
+    char path[4096], what[256];
+    lrm_image* img = (lrm_image*)0x1;
+    lrm_mesh* mesh = (lrm_mesh*)0x1;
+    lrm_status st;
+    snprintf(path, sizeof path, "%s/%s", work, name);
+    write_all(path, data, n);
+    snprintf(what, sizeof what, "image_load(%s)", name);
+    st = lrm_image_load(path, &img);
+    expect_msg(what, st, LRM_ERR_IMAGE, NULL, "too large");
+    if (st != LRM_ERR_IMAGE) {
+        lrm_image_free(st == LRM_OK ? img : NULL);
+        return;
+    }
+    expect_null(what, img);
+    snprintf(what, sizeof what, "reconstruct_file(%s)", name);
+    expect_msg(what, lrm_reconstruct_file(ctx, path, &mesh), LRM_ERR_IMAGE, ctx, "too large");
+    expect_null(what, mesh);
+}
+
+static uint32_t crc32_of(const unsigned char* p, size_t n) {
+    uint32_t c = 0xFFFFFFFFu;
+    size_t i;
+    int k;
+    for (i = 0; i < n; ++i) {
+        c ^= p[i];
+        for (k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return c ^ 0xFFFFFFFFu;
+}
+
+static size_t put_be32(unsigned char* p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16), p[2] = (unsigned char)(v >> 8), p[3] = (unsigned char)v;
+    return 4;
+}
+
+static size_t put_chunk(unsigned char* p, const char* type, const unsigned char* data, uint32_t len) {
+    size_t n = put_be32(p, len);
+    memcpy(p + n, type, 4);
+    memcpy(p + n + 4, data, len);
+    n += 4 + len;
+    return n + put_be32(p + n, crc32_of(p + 4, 4 + (size_t)len));
+}
+
+/* A well-formed RGBA8 PNG header (IHDR + a small IDAT + IEND, valid CRCs) claiming w x h pixels. */
+static size_t png_claiming(unsigned char* out, uint32_t w, uint32_t h) {
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    static const unsigned char idat[] = {0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01}; /* zlib("\0") */
+    unsigned char ihdr[13] = {0, 0, 0, 0, 0, 0, 0, 0, 8, 6, 0, 0, 0};
+    size_t n = 8;
+    memcpy(out, sig, 8);
+    put_be32(ihdr, w);
+    put_be32(ihdr + 4, h);
+    n += put_chunk(out + n, "IHDR", ihdr, 13);
+    n += put_chunk(out + n, "IDAT", idat, sizeof idat);
+    return n + put_chunk(out + n, "IEND", NULL, 0);
+}
+
+static void overflow_checks(lrm_context* ctx, const char* work) {
+    unsigned char png[128];
+    /* PAM: 3 * 6148914691236517206 = 2^64 + 2 (once decoded as 2 pixels with a truncated height) */
+    static const char pam[] = "P7\nWIDTH 3\nHEIGHT 6148914691236517206\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\n"
+                              "ENDHDR\n\xc8\x64\x32\xff\x0a\x14\x1e\xff";
+    /* PGM: 154317347858 * 119537721 = 2^64 + 2 as well, both sides within the PNM reader's digits */
+    static const char pgm[] = "P5\n154317347858 119537721\n255\n\x80\x80";
+    oversized_image(ctx, work, "huge_4g_x_4g.png", png, png_claiming(png, 0xFFFFFFFFu, 0xFFFFFFFFu));
+    oversized_image(ctx, work, "huge_wide.png", png, png_claiming(png, 0x80000000u, 1));
+    oversized_image(ctx, work, "huge_wrap.pam", pam, sizeof pam - 1);
+    oversized_image(ctx, work, "huge_wrap.pgm", pgm, sizeof pgm - 1);
+}
+
 static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const char* image_path) {
     lrm_context* out_ctx = (lrm_context*)0x1;
     lrm_mesh* mesh = (lrm_mesh*)0x1;
@@ -100,6 +188,8 @@ static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const
     p = lrm_default_params();
     p.threads = -1;
     expect("create(threads -1)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p.threads = 1025;
+    expect("create(threads 1025)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
     p = lrm_default_params();
     p.mc_threshold = (float)INFINITY;
     expect("create(mc_threshold inf)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
@@ -157,11 +247,57 @@ static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const
     }
 }
 
+static int is_fifo(const char* path) {
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISFIFO(st.st_mode);
+}
+
+/* FIFOs (and links to them) the test makes in its own work directory, never system paths: a mesh written over
+ * one must be refused, not replace the node; read as an image, the path is named as not a regular file. */
+static void special_file_checks(lrm_context* ctx, const lrm_mesh* mesh, const char* work) {
+    char fifo[4096], link[4096], file[4096], link2[4096];
+    lrm_image* img = (lrm_image*)0x1;
+    lrm_mesh* out = (lrm_mesh*)0x1;
+    struct stat st;
+    snprintf(fifo, sizeof fifo, "%s/fifo.ply", work);
+    snprintf(link, sizeof link, "%s/link_to_fifo.ply", work);
+    snprintf(file, sizeof file, "%s/link_target.ply", work);
+    snprintf(link2, sizeof link2, "%s/link_to_file.ply", work);
+    unlink(fifo), unlink(link), unlink(file), unlink(link2);
+    if (mkfifo(fifo, 0600) != 0 || symlink(fifo, link) != 0 || symlink(file, link2) != 0) {
+        fprintf(stderr, "FAIL cannot make a FIFO and links in %s\n", work);
+        ++failures;
+        return;
+    }
+    write_all(file, "old", 3);
+    expect_msg("mesh_write(a FIFO)", lrm_mesh_write(mesh, fifo, LRM_MESH_PLY), LRM_ERR_IO, NULL, "not a regular file");
+    expect_msg("mesh_write(a link to a FIFO)", lrm_mesh_write(mesh, link, LRM_MESH_PLY), LRM_ERR_IO, NULL,
+               "not a regular file");
+    ++checks;
+    if (!is_fifo(fifo) || lstat(link, &st) != 0 || !S_ISLNK(st.st_mode)) {
+        fprintf(stderr, "FAIL mesh_write replaced a FIFO or a link to one\n");
+        ++failures;
+    }
+    /* Documented: a link to a regular file is replaced by the new file, its target left unchanged. */
+    expect("mesh_write(a link to a file)", lrm_mesh_write(mesh, link2, LRM_MESH_PLY), LRM_OK, NULL);
+    ++checks;
+    if (lstat(link2, &st) != 0 || !S_ISREG(st.st_mode) || stat(file, &st) != 0 || st.st_size != 3) {
+        fprintf(stderr, "FAIL mesh_write through a link: the link is not a file or its old target changed\n");
+        ++failures;
+    }
+    expect_msg("image_load(a FIFO)", lrm_image_load(fifo, &img), LRM_ERR_IO, NULL, "not a regular file");
+    expect_null("image_load(a FIFO)", img);
+    expect_msg("reconstruct_file(a FIFO)", lrm_reconstruct_file(ctx, fifo, &out), LRM_ERR_IO, ctx, "not a regular file");
+    expect_null("reconstruct_file(a FIFO)", out);
+    unlink(fifo), unlink(link), unlink(file), unlink(link2);
+}
+
 static void writer_checks(lrm_context* ctx, const char* image_path, const char* work) {
     lrm_mesh* mesh = NULL;
     char path[4096];
     expect("reconstruct_file(good image)", lrm_reconstruct_file(ctx, image_path, &mesh), LRM_OK, ctx);
     if (!mesh) return;
+    special_file_checks(ctx, mesh, work);
     snprintf(path, sizeof path, "%s/mesh.xyz", work);
     expect("mesh_write(unknown extension)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_INVALID_ARGUMENT, NULL);
     expect("mesh_write(unknown format code)", lrm_mesh_write(mesh, path, 42), LRM_ERR_INVALID_ARGUMENT, NULL);
@@ -270,6 +406,7 @@ int main(int argc, char** argv) {
     }
     null_and_size_checks(ctx, argv[1], argv[2]);
     image_checks(ctx, argv[2], argv[4]);
+    overflow_checks(ctx, argv[4]);
     writer_checks(ctx, argv[2], argv[4]);
     empty_mesh_check(argv[1], argv[2], argv[4]);
     broken_export_checks(argv[3], argv[2]);
