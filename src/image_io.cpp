@@ -361,7 +361,7 @@ Image load_image(const std::string& path) {
     if (!path_exists(path)) fail(LRM_ERR_IO, "image file not found: " + path);
     // Directories get read_file's message; devices and FIFOs are never read (they may not end).
     if (!is_file(path) && !is_dir(path)) fail(LRM_ERR_IO, "image path is not a regular file: " + path);
-    return decode_image(read_file(path, "image file"), path);
+    return decode_image(read_file(path, "image file", kMaxImageFileBytes), path);
 }
 
 }  // namespace lrm

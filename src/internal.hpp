@@ -20,7 +20,8 @@ struct Error : std::runtime_error {
 [[noreturn]] inline void fail(lrm_status s, const std::string& msg) { throw Error(s, msg); }
 
 double now_seconds();
-std::string read_file(const std::string& path, const char* what);  // throws LRM_ERR_IO
+// Throws LRM_ERR_IO when the file is missing, unreadable, larger than max_bytes or reads short.
+std::string read_file(const std::string& path, const char* what, uint64_t max_bytes = UINT64_MAX);
 bool is_file(const std::string& path);  // these three follow symbolic links
 bool is_dir(const std::string& path);
 bool path_exists(const std::string& path);
@@ -38,6 +39,7 @@ struct Image {
 
 // Largest image accepted (pixels), as the Python loader's decompression-bomb guard.
 constexpr int64_t kMaxImagePixels = 8192LL * 8192LL;
+constexpr uint64_t kMaxImageFileBytes = 1ULL << 30;  // as lrm_rt.preprocess.MAX_IMAGE_FILE_BYTES
 // Smallest TripoSR framing ratio accepted (lrm_rt.preprocess.MIN_FOREGROUND_RATIO): the object spans this share
 // of the framed canvas's side.
 constexpr double kMinForegroundRatio = 0.05;

@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
-#include <sstream>
 
 #include "internal.hpp"
 
@@ -36,17 +35,25 @@ std::string join_path(const std::string& dir, const std::string& name) {
     return dir + "/" + name;
 }
 
-std::string read_file(const std::string& path, const char* what) {
+std::string read_file(const std::string& path, const char* what, uint64_t max_bytes) {
     if (is_dir(path)) fail(LRM_ERR_IO, std::string(what) + " is a directory, not a file: " + path);
-    std::ifstream f(path, std::ios::binary);
+    std::ifstream f(path, std::ios::binary | std::ios::ate);
     if (!f) {
         const int e = errno;
         fail(LRM_ERR_IO, std::string(what) + " not found or unreadable (" + std::strerror(e) + "): " + path);
     }
-    std::ostringstream ss;
-    ss << f.rdbuf();
-    if (f.bad()) fail(LRM_ERR_IO, std::string("cannot read ") + what + ": " + path);
-    return ss.str();
+    // Sized up front and read in one go: the size limit is checked before any allocation, and a short read
+    // is an error (a stream copy swallowed bad_alloc and returned a silently truncated file).
+    const std::streamoff size = f.tellg();
+    if (size < 0) fail(LRM_ERR_IO, std::string("cannot read ") + what + " (no size): " + path);
+    if ((uint64_t)size > max_bytes)
+        fail(LRM_ERR_IO, std::string(what) + " is too large (" + std::to_string(size) + " bytes, limit " +
+                             std::to_string(max_bytes) + "): " + path);
+    std::string data((size_t)size, '\0');
+    f.seekg(0);
+    f.read(&data[0], size);
+    if (f.gcount() != size) fail(LRM_ERR_IO, std::string("cannot read ") + what + " (short read): " + path);
+    return data;
 }
 
 // ---- SHA-256 (FIPS 180-4)

@@ -163,6 +163,23 @@ static void overflow_checks(lrm_context* ctx, const char* work) {
     oversized_image(ctx, work, "huge_wrap.pgm", pgm, sizeof pgm - 1);
 }
 
+/* A file over the 1 GiB image limit is refused from its size, before it is read: a sparse file, so the test
+ * takes no disk space. */
+static void oversized_file_check(const char* work) {
+    char path[4096];
+    lrm_image* img = (lrm_image*)0x1;
+    snprintf(path, sizeof path, "%s/sparse_1gib.png", work);
+    write_all(path, "x", 1);
+    if (truncate(path, (1L << 30) + 1) != 0) {
+        fprintf(stderr, "FAIL cannot make a sparse file in %s\n", work);
+        ++failures;
+        return;
+    }
+    expect_msg("image_load(a 1 GiB + 1 byte file)", lrm_image_load(path, &img), LRM_ERR_IO, NULL, "too large");
+    expect_null("image_load(a 1 GiB + 1 byte file)", img);
+    unlink(path);
+}
+
 static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const char* image_path) {
     lrm_context* out_ctx = (lrm_context*)0x1;
     lrm_mesh* mesh = (lrm_mesh*)0x1;
@@ -298,6 +315,7 @@ static void writer_checks(lrm_context* ctx, const char* image_path, const char* 
     expect("reconstruct_file(good image)", lrm_reconstruct_file(ctx, image_path, &mesh), LRM_OK, ctx);
     if (!mesh) return;
     special_file_checks(ctx, mesh, work);
+    oversized_file_check(work);
     snprintf(path, sizeof path, "%s/mesh.xyz", work);
     expect("mesh_write(unknown extension)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_INVALID_ARGUMENT, NULL);
     expect("mesh_write(unknown format code)", lrm_mesh_write(mesh, path, 42), LRM_ERR_INVALID_ARGUMENT, NULL);
