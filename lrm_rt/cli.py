@@ -182,23 +182,31 @@ def cmd_reconstruct(args) -> int:
         for w in pres[-1].warnings:
             _log(args, f"  warning: {w}")
     names = [out_name] if out_name else _unique_names(args.images)
-    _prepare_out_dir(out_dir)
-    totals: dict = {}
-    for img, pre, name in zip(args.images, pres, names):
-        _log(args, f"[{name}] reconstructing {img}")
-        t0 = time.perf_counter()
-        res = rec.reconstruct(pre, mc_resolution=args.mc_resolution, mc_threshold=args.mc_threshold,
-                              vertex_colors=not args.no_vertex_colors, render_views=args.render_views,
-                              render_size=args.render_size)
-        t1 = time.perf_counter()
-        paths = rec.save(res, out_dir, name, fmt, args.orientation)
-        res.timings["export"] = time.perf_counter() - t1
-        res.timings["total"] = time.perf_counter() - t0
-        m = res.mesh
-        _log(args, f"  mesh: {m.num_vertices} vertices, {m.num_faces} faces -> {', '.join(str(p) for p in paths)}")
-        _log(args, "  " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.timings.items()))
-        for k, v in res.timings.items():
-            totals[k] = totals.get(k, 0.0) + v
+    created = _prepare_out_dir(out_dir)
+    try:
+        totals: dict = {}
+        for img, pre, name in zip(args.images, pres, names):
+            _log(args, f"[{name}] reconstructing {img}")
+            t0 = time.perf_counter()
+            res = rec.reconstruct(pre, mc_resolution=args.mc_resolution, mc_threshold=args.mc_threshold,
+                                  vertex_colors=not args.no_vertex_colors, render_views=args.render_views,
+                                  render_size=args.render_size)
+            t1 = time.perf_counter()
+            paths = rec.save(res, out_dir, name, fmt, args.orientation)
+            res.timings["export"] = time.perf_counter() - t1
+            res.timings["total"] = time.perf_counter() - t0
+            m = res.mesh
+            _log(args, f"  mesh: {m.num_vertices} vertices, {m.num_faces} faces -> {', '.join(str(p) for p in paths)}")
+            _log(args, "  " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.timings.items()))
+            for k, v in res.timings.items():
+                totals[k] = totals.get(k, 0.0) + v
+    except BaseException:  # leave no empty directories behind a failed run
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something was written, keep it
+                break
+        raise
     if len(args.images) > 1:
         _log(args, "total: " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in totals.items()))
     return 0
@@ -218,16 +226,19 @@ def _output_target(args):
     return out, None, args.format or "glb"
 
 
-def _prepare_out_dir(out: Path) -> None:
-    """Create the output directory up front, so an unwritable one fails before minutes of work."""
+def _prepare_out_dir(out: Path) -> List[Path]:
+    """Create the output directory up front, so an unwritable one fails before minutes of work; returns the
+    directories it created, deepest first."""
     if out.exists() and not out.is_dir():
         raise LrmError(f"--out {out} exists and is not a directory")
+    created = [d for d in [out, *out.parents] if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LrmError(f"cannot create output directory {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise LrmError(f"output directory is not writable: {out}")
+    return created
 
 
 def _unique_names(images: List[str]) -> List[str]:
@@ -319,7 +330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     try:
-        return {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval}[args.command](args)
+        commands = {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval}
+        return commands[args.command](args)
     except LrmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

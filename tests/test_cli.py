@@ -162,9 +162,10 @@ def test_allocation_failure_in_torch_reads_as_out_of_memory(fixtures_dir, tmp_pa
 
     monkeypatch.setattr(Reconstructor, "reconstruct", fail)
     d = fixtures_dir / "checkpoints" / "triposr-tiny"
-    rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path), "--quiet"])
+    rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path / "o" / "p"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: out of memory") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # the directories made for the run are gone again
 
 
 def test_torch_field_backend_checks_grid_memory_first(fixtures_dir, tmp_path, capsys):
