@@ -680,16 +680,35 @@ class PreprocessResult:
     warnings: List[str] = field(default_factory=list)
 
 
+def box_reduce(rgba: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` x ``factor`` blocks (partial blocks at the right and bottom edges average what they
+    hold). Alpha is the rounded mean; colour is the alpha-weighted mean, so transparent pixels' colours do not
+    bleed into the object's edge. Integer arithmetic with round-half-up, defined so the C library
+    (src/preprocess.cpp) computes the same bytes."""
+    f = int(factor)
+    h, w = rgba.shape[:2]
+    out = np.empty((-(-h // f), -(-w // f), 4), np.uint8)
+    tile = max(1, 1024 // f) * f  # tiles of whole blocks, about 1 Mpx: bounds the int64 temporaries
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            x = rgba[y0:y0 + tile, x0:x0 + tile].astype(np.int64)
+            rows, cols = np.arange(0, x.shape[0], f), np.arange(0, x.shape[1], f)
+            a = x[..., 3]
+            sa = np.add.reduceat(np.add.reduceat(a, rows, axis=0), cols, axis=1)
+            sca = np.add.reduceat(np.add.reduceat(x[..., :3] * a[..., None], rows, axis=0), cols, axis=1)
+            n = np.minimum(f, x.shape[0] - rows)[:, None] * np.minimum(f, x.shape[1] - cols)[None, :]
+            o = out[y0 // f:y0 // f + len(rows), x0 // f:x0 // f + len(cols)]
+            o[..., 3] = (sa + n // 2) // n
+            o[..., :3] = np.where(sa[..., None] > 0, (sca + sa[..., None] // 2) // np.maximum(sa, 1)[..., None], 0)
+    return out
+
+
 def reduce_large(rgba: np.ndarray, max_side: Optional[int] = None) -> np.ndarray:
-    """Box-reduce an image whose longer side exceeds ``max_side`` (``MAX_WORK_SIDE``) by the smallest
-    integer factor that brings it within; alpha is premultiplied so transparent pixels' colours do not
-    bleed into the object's edge. Smaller images are returned unchanged."""
+    """``box_reduce`` an image whose longer side exceeds ``max_side`` (``MAX_WORK_SIDE``) by the smallest
+    integer factor that brings it within. Smaller images are returned unchanged."""
     limit = MAX_WORK_SIDE if max_side is None else max_side
     factor = -(-max(rgba.shape[:2]) // limit)
-    if factor <= 1:
-        return rgba
-    im = Image.fromarray(np.ascontiguousarray(rgba), "RGBA").convert("RGBa").reduce(factor)
-    return np.array(im.convert("RGBA"))  # a writable copy (torch.from_numpy warns on read-only arrays)
+    return box_reduce(rgba, factor) if factor > 1 else rgba
 
 
 def _fit_canvas(rgba: np.ndarray, ratio: float) -> np.ndarray:

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "internal.hpp"
 
@@ -25,16 +26,69 @@ struct Rgba {  // contiguous RGBA8
     std::vector<uint8_t> px;
 };
 
+struct Box {  // first and last row / column holding alpha > 0; y1 < 0 when there is none
+    int64_t y0, y1, x0, x1;
+};
+
+Box alpha_box(const Rgba& in) {
+    Box b{in.h, -1, in.w, -1};
+    for (int64_t y = 0; y < in.h; ++y)
+        for (int64_t x = 0; x < in.w; ++x)
+            if (in.px[(size_t)((y * in.w + x) * 4 + 3)] > 0) {
+                b.y0 = std::min(b.y0, y), b.y1 = std::max(b.y1, y);
+                b.x0 = std::min(b.x0, x), b.x1 = std::max(b.x1, x);
+            }
+    return b;
+}
+
+// lrm_rt.preprocess.box_reduce: means of f x f blocks (partial blocks at the right and bottom edges average what
+// they hold); alpha the rounded mean, colour the alpha-weighted mean, integer arithmetic rounding half up, so both
+// sides compute the same bytes.
+Rgba box_reduce(const Rgba& in, int64_t f) {
+    Rgba out;
+    out.w = (in.w + f - 1) / f;
+    out.h = (in.h + f - 1) / f;
+    out.px.assign((size_t)(out.w * out.h * 4), 0);
+    for (int64_t oy = 0; oy < out.h; ++oy)
+        for (int64_t ox = 0; ox < out.w; ++ox) {
+            int64_t n = 0, sa = 0, sc[3] = {0, 0, 0};
+            for (int64_t y = oy * f; y < std::min(in.h, oy * f + f); ++y)
+                for (int64_t x = ox * f; x < std::min(in.w, ox * f + f); ++x) {
+                    const uint8_t* q = &in.px[(size_t)((y * in.w + x) * 4)];
+                    for (int c = 0; c < 3; ++c) sc[c] += (int64_t)q[c] * q[3];
+                    sa += q[3];
+                    ++n;
+                }
+            uint8_t* o = &out.px[(size_t)((oy * out.w + ox) * 4)];
+            for (int c = 0; c < 3; ++c) o[c] = (uint8_t)(sa > 0 ? (sc[c] + sa / 2) / sa : 0);
+            o[3] = (uint8_t)((sa + n / 2) / n);
+        }
+    return out;
+}
+
+// lrm_rt.preprocess.reduce_large: images over max_side (kMaxWorkSide) are box-reduced by the smallest integer
+// factor that brings them within, which bounds the memory of everything after.
+Rgba reduce_large(Rgba img, int64_t max_side = kMaxWorkSide) {
+    const int64_t f = (std::max(img.w, img.h) + max_side - 1) / max_side;
+    return f > 1 ? box_reduce(img, f) : img;
+}
+
+// lrm_rt.preprocess._fit_canvas: reduce so the canvas resize_foreground pads the object to stays within
+// kMaxWorkSide (a small foreground_ratio multiplies the object's side).
+Rgba fit_canvas(Rgba img, double ratio) {
+    const Box b = alpha_box(img);
+    if (b.y1 < 0) return img;  // resize_foreground names the problem
+    const int64_t canvas = (int64_t)((double)std::max(b.y1 - b.y0, b.x1 - b.x0) / ratio);
+    if (canvas <= kMaxWorkSide) return img;
+    const int64_t max_side = std::max(img.w, img.h) * kMaxWorkSide / canvas;
+    return reduce_large(std::move(img), max_side);
+}
+
 // TripoSR's framing: crop to the alpha > 0 box (exclusive max, as the reference), pad to a square, then pad so
 // the object spans `ratio` of the side. Padding is transparent black.
 Rgba resize_foreground(const Rgba& in, double ratio) {
-    int64_t y0 = in.h, y1 = -1, x0 = in.w, x1 = -1;
-    for (int64_t y = 0; y < in.h; ++y)
-        for (int64_t x = 0; x < in.w; ++x)
-            if (in.px[(y * in.w + x) * 4 + 3] > 0) {
-                y0 = std::min(y0, y), y1 = std::max(y1, y);
-                x0 = std::min(x0, x), x1 = std::max(x1, x);
-            }
+    const Box b = alpha_box(in);
+    const int64_t y0 = b.y0, y1 = b.y1, x0 = b.x0, x1 = b.x1;
     if (y1 < 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
     if (y1 <= y0 || x1 <= x0) fail(LRM_ERR_IMAGE, "foreground is too small to frame (under 2 pixels wide or tall)");
     const int64_t h = y1 - y0, w = x1 - x0, side = std::max(h, w);
@@ -352,16 +406,15 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
     img.w = width;
     img.h = height;
     img.px.resize((size_t)width * height * 4);
+    for (int64_t y = 0; y < height; ++y)
+        std::memcpy(&img.px[(size_t)(y * width * 4)], pixels + y * stride, (size_t)width * 4);
+    img = reduce_large(std::move(img));
     uint8_t amin = 255, amax = 0;
     int64_t see_through = 0;  // pixels less than half opaque
-    for (int64_t y = 0; y < height; ++y) {
-        const uint8_t* row = pixels + y * stride;
-        std::memcpy(&img.px[(size_t)(y * width * 4)], row, (size_t)width * 4);
-        for (int64_t x = 0; x < width; ++x) {
-            amin = std::min(amin, row[4 * x + 3]);
-            amax = std::max(amax, row[4 * x + 3]);
-            see_through += row[4 * x + 3] < 128;
-        }
+    for (size_t i = 3; i < img.px.size(); i += 4) {
+        amin = std::min(amin, img.px[i]);
+        amax = std::max(amax, img.px[i]);
+        see_through += img.px[i] < 128;
     }
     if (amax == 0) fail(LRM_ERR_IMAGE, "alpha channel is empty (every pixel fully transparent)");
     if (amax < 128) fail(LRM_ERR_IMAGE, "alpha channel has no pixel at least half opaque: nothing to reconstruct");
@@ -370,7 +423,7 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
     // of an opaque image and is ignored); for an opaque image, the removal of a uniform background (no weights),
     // else the whole image with a warning (Python without rembg does the same).
     bool has_mask = amin < 255;
-    const double n_pixels = (double)width * (double)height;
+    const double n_pixels = (double)img.w * (double)img.h;
     if (has_mask && (double)see_through < std::max(1.0, 1e-4 * n_pixels)) {
         for (size_t i = 3; i < img.px.size(); i += 4) img.px[i] = 255;
         res.warnings.push_back("alpha channel is opaque almost everywhere: ignored, the background is found from "
@@ -387,7 +440,8 @@ Preprocessed preprocess(const ModelInfo& m, const uint8_t* pixels, int32_t width
 
     // TripoSR's framing (resize_foreground), for TripoSR and for any model whose config names a ratio (lrm-tiny);
     // published OpenLRM configs have none and take the image as framed.
-    if (has_mask && m.foreground_ratio > 0.0) img = resize_foreground(img, m.foreground_ratio);
+    if (has_mask && m.foreground_ratio > 0.0)
+        img = resize_foreground(fit_canvas(std::move(img), m.foreground_ratio), m.foreground_ratio);
     if (m.family == "triposr") {
         // composite_uint8: float32 products rounded one by one, then truncation to uint8 (the reference's input.png);
         // opaque images go in unchanged (the reference's Image.convert("RGB") path).

@@ -120,6 +120,14 @@ def _c_image(lib, path: Path) -> np.ndarray:
         lib.lrm_image_free(img)
 
 
+def _wide_cutout(rng, w: int, h: int, margin: int = 0) -> np.ndarray:
+    """A long object with soft, random alpha on a transparent background (odd sizes: partial edge blocks)."""
+    out = np.zeros((h, w + 2 * margin, 4), np.uint8)
+    out[:, margin:margin + w] = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    out[h // 2, margin:margin + w, 3] = 255  # one solid row: the object spans the full width
+    return out
+
+
 def _with_one_soft_pixel(rgba: np.ndarray) -> np.ndarray:
     out = rgba.copy()
     out[0, 0, 3] = 254
@@ -159,6 +167,10 @@ def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir,
               noise,
               on_grey,  # opaque, uniform background: removed without weights on both sides
               _with_one_soft_pixel(on_grey),  # a stray soft pixel: alpha ignored on both sides, background removed
+              # Over MAX_WORK_SIDE: box-reduced by 2 first (odd sizes: partial edge blocks), on both sides;
+              # without the reduction the encoder input differs by up to 0.67 (OpenLRM) / 5e-4 (TripoSR).
+              _wide_cutout(rng, 4501, 301),
+              _wide_cutout(rng, 2300, 700, margin=100),  # framed at 0.5 its canvas exceeds MAX_WORK_SIDE: reduced
               np.concatenate([noise[..., :3], np.full(noise.shape[:2] + (1,), 255, np.uint8)], -1)]  # used whole
     try:
         for rgba in images:
@@ -282,8 +294,14 @@ def test_errors_are_codes_not_crashes(lib, build_dir, tmp_path):
 
 
 def test_framing_canvas_is_bounded(lib, build_dir, tmp_path):
-    """resize_foreground checks the canvas side before allocating: a 3.4-Mpx-wide, 2-px-tall cutout (within the
-    image size limit) at the smallest accepted ratio would need a ~68-Mpx-wide square canvas."""
+    """A 3.4-Mpx-wide, 2-px-tall cutout (within the image size limit) at the smallest accepted ratio would need a
+    ~68-Mpx-wide square canvas: both sides box-reduce it first (to 4092 x 1 px, too thin to frame) and give the same
+    clean error, without a huge allocation (resize_foreground's own canvas check stays as a backstop)."""
+    from lrm_rt.errors import ImageError
+    from lrm_rt.export import manifest_config, read_manifest
+    from lrm_rt.pipeline import preprocess_config
+    from lrm_rt.preprocess import preprocess
+
     import json
 
     export = Path(shutil.copytree(_export(build_dir, "triposr-tiny"), tmp_path / "export"))
@@ -298,7 +316,9 @@ def test_framing_canvas_is_bounded(lib, build_dir, tmp_path):
         out = np.empty(3 * s * s, np.float32)
         st = lib.lrm_preprocess_rgba(ctx.ptr, rgba.ctypes.data, w, h, 4 * w, out.ctypes.data, out.size)
         assert st == 3, (st, lib.lrm_last_error(ctx.ptr))  # LRM_ERR_IMAGE, not a huge allocation
-        assert b"canvas" in lib.lrm_last_error(ctx.ptr)
+        assert b"too small to frame" in lib.lrm_last_error(ctx.ptr)
+        with pytest.raises(ImageError, match="too small to frame"):
+            preprocess(rgba, preprocess_config(manifest_config(read_manifest(export))))
     finally:
         ctx.close()
 

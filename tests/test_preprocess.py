@@ -506,6 +506,20 @@ def test_large_images_are_reduced_before_framing(monkeypatch):
     assert pp.reduce_large(small) is small
 
 
+def test_box_reduce_is_the_alpha_weighted_block_mean():
+    # The definition the C library reproduces byte for byte: partial edge blocks average what they hold.
+    rng = np.random.default_rng(7)
+    for shape, f in [((7, 10), 3), ((130, 67), 2), ((300, 301), 70), ((5, 3000), 1500)]:
+        a = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+        out = pp.box_reduce(a, f)
+        assert out.shape == (-(-shape[0] // f), -(-shape[1] // f), 4)
+        for i, j in [(0, 0), (out.shape[0] - 1, out.shape[1] - 1), (out.shape[0] // 2, 0)]:
+            b = a[i * f:(i + 1) * f, j * f:(j + 1) * f].reshape(-1, 4).astype(np.int64)
+            sa = int(b[:, 3].sum())
+            want = [(int((b[:, c] * b[:, 3]).sum()) + sa // 2) // sa if sa else 0 for c in range(3)]
+            assert list(out[i, j, :3]) == want and out[i, j, 3] == (sa + len(b) // 2) // len(b)
+
+
 def test_tiny_foreground_ratio_is_refused():
     with pytest.raises(ConfigError, match="foreground_ratio"):
         PreprocessConfig.triposr(64, foreground_ratio=1e-9)
