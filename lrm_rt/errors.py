@@ -30,5 +30,14 @@ class ResourceError(LrmError):
     """A request needs more memory than is available."""
 
 
+def check_int(name: str, value, lo: int, hi=None) -> int:
+    """``value`` as an int in [lo, hi], or a ConfigError naming the option (a float or bool is refused)."""
+    is_int = hasattr(value, "__index__") and not isinstance(value, bool)  # int and numpy integers
+    if not is_int or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
 class FieldError(LrmError):
     """A triplane or field holds values that cannot be meshed (NaN / inf)."""

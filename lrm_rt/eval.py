@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ConfigError, ImageError, LrmError
+from .errors import ConfigError, ImageError, LrmError, check_int
 
 MeshLike = Tuple[np.ndarray, np.ndarray]  # (vertices (V, 3), faces (F, 3))
 # Bound on surface / volume samples per mesh: 5e6 already take ~1.5 GB and tens of seconds (1e6: 0.3 GB).
@@ -136,11 +136,6 @@ class MeshMetrics:
     tau: float
 
 
-def _check_count(name: str, n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_POINTS:
-        raise ConfigError(f"{name} must be an integer from 1 to {MAX_POINTS}, got {n!r}")
-
-
 def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, Sequence[MeshLike]],
                  tau: float = 0.05, n_points: int = 20000, normalize: str = "gt", iou_points: int = 50000,
                  seed: int = 0) -> MeshMetrics:
@@ -165,8 +160,8 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
         tau_ok = False
     if not tau_ok:
         raise ConfigError(f"tau (--tau) must be a finite distance > 0, got {tau!r}")
-    _check_count("n_points (--points)", n_points)
-    _check_count("iou_points", iou_points)
+    check_int("n_points (--points)", n_points, 1, MAX_POINTS)
+    check_int("iou_points", iou_points, 1, MAX_POINTS)
     if not any(len(f) for _, f in gt_parts):
         raise MeshError("the ground-truth mesh has no faces")
     ng = norm_of(gt_parts, "ground-truth mesh") if normalize != "none" else (np.zeros(3), 1.0)

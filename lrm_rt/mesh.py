@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, LrmError
+from .files import chmod_as_open
 from .field.base import FieldBackend
 from .field.spec import TriplaneField, check_finite_planes
 
@@ -151,10 +152,7 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        # mkstemp creates 0600 files; give the mesh the permissions a plain open() would (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        chmod_as_open(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig
-from .errors import BackendError, ConfigError, LrmError
+from .errors import BackendError, ConfigError, LrmError, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import Mesh, MeshFormat, Orientation, export_mesh, extract_mesh
@@ -27,15 +27,6 @@ from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_
 DEFAULT_MODEL = "lrm-tiny"
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
 MAX_RENDER_SIZE = 4096
-
-
-def check_int(name: str, value, lo: int, hi: Optional[int] = None) -> int:
-    """``value`` as an int in [lo, hi], or a ConfigError naming the option (a float or bool is refused)."""
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
-    return int(value)
 
 
 def check_device(device: str) -> str:

@@ -474,6 +474,15 @@ def _check_rgba(rgba: np.ndarray, source: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _alpha_box(rgba: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
+    """(first row, last row, first column, last column) holding alpha > 0, or None when none does."""
+    mask = rgba[..., 3] > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
 def resize_foreground(rgba: np.ndarray, ratio: float, source: str = "<array>") -> np.ndarray:
     """TripoSR's framing: crop to the alpha > 0 box, pad to a square, pad so the object spans ``ratio``.
 
@@ -481,10 +490,10 @@ def resize_foreground(rgba: np.ndarray, ratio: float, source: str = "<array>") -
     foreground row and column are dropped) and ``int(side / ratio)`` for the final size; padding is
     transparent black and split with the extra pixel at the bottom/right.
     """
-    ys, xs = np.nonzero(rgba[..., 3] > 0)
-    if ys.size == 0:
+    box = _alpha_box(rgba)
+    if box is None:
         raise ImageError(f"alpha channel is empty (every pixel fully transparent): {source}")
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
+    y0, y1, x0, x1 = box
     if y1 <= y0 or x1 <= x0:
         raise ImageError(f"foreground is too small to frame (under 2 pixels wide or tall): {source}")
     crop = rgba[y0:y1, x0:x1]  # exclusive max, as the reference
@@ -713,11 +722,11 @@ def reduce_large(rgba: np.ndarray, max_side: Optional[int] = None) -> np.ndarray
 
 def _fit_canvas(rgba: np.ndarray, ratio: float) -> np.ndarray:
     """Reduce ``rgba`` so the canvas ``resize_foreground`` pads its object to stays within MAX_WORK_SIDE."""
-    mask = rgba[..., 3] > 0
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    box = _alpha_box(rgba)
+    if box is None:
         return rgba  # resize_foreground names the problem
-    canvas = int(max(rows[-1] - rows[0], cols[-1] - cols[0]) / ratio)
+    y0, y1, x0, x1 = box
+    canvas = int(max(y1 - y0, x1 - x0) / ratio)
     return reduce_large(rgba, max(rgba.shape[:2]) * MAX_WORK_SIDE // canvas) if canvas > MAX_WORK_SIDE else rgba
 
 

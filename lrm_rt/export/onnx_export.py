@@ -10,7 +10,6 @@ into a Reshape would show up as an error there.
 from __future__ import annotations
 
 import inspect
-import os
 import platform
 import tempfile
 import time
@@ -26,6 +25,7 @@ from .. import __version__
 from ..checkpoint import LoadedModel
 from ..config import ModelConfig
 from ..errors import ConfigError, LrmError
+from ..files import chmod_as_open
 from ..models.network import LRMNetwork, default_source_camera
 from . import manifest as M
 
@@ -374,10 +374,7 @@ def _write_decoder(out: Path, net: LRMNetwork) -> Dict[str, Any]:
         tensors[f"layers.{i}.bias"] = b.contiguous()
     path = out / M.DECODER_NAME
     save_file(tensors, str(path), metadata={"format": "pt", "content": "lrm_rt NeRF decoder (nn.Linear layout)"})
-    # safetensors' save_file creates the file 0600; give it the mode of the other files (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    chmod_as_open(path)
     return {"file": M.DECODER_NAME, "sha256": M.sha256_file(path), "layers": len(weights),
             "shapes": [list(w.shape) for w in weights], "hidden_activation": net.config.field_spec.hidden_activation}
 
