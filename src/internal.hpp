@@ -20,6 +20,9 @@ struct Error : std::runtime_error {
 [[noreturn]] inline void fail(lrm_status s, const std::string& msg) { throw Error(s, msg); }
 
 double now_seconds();
+// Shortest round-trip text of a number, locale-independent (mesh files, messages).
+std::string number_text(float v);
+std::string number_text(double v);
 // Throws LRM_ERR_IO when the file is missing, unreadable, larger than max_bytes or reads short.
 std::string read_file(const std::string& path, const char* what, uint64_t max_bytes = UINT64_MAX);
 bool is_file(const std::string& path);  // these three follow symbolic links

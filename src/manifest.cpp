@@ -1,6 +1,5 @@
 // Reads an export directory (lrm_rt/export/manifest.py's layout) and checks that its pieces belong together:
 // manifest format and version, config vs triplane shape vs decoder shapes, file hashes and sizes.
-#include <charconv>
 #include <cmath>
 #include <cstring>
 
@@ -19,12 +18,6 @@ constexpr const char* kReexport = "; re-export it with: lrm-rt export --model M 
 
 [[noreturn]] void bad(const std::string& dir, const std::string& what) {
     fail(LRM_ERR_ARTIFACT, "export directory " + dir + ": " + what + kReexport);
-}
-
-// Shortest round-trip text (std::to_string prints 1e-300 as 0.000000).
-std::string num_text(double v) {
-    char b[32];
-    return std::string(b, std::to_chars(b, b + sizeof(b), v).ptr);
 }
 
 double num(const Json& j, const std::string& dir, const char* key) {
@@ -177,8 +170,8 @@ ModelInfo read_export_dir(const std::string& dir) {
         m.foreground_ratio = num(cfg["foreground_ratio"], dir, "config.foreground_ratio");
         // The framed canvas is 1/ratio of the object's side: tiny ratios only make huge canvases (as Python).
         if (!(m.foreground_ratio >= kMinForegroundRatio && m.foreground_ratio <= 1.0))
-            bad(dir, "config.foreground_ratio must be in [" + num_text(kMinForegroundRatio) + ", 1], got " +
-                         num_text(m.foreground_ratio));
+            bad(dir, "config.foreground_ratio must be in [" + number_text(kMinForegroundRatio) + ", 1], got " +
+                         number_text(m.foreground_ratio));
     }
     // Compositing colour in [0, 1]; a value outside makes the TripoSR uint8 conversion undefined.
     if (cfg["background"].is_array()) {
@@ -189,7 +182,7 @@ ModelInfo read_export_dir(const std::string& dir) {
         m.background[0] = m.background[1] = m.background[2] = bg;
     }
     for (double bg : m.background)
-        if (!(bg >= 0.0 && bg <= 1.0)) bad(dir, "config.background must be in [0, 1], got " + num_text(bg));
+        if (!(bg >= 0.0 && bg <= 1.0)) bad(dir, "config.background must be in [0, 1], got " + number_text(bg));
     m.mc_resolution = integer(cfg["mc_resolution"], dir, "config.mc_resolution");
     m.mc_threshold = num(cfg["mc_threshold"], dir, "config.mc_threshold");
     if (m.mc_resolution < 2 || m.mc_resolution > kMaxManifestMcResolution)

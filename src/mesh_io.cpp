@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <charconv>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -39,13 +38,6 @@ uint8_t quantise(float c) {  // lrm_rt.mesh.to_trimesh: clip(rint(c * 255), 0, 2
     return (uint8_t)(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
 }
 
-// Shortest round-trip text of a float, independent of the host application's locale (snprintf is not).
-std::string fmt_num(float v) {
-    char b[32];
-    const auto r = std::to_chars(b, b + sizeof(b), v);
-    return std::string(b, r.ptr);
-}
-
 std::string ply(const MeshData& m) {
     const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
     const bool col = !m.colors.empty();
@@ -73,9 +65,9 @@ std::string obj(const MeshData& m) {
     s.reserve(nv * (col ? 80 : 40) + nf * 24);
     for (size_t i = 0; i < nv; ++i) {
         s += 'v';
-        for (int k = 0; k < 3; ++k) s += ' ' + fmt_num(m.vertices[3 * i + k]);
+        for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.vertices[3 * i + k]);
         if (col)
-            for (int k = 0; k < 3; ++k) s += ' ' + fmt_num(m.colors[3 * i + k]);
+            for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.colors[3 * i + k]);
         s += '\n';
     }
     for (size_t f = 0; f < nf; ++f) {
@@ -107,9 +99,11 @@ std::string glb(const MeshData& m) {
 
     std::string views = "{\"buffer\":0,\"byteOffset\":" + std::to_string(pos_off) + ",\"byteLength\":" +
                         std::to_string(pos_len) + ",\"target\":34962}";
+    const auto vec3 = [](const float* v) {
+        return "[" + number_text(v[0]) + "," + number_text(v[1]) + "," + number_text(v[2]) + "]";
+    };
     std::string acc = "{\"bufferView\":0,\"componentType\":5126,\"count\":" + std::to_string(nv) +
-                      ",\"type\":\"VEC3\",\"min\":[" + fmt_num(lo[0]) + "," + fmt_num(lo[1]) + "," + fmt_num(lo[2]) +
-                      "],\"max\":[" + fmt_num(hi[0]) + "," + fmt_num(hi[1]) + "," + fmt_num(hi[2]) + "]}";
+                      ",\"type\":\"VEC3\",\"min\":" + vec3(lo) + ",\"max\":" + vec3(hi) + "}";
     std::string attrs = "\"POSITION\":0";
     int next = 1;
     if (col) {

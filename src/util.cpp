@@ -2,6 +2,7 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -33,6 +34,18 @@ bool is_dir(const std::string& path) {
 std::string join_path(const std::string& dir, const std::string& name) {
     if (dir.empty() || dir.back() == '/') return dir + name;
     return dir + "/" + name;
+}
+
+// Shortest round-trip text, independent of the host application's locale (snprintf is not); std::to_string would
+// print 1e-300 as 0.000000.
+std::string number_text(float v) {
+    char b[32];
+    return std::string(b, std::to_chars(b, b + sizeof(b), v).ptr);
+}
+
+std::string number_text(double v) {
+    char b[32];
+    return std::string(b, std::to_chars(b, b + sizeof(b), v).ptr);
 }
 
 std::string read_file(const std::string& path, const char* what, uint64_t max_bytes) {
