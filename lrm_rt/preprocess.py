@@ -55,6 +55,7 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 # need over 10 GB; with the bound a whole reconstruction of one peaked at 1.6 GB. The network input is
 # <= 512 px, so nothing it sees is lost; below the bound images are processed exactly as the references do.
 MAX_WORK_SIDE = 4096
+# Smallest framing ratio accepted (the C library checks the same): the canvas is 1/ratio of the object.
 MIN_FOREGROUND_RATIO = 0.05
 # An alpha channel is taken as the object's mask when at least this share of the pixels is less than half
 # opaque (and at least one pixel is); fewer is an opaque image with stray soft pixels. Small enough that a
