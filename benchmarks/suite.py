@@ -185,8 +185,14 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> Settings:
             _usage_error(f"{name} values must be >= {2 if name == '--resolutions' else 1}")
     if s.repeats < 1 or s.warmup < 1 or s.baseline_repeats < 1:
         _usage_error("--repeats, --baseline-repeats and --warmup must be >= 1 (the parity run is a warm-up)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):  # otherwise every model would fail the same way
-        _usage_error(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    if s.device != "auto":  # the pipeline's own check; otherwise every model would fail the same way
+        from lrm_rt.errors import ConfigError
+        from lrm_rt.pipeline import check_device
+
+        try:
+            check_device(s.device)
+        except ConfigError:
+            _usage_error(f"--device must be auto, cpu or cuda, got {s.device!r}")
     return s
 
 

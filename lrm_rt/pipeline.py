@@ -5,7 +5,6 @@ density grid + marching cubes + vertex colours -> mesh export; novel views by vo
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +209,7 @@ class Reconstructor:
     def save(result: Reconstruction, out_dir: Union[str, Path], name: str, fmt: MeshFormat = "glb",
              orientation: Orientation = "native") -> List[Path]:
         """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths."""
-        if not name or name in (".", "..") or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+        if not name or name in (".", "..") or "/" in name or "\\" in name:  # os.sep / altsep are one of these
             raise ConfigError(f"output name must be a plain file name (no directories), got {name!r}")
         out = Path(out_dir)
         written: List[Path] = []

@@ -70,8 +70,8 @@ void check_params(const lrm_params& p) {
     require(p.struct_size == sizeof(lrm_params),
             "lrm_params.struct_size is " + std::to_string(p.struct_size) + ", expected " +
                 std::to_string(sizeof(lrm_params)) + ": initialise params with lrm_default_params()");
-    require(p.threads >= 0 && p.threads <= kMaxThreads,
-            "threads must be in [0, " + std::to_string(kMaxThreads) + "] (0 = all cores), got " + std::to_string(p.threads));
+    require(p.threads >= 0 && p.threads <= kMaxThreads, "threads must be in [0, " + std::to_string(kMaxThreads) +
+                                                             "] (0 = all cores), got " + std::to_string(p.threads));
     require(p.mc_resolution == 0 || (p.mc_resolution >= 2 && p.mc_resolution <= 2048),
             "mc_resolution must be 0 (model default) or in [2, 2048], got " + std::to_string(p.mc_resolution));
     require(std::isnan(p.mc_threshold) || std::isfinite(p.mc_threshold), "mc_threshold must be finite or NaN (default)");
