@@ -47,9 +47,7 @@ BASELINE_DESCRIPTION = ("torch fp32 network + torch field backend (dense grid, t
 RELEASE_MODELS = ["triposr", "openlrm-obj-base-1.1", "openlrm-obj-large-1.1"]
 DEFAULT_MODEL = "lrm-tiny"
 NETWORK_BACKENDS = ["torch-fp32", "torch-bf16", "torch-fp16", "onnxruntime", "onnxruntime-fp16", "tensorrt"]
-# cuda-compact: the CUDA backend with compacted coarse-to-fine refinement (CudaFieldBackend(compact=True)),
-# timed beside the in-place default until a GPU run shows which is faster
-FIELD_BACKENDS = ["torch", "native", "cuda", "cuda-compact"]
+FIELD_BACKENDS = ["torch", "native", "cuda"]
 EXTRACTION_STAGES = ["density_grid", "marching_cubes", "vertex_colors"]
 E2E_STAGES = ["preprocess", "encoder", "transformer", *EXTRACTION_STAGES, "export"]
 
@@ -792,11 +790,9 @@ def _field_backend(name: str) -> Callable:
         if name.startswith("cuda") and not ctx.device.startswith("cuda"):
             raise Unavailable("no CUDA GPU (run with --device cuda on a GPU machine)")
         try:
-            fb = field_backend("cuda" if name == "cuda-compact" else name, ctx.device)
+            fb = field_backend(name, ctx.device)
         except (LrmError, ImportError, OSError) as exc:
             raise Unavailable(str(exc).splitlines()[0]) from None
-        if name == "cuda-compact":
-            fb.compact = True
         if name == "torch":
             return fb, ctx.device, "pymcubes"
         if name == "native":

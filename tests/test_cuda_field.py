@@ -203,7 +203,8 @@ def test_emulated_coarse_to_fine_matches_dense(request, name, resolution, stride
     be = emulated(c2f=CoarseToFine(coarse_stride=stride))
     c2f = be.density_grid(field, resolution, level=25.0, mode="coarse_to_fine")
     kernels = be.rt.launches
-    assert kernels.count("lrm_field_c2f_level_f32") == int(np.log2(stride)) and "lrm_c2f_dilate" in kernels
+    # one refinement per level (compacted by default: one slab each at these sizes)
+    assert kernels.count("lrm_c2f_level_split") == int(np.log2(stride)) and "lrm_c2f_dilate" in kernels
     dense = NativeFieldBackend().density_grid(field, resolution, mode="dense")
     diff = mesh_diff(dense, c2f, 25.0)
     assert_same_mesh(diff)
@@ -222,7 +223,7 @@ def test_compacted_refinement_equals_in_place(plane_dtype, monkeypatch):
 
     field = surface_field()
     c2f = CoarseToFine(coarse_stride=4)
-    in_place = emulated(c2f=c2f, plane_dtype=plane_dtype)
+    in_place = emulated(c2f=c2f, plane_dtype=plane_dtype, compact=False)
     ref = in_place.density_grid(field, 49, level=25.0, mode="coarse_to_fine")
     assert "lrm_field_c2f_level" + ("_f16" if plane_dtype == "float16" else "_f32") in in_place.rt.launches
     monkeypatch.setattr(cuda_mod, "COMPACT_CHUNK", 32 * 97)  # several slabs per level, the last one partial

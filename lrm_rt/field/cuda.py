@@ -77,7 +77,7 @@ class CupyRuntime:
     """Launches the kernels on one GPU with CuPy. Also the interface a host runtime implements in tests:
     xp, from_input, from_torch, to_output, launch, smem_limit_bytes, free_bytes, stream."""
 
-    def __init__(self, device: Optional[int] = None, block: int = 256) -> None:
+    def __init__(self, device: Optional[int] = None, block: int = 256, staged_block: int = 1024) -> None:
         try:
             import cupy
         except ImportError as e:  # pragma: no cover - depends on the machine
@@ -87,6 +87,7 @@ class CupyRuntime:
         self.cp = self.xp = cupy
         self.device = cupy.cuda.Device(cupy.cuda.runtime.getDevice() if device is None else device)
         self.block = block
+        self.staged_block = staged_block
         attrs = self.device.attributes
         self._sm_count = int(attrs.get("MultiProcessorCount", 80))
         self._smem_optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
@@ -154,8 +155,11 @@ class CupyRuntime:
         smem = 4 * smem_floats
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
-        # a block whose weights fill a whole SM's shared memory runs alone: make it a big one
-        block = block or (512 if smem > 48 * 1024 else self.block)
+        if block is None:
+            # A block whose weights fill an SM's shared memory runs alone on it: make it as large as the
+            # kernel's registers allow (1024 threads = half the SM's warps for the TripoSR decoder, where
+            # 512 gave a quarter: 1.2x faster grids on an H100, benchmarks/results/gpu-nvidia-h100).
+            block = (min(self.staged_block, fn.max_threads_per_block) // 32 * 32) if smem > 48 * 1024 else self.block
         grid = max(1, min(-(-n // block), self._sm_count * 32))
         with self.device:
             fn((grid,), (block,), tuple(args), shared_mem=smem)
@@ -194,9 +198,9 @@ class CudaFieldBackend(FieldBackend):
     mode / c2f: density-grid mode and coarse-to-fine settings, as ``NativeFieldBackend``.
     stage_weights: stage the decoder in shared memory (None: when it fits the device's opt-in limit).
     compact: refine coarse-to-fine grids by listing the nodes to decode first and decoding only those (full
-        warps) instead of one thread per node that skips the nodes away from the surface. Off by default
-        until a GPU run times it: the in-place kernel keeps about half of each warp's lanes busy (measured
-        on the CPU build, TripoSR-size field at 128-256^3), so it can at most halve the refinement.
+        warps; default) instead of one thread per node that skips the nodes away from the surface (False).
+        Same grid bit for bit; on an H100, TripoSR-size field, 27 vs 45 ms at 256^3 and 100 vs 174 ms at
+        512^3 (benchmarks/results/gpu-nvidia-h100).
     render_kernel: "auto" renders with torch's reference renderer on the GPU where that is faster (decoders
         too large to stage, torch CUDA inputs: ``reference_render_preferred``), "always" with the kernel.
     runtime: the launcher (default ``CupyRuntime(device)``); tests pass a host one.
@@ -208,7 +212,7 @@ class CudaFieldBackend(FieldBackend):
 
     def __init__(self, device: Optional[int] = None, plane_dtype: str = "float32", mode: str = "auto",
                  c2f: Optional[CoarseToFine] = None, stage_weights: Optional[bool] = None, runtime=None,
-                 render_kernel: str = "auto", compact: bool = False) -> None:
+                 render_kernel: str = "auto", compact: bool = True) -> None:
         if plane_dtype not in PLANE_DTYPES:
             raise ConfigError(f"plane_dtype must be one of {PLANE_DTYPES}, got {plane_dtype!r}")
         if render_kernel not in RENDER_KERNEL_MODES:
