@@ -81,7 +81,8 @@ def grid_variants(args) -> list:
         try:
             for block in args.blocks:
                 for compact in (False, True):
-                    be = cuda_field.CudaFieldBackend(runtime=cuda_field.CupyRuntime(staged_block=block), compact=compact)
+                    rt = cuda_field.CupyRuntime(staged_block=block)
+                    be = cuda_field.CudaFieldBackend(runtime=rt, compact=compact)
                     for r in args.resolutions:
                         ms, grid = time_grid(be, field, r, args.repeats)
                         same = None

@@ -280,9 +280,11 @@ def test_gpu_wide_decoders_render_with_torch_on_cuda():
             # density: whether it counts as inside flips with the last bit of the ray arithmetic, which CUDA
             # rounds differently. Measured on an H100 for this field: torch on CUDA 4.3e-3 from torch on the
             # CPU (117 of 768 values over 1e-4), the kernel 7e-7 (benchmarks/results/gpu-nvidia-h100/
-            # probe.json); on the CPU, ray origins moved by 1e-7 (relative) change it by 4.2e-3, mean 5e-4.
-            diff = (auto.rgb.cpu() - kernel.rgb.cpu()).abs()
-            assert float(diff.max()) < 1e-2 and float(diff.mean()) < 1e-3, (float(diff.max()), float(diff.mean()))
+            # probe.json); on the CPU, ray origins moved by 1e-7 (relative) change it by 4.3e-3 (mean 5e-4)
+            # and the accumulated weights by 7.8e-3 (mean 9.9e-4): bounds with about 2x room.
+            for a, b, top, mean in ((auto.rgb, kernel.rgb, 1e-2, 1e-3), (auto.weight, kernel.weight, 2e-2, 2e-3)):
+                diff = (a.cpu() - b.cpu()).abs()
+                assert float(diff.max()) < top and float(diff.mean()) < mean, (float(diff.max()), float(diff.mean()))
 
 
 @pytest.mark.gpu
