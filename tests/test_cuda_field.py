@@ -254,6 +254,35 @@ def test_missing_cupy_or_device_is_a_backend_error():
         CudaFieldBackend()
 
 
+def test_launch_block_sizes():
+    """Staged kernels (weights over 48 KB of shared memory) run in blocks as large as the compiled kernel
+    allows, capped by staged_block and rounded down to whole warps; others in the default block."""
+    from lrm_rt.field.cuda import CupyRuntime
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 0
+
+        def __init__(self, max_threads):
+            self.max_threads_per_block, self.calls = max_threads, []
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            self.calls.append((grid[0], block[0], shared_mem))
+
+    rt = object.__new__(CupyRuntime)  # no CuPy here: only the launch arithmetic is under test
+    rt.block, rt.staged_block, rt._sm_count, rt.device = 256, 1024, 132, contextlib.nullcontext()
+    for max_threads, smem_floats, want in ((1024, 41000, 1024), (1024, 0, 256), (650, 41000, 640),
+                                           (1024, 12000, 256)):
+        k = Kernel(max_threads)
+        rt._module = lambda width, k=k: type("M", (), {"get_function": lambda self, name: k})()
+        rt.launch("lrm_field_lattice_f32", 10 ** 6, [], smem_floats)
+        assert k.calls == [(min(-(-10 ** 6 // want), 132 * 32), want, 4 * smem_floats)], (max_threads, smem_floats)
+    rt.staged_block = 512
+    k = Kernel(1024)
+    rt._module = lambda width: type("M", (), {"get_function": lambda self, name: k})()
+    rt.launch("lrm_field_lattice_f32", 100, [], 41000)
+    assert k.calls[0][1] == 512 and k.max_dynamic_shared_size_bytes == 4 * 41000
+
+
 # ----------------------------------------------------------------------------------- real GPU
 
 
