@@ -284,7 +284,8 @@ class CudaFieldBackend(FieldBackend):
         rt, xp = self.rt, self.rt.xp
         r, mode, stride = grid_request(field, resolution, level, mode or self.mode, self.c2f)
         nc_fine = lattice_count(r, 2) - 1 if stride > 1 else 0
-        compact_bytes = 10 * min(COMPACT_CHUNK, r ** 3) if self.compact and stride > 1 else 0  # flags, indices
+        # per node of a compacted slab: flags (1 byte), indices (8) and 9 of headroom for nonzero's scan temporaries
+        compact_bytes = 18 * min(COMPACT_CHUNK, r ** 3) if self.compact and stride > 1 else 0
         check_grid_memory(r, 2 * nc_fine ** 3 + compact_bytes, rt.free_bytes(), "GPU")
         with rt.stream():
             dev = self._prepare(field)
