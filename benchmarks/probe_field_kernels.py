@@ -100,7 +100,7 @@ def grid_variants(args) -> list:
 
 
 def render_check() -> dict:
-    """Decoders too large to stage (TripoSR-size): torch on CUDA and the kernel vs float64 on the CPU."""
+    """Decoders too large to stage (TripoSR-size): torch on CUDA and the kernel vs torch on the CPU."""
     from test_render_kernels import _wide_field
 
     from lrm_rt.field.torch_ref import TorchFieldBackend
@@ -121,13 +121,14 @@ def render_check() -> dict:
             return TriplaneField(field.planes.to(device, dtype), [w.to(device, dtype) for w in field.weights],
                                  [b.to(device, dtype) for b in field.biases], field.spec)
 
+        cpu_f32 = TorchFieldBackend().render(field, o, d, opt).rgb
         try:
             ref = TorchFieldBackend().render(moved(torch.float64, "cpu"), o.double(), d.double(), opt).rgb.double()
         except RuntimeError:  # the OpenLRM renderer is float32 only: then the reference is torch fp32 on the CPU
-            ref = TorchFieldBackend().render(field, o, d, opt).rgb.double()
+            ref = cpu_f32.double()
             out[f"{family}_reference"] = "torch float32 on the CPU"
         results = {
-            "torch_cpu_f32": TorchFieldBackend().render(field, o, d, opt).rgb,
+            "torch_cpu_f32": cpu_f32,
             "torch_cuda_f32": TorchFieldBackend().render(moved(torch.float32, "cuda"), o.cuda(), d.cuda(), opt).rgb,
             "kernel_cuda": cuda_field.CudaFieldBackend(render_kernel="always").render(
                 moved(torch.float32, "cuda"), o.cuda(), d.cuda(), opt).rgb,

@@ -259,11 +259,14 @@ def test_launch_block_sizes():
     allows, capped by staged_block and rounded down to whole warps; others in the default block."""
     from lrm_rt.field.cuda import CupyRuntime
 
-    class Kernel:
+    class Kernel:  # also stands in for the compiled module: get_function returns the kernel itself
         max_dynamic_shared_size_bytes = 0
 
         def __init__(self, max_threads):
             self.max_threads_per_block, self.calls = max_threads, []
+
+        def get_function(self, name):
+            return self
 
         def __call__(self, grid, block, args, shared_mem=0):
             self.calls.append((grid[0], block[0], shared_mem))
@@ -273,12 +276,12 @@ def test_launch_block_sizes():
     for max_threads, smem_floats, want in ((1024, 41000, 1024), (1024, 0, 256), (650, 41000, 640),
                                            (1024, 12000, 256)):
         k = Kernel(max_threads)
-        rt._module = lambda width, k=k: type("M", (), {"get_function": lambda self, name: k})()
+        rt._module = lambda width, k=k: k
         rt.launch("lrm_field_lattice_f32", 10 ** 6, [], smem_floats)
         assert k.calls == [(min(-(-10 ** 6 // want), 132 * 32), want, 4 * smem_floats)], (max_threads, smem_floats)
     rt.staged_block = 512
     k = Kernel(1024)
-    rt._module = lambda width: type("M", (), {"get_function": lambda self, name: k})()
+    rt._module = lambda width: k
     rt.launch("lrm_field_lattice_f32", 100, [], 41000)
     assert k.calls[0][1] == 512 and k.max_dynamic_shared_size_bytes == 4 * 41000
 
