@@ -273,9 +273,30 @@ def save_gt(parts, path: Path):
     np.savez_compressed(path, **arrays)
 
 
+def occupancy_samples(parts, rng, n_near: int, n_uniform: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Points in the box and whether each lies inside the object (1), outside (0) or unknown (-1: a part that
+    is not watertight, e.g. some textured assets). Most points sit near the surface, where the mesh is decided
+    (noise 0.02 or 0.06, around tau = 0.05), the rest uniform in [-1, 1]^3 against floaters."""
+    meshes = [p.mesh for p in parts]
+    areas = np.array([m.area for m in meshes])
+    counts = rng.multinomial(n_near, areas / areas.sum())
+    surf = np.concatenate([trimesh.sample.sample_surface(m, int(c), seed=rng)[0] for m, c in zip(meshes, counts) if c])
+    sigma = np.where(np.arange(n_near) % 2 == 0, 0.02, 0.06)[:, None]
+    pts = np.concatenate([surf + rng.normal(size=surf.shape) * sigma, rng.uniform(-1, 1, (n_uniform, 3))])
+    pts = np.clip(pts, -1, 1)
+    if not all(m.is_watertight for m in meshes):
+        return pts, np.full(len(pts), -1, np.int8)
+    inside = np.zeros(len(pts), bool)
+    for m in meshes:  # the object is the union of its parts
+        inside |= m.contains(pts)
+    return pts, inside.astype(np.int8)
+
+
 def build_split(name, objects, args, rng, gt_dir=None):
     t0 = time.time()
-    pix, views, depths, cams, labels = [], [], [], [], []
+    pix, views, depths, cams, labels, occ_pts, occ = [], [], [], [], [], [], []
+    # its own stream, so adding occupancy samples leaves every object and view of a seed unchanged
+    occ_rng = np.random.default_rng([args.seed, 4242, len(name)])
     n = 0
     for i, (label, parts) in enumerate(objects):
         n += 1
@@ -285,10 +306,15 @@ def build_split(name, objects, args, rng, gt_dir=None):
         depths.append(d.astype(np.float16))
         cams.append(c.astype(np.float32))
         labels.append(label)
+        if args.occupancy:
+            pts, inside = occupancy_samples(parts, occ_rng, args.occupancy, args.occupancy // 2)
+            occ_pts.append(pts.astype(np.float16))
+            occ.append(inside)
         if gt_dir is not None:
             save_gt(parts, gt_dir / f"{name}_{i:04d}.npz")
+    extra = {"occ_points": np.stack(occ_pts), "occ": np.stack(occ)} if args.occupancy else {}
     np.savez(DATA_DIR / f"{name}.npz", pixels=np.stack(pix), views=np.stack(views), depths=np.stack(depths),
-             cams=np.stack(cams), labels=np.array(labels))
+             cams=np.stack(cams), labels=np.array(labels), **extra)
     print(f"{name}: {n} objects in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -303,6 +329,9 @@ def main() -> None:
     ap.add_argument("--input-render", type=int, default=224)
     ap.add_argument("--input-size", type=int, default=112)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--occupancy", type=int, default=1024,
+                    help="near-surface points per object with inside/outside labels (plus half as many uniform "
+                         "ones), for train.py's --occupancy-weight; 0: none")
     ap.add_argument("--splits", default="train,val,tune",
                     help="comma-separated subset of train,val,tune,tune_shapes (tune_shapes: --n-tune-shapes more "
                          "procedural objects of the training distribution, for comparing checkpoints)")

@@ -4,7 +4,8 @@ One input view (OpenLRM's canonical source camera) -> triplane -> OpenLRM's diff
 importance renderer (lrm_rt.render.render_openlrm) on a random subset of rays of the input view
 and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha
 (+ with ``--depth-weight``, L1 of the rendered depth vs the ray caster's hit distance on the object's
-pixels).
+pixels; with ``--occupancy-weight``, binary cross-entropy of the field's density against inside/outside labels
+of points near the surface, with the marching-cubes level as the decision boundary).
 
     python training/train.py --minutes 118                       # fresh run (see the model card)
     python training/train.py --minutes 118 --resume              # continue from --ckpt
@@ -22,6 +23,7 @@ import argparse
 import math
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from lrm_rt.field import torch_ref  # noqa: E402
 from lrm_rt.field.spec import OPENLRM_FIELD, TriplaneField  # noqa: E402
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
 from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # noqa: E402
@@ -55,16 +58,21 @@ def differentiable_field(net: LRMNetwork, planes: torch.Tensor) -> TriplaneField
 
 
 class RayCache:
-    """Per-camera ray bundles (openlrm_rays is cheap, but the same cameras recur every epoch)."""
+    """Per-camera ray bundles (openlrm_rays takes a few ms and the same cameras recur every epoch), at most
+    ``max_views`` of them, least recently used dropped first: every view of 13,200 objects would be 13 GB."""
 
-    def __init__(self, cams: np.ndarray, res: int):
-        self.cams, self.res, self.cache = cams, res, {}
+    def __init__(self, cams: np.ndarray, res: int, max_views: int = 16384):
+        self.cams, self.res, self.max_views, self.cache = cams, res, max_views, OrderedDict()
 
     def get(self, obj: int, view: int):
         key = (obj, view)
-        if key not in self.cache:
-            o, d = openlrm_rays(torch.from_numpy(self.cams[obj, view]), self.res)
-            self.cache[key] = (o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous())
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        o, d = openlrm_rays(torch.from_numpy(self.cams[obj, view]), self.res)
+        self.cache[key] = (o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous())
+        if len(self.cache) > self.max_views:
+            self.cache.popitem(last=False)
         return self.cache[key]
 
 
@@ -88,7 +96,7 @@ def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
     planes = net(pixels, cam)  # (B, 3, C, H, W)
     fld_opts = OpenLRMRenderOptions(n_coarse=args.samples // 2, n_fine=args.samples // 2, generator=torch_gen,
                                     chunk_rays=1 << 20)
-    loss_rgb, loss_mask, loss_depth = 0.0, 0.0, torch.zeros(())
+    loss_rgb, loss_mask, loss_depth, loss_occ = 0.0, 0.0, torch.zeros(()), torch.zeros(())
     use_depth = args.depth_weight > 0
     n_views = data["views"].shape[1]
     for b, obj in enumerate(batch_idx):
@@ -107,7 +115,10 @@ def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
             a_gt.append(a[:, 0])
             if use_depth:
                 t_gt.append(data["depths"][obj, v].reshape(-1)[sel].astype(np.float32))
-        out = render_openlrm(differentiable_field(net, planes[b]), torch.cat(os_), torch.cat(ds_), options=fld_opts)
+        fld = differentiable_field(net, planes[b])
+        out = render_openlrm(fld, torch.cat(os_), torch.cat(ds_), options=fld_opts)
+        if args.occupancy_weight > 0:
+            loss_occ = loss_occ + occupancy_loss(fld, data["occ_points"][obj], data["occ"][obj], args, gen)
         loss_rgb = loss_rgb + F.mse_loss(out.rgb, torch.from_numpy(np.concatenate(rgb_gt)))
         a_gt = torch.from_numpy(np.concatenate(a_gt))
         loss_mask = loss_mask + F.mse_loss(out.weight, a_gt)
@@ -116,7 +127,20 @@ def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
             if hit.any():
                 loss_depth = loss_depth + F.l1_loss(out.depth[hit], torch.from_numpy(np.concatenate(t_gt))[hit])
     n = len(batch_idx)
-    return loss_rgb / n, loss_mask / n, loss_depth / n
+    return loss_rgb / n, loss_mask / n, loss_depth / n, loss_occ / n
+
+
+def occupancy_loss(fld: TriplaneField, points: np.ndarray, inside: np.ndarray, args, gen) -> torch.Tensor:
+    """BCE of (density - level) / temperature against the ground truth's inside/outside labels: direct 3-D
+    supervision of the surface marching cubes extracts (level = the shipped mesh threshold). Objects whose
+    labels are unknown (-1: meshes that are not watertight) contribute nothing."""
+    known = np.nonzero(inside >= 0)[0]
+    if len(known) == 0:
+        return torch.zeros(())
+    sel = gen.choice(known, min(args.occupancy_points, len(known)), replace=False)
+    density, _ = torch_ref.query(fld, torch.from_numpy(points[sel].astype(np.float32)))
+    logits = (density - args.occupancy_level) / args.occupancy_temperature
+    return F.binary_cross_entropy_with_logits(logits, torch.from_numpy(inside[sel].astype(np.float32)))
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -241,6 +265,14 @@ def main() -> None:
     ap.add_argument("--mask-weight", type=float, default=1.0)
     ap.add_argument("--depth-weight", type=float, default=0.0,
                     help="weight of the depth L1 loss (needs a split with depths; 0: RGB + mask only)")
+    ap.add_argument("--occupancy-weight", type=float, default=0.0,
+                    help="weight of the occupancy BCE (needs a split with occ_points / occ; 0: off)")
+    ap.add_argument("--occupancy-points", type=int, default=1024, help="labelled points per object per step")
+    ap.add_argument("--occupancy-level", type=float, default=7.0,
+                    help="density at the decision boundary (the marching-cubes level the model ships with)")
+    ap.add_argument("--occupancy-temperature", type=float, default=2.0, help="density units per logit")
+    ap.add_argument("--init-weights", default=None,
+                    help="start from a shipped model folder's model.safetensors (fresh optimiser state)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--new-stage", action="store_true",
                     help="with --resume: keep weights and optimiser state, restart warmup + cosine schedule "
@@ -260,9 +292,15 @@ def main() -> None:
     data = load_split(args.data)
     if args.depth_weight > 0 and "depths" not in data:
         sys.exit(f"--depth-weight needs ray-hit depths, which {args.data} lacks: regenerate it with data_gen.py")
+    if args.occupancy_weight > 0 and "occ" not in data:
+        sys.exit(f"--occupancy-weight needs occupancy samples, which {args.data} lacks: regenerate it with data_gen.py")
     rays = RayCache(data["cams"], data["views"].shape[2])
     net = LRMNetwork(model_config()).train()
     init_from_scratch(net, args.attn_scale)  # overwritten by the checkpoint when resuming
+    if args.init_weights:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(Path(args.init_weights) / "model.safetensors")))
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = np.random.default_rng(args.seed)
     step, prev_minutes, origin = 0, 0.0, (0, 0.0)  # origin: (step, minutes) where this stage began
@@ -296,18 +334,18 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_now()
         batch_idx = gen.choice(n_obj, args.batch, replace=False)
-        l_rgb, l_mask, l_depth = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
-        loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth
+        l_rgb, l_mask, l_depth, l_occ = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
+        loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth + args.occupancy_weight * l_occ
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
-        cur = np.array([float(l_rgb.detach()), float(l_mask.detach()), float(l_depth.detach())])
+        cur = np.array([float(x.detach()) for x in (l_rgb, l_mask, l_depth, l_occ)])
         ema = cur if ema is None else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
             el = time.time() - t_start
-            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} lr {lr_now():.2e} "
+            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} occ {ema[3]:.4f} lr {lr_now():.2e} "
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
         if time.time() - last_save > args.save_every * 60:
