@@ -345,7 +345,8 @@ def main() -> None:
         ema = cur if ema is None else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
             el = time.time() - t_start
-            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} occ {ema[3]:.4f} lr {lr_now():.2e} "
+            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} occ {ema[3]:.4f} "
+                  f"lr {lr_now():.2e} "
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
         if time.time() - last_save > args.save_every * 60:
