@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Tuple
 
@@ -295,8 +296,8 @@ def occupancy_samples(parts, rng, n_near: int, n_uniform: int) -> Tuple[np.ndarr
 def build_split(name, objects, args, rng, gt_dir=None):
     t0 = time.time()
     pix, views, depths, cams, labels, occ_pts, occ = [], [], [], [], [], [], []
-    # its own stream, so adding occupancy samples leaves every object and view of a seed unchanged
-    occ_rng = np.random.default_rng([args.seed, 4242, len(name)])
+    # its own stream per split, so adding occupancy samples leaves every object and view of a seed unchanged
+    occ_rng = np.random.default_rng([args.seed, zlib.crc32(name.encode())])
     n = 0
     for i, (label, parts) in enumerate(objects):
         n += 1
