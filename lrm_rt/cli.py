@@ -44,6 +44,7 @@ def _nonempty(text: str) -> str:
     return text
 
 
+# mesh.FORMATS, spelled out so the CLI starts without importing torch (a test keeps the two equal)
 MESH_FORMATS = ("glb", "obj", "ply")
 
 

@@ -45,6 +45,13 @@ def test_reconstruct_matches_reference_mesh(name, fixtures_dir, tmp_path):
     assert diff.max() <= 1
 
 
+def test_cli_mesh_formats_are_the_writers_formats():
+    # the CLI spells them out to start without torch; a format added to one side only would be refused or untested
+    from lrm_rt import cli, mesh
+
+    assert cli.MESH_FORMATS == mesh.FORMATS
+
+
 @pytest.mark.parametrize("fmt", ["glb", "obj"])
 def test_other_formats(fixtures_dir, tmp_path, fmt):
     import os
