@@ -10,6 +10,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
+import batched as B  # noqa: E402
 import train as T  # noqa: E402
 from model_def import model_config  # noqa: E402
 
@@ -114,8 +115,8 @@ def test_depth_loss_reaches_the_network_and_a_new_stage_restarts_the_schedule(tm
     net = LRMNetwork(model_config()).train()
     T.init_from_scratch(net)
     args = SimpleNamespace(samples=8, views=2, rays=32, depth_weight=1.0, occupancy_weight=0.0)
-    _, _, l_depth, _ = T.render_loss(net, np.array([0, 1]), data, T.RayCache(data["cams"], 8), args,
-                                  np.random.default_rng(0), torch.Generator().manual_seed(0))
+    _, _, l_depth, _ = T.render_loss(net, torch.tensor([0, 1]), T.DeviceData(data, torch.device("cpu")), args,
+                                     torch.Generator().manual_seed(0))
     assert float(l_depth.detach()) > 0
     l_depth.backward()
     assert float(net.decoder_layers()[0].weight.grad.abs().sum()) > 0  # depth depends on the density
@@ -165,20 +166,24 @@ def test_occupancy_loss_is_bce_at_the_mesh_level_and_trains_the_network(tmp_path
     T.init_from_scratch(net)
     args = SimpleNamespace(samples=8, views=2, rays=16, depth_weight=0.0, occupancy_weight=1.0,
                            occupancy_points=40, occupancy_level=7.0, occupancy_temperature=2.0)
-    planes = net(torch.from_numpy(data["pixels"][:1].astype(np.float32)), default_source_camera(2.0, 1))
-    fld = T.differentiable_field(net, planes[0])
-    loss = T.occupancy_loss(fld, data["occ_points"][0], data["occ"][0], args, np.random.default_rng(1))
-    sel = np.random.default_rng(1).choice(64, 40, replace=False)  # the same draw
-    density, _ = T.torch_ref.query(fld, torch.from_numpy(data["occ_points"][0][sel].astype(np.float32)))
-    p = torch.sigmoid((density - 7.0) / 2.0).double()
-    y = torch.from_numpy(data["occ"][0][sel].astype(np.float64))
-    expected = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
-    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    planes = net(torch.from_numpy(data["pixels"].astype(np.float32)), default_source_camera(2.0, 3))
+    fld = T.differentiable_field(net, planes)
+    sel = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:40] for i in range(3)])
+    points, labels = torch.from_numpy(data["occ_points"]), torch.from_numpy(data["occ"])
+    loss = T.occupancy_loss(fld, points, labels, sel, args)
+    expected = []
+    for i in range(2):  # object 2's labels are unknown (-1): it contributes nothing, but counts in the mean
+        one = T.differentiable_field(net, planes[i])
+        density, _ = T.torch_ref.query(one, points[i][sel[i]].float())
+        p = torch.sigmoid((density - 7.0) / 2.0).double()
+        y = labels[i][sel[i]].double()
+        expected.append(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    assert float(loss.detach()) == pytest.approx(float(sum(expected).detach()) / 3, rel=1e-5)
     loss.backward()
     assert float(net.decoder_layers()[0].weight.grad.abs().sum()) > 0
     assert float(net.pos_embed.grad.abs().sum()) > 0  # through the triplane into the transformer
-    # unknown labels (-1) contribute nothing
-    assert float(T.occupancy_loss(fld, data["occ_points"][2], data["occ"][2], args, np.random.default_rng(1))) == 0
+    unknown = T.occupancy_loss(T.differentiable_field(net, planes[2:]), points[2:], labels[2:], sel[2:], args)
+    assert float(unknown.detach()) == 0
 
     # the loop: the occupancy loss runs and is logged; a split without labels is refused with a clear message
     ckpt = tmp_path / "ck.pt"
@@ -213,13 +218,123 @@ def test_init_weights_starts_from_a_shipped_model(tmp_path, monkeypatch):
     assert all(torch.allclose(trained[k], state[k], atol=1e-6) for k in state)
 
 
-def test_ray_cache_is_bounded_and_returns_the_renderer_rays():
-    cams = np.broadcast_to(source_view_camera().numpy(), (5, 2, 25)).astype(np.float32)
-    cache = T.RayCache(cams, 8, max_views=3)
-    o, d = cache.get(0, 0)
-    ref_o, ref_d = T.openlrm_rays(torch.from_numpy(cams[0, 0]), 8)
-    assert torch.equal(o, ref_o.reshape(-1, 3)) and torch.equal(d, ref_d.reshape(-1, 3))
-    for obj in range(5):
-        cache.get(obj, 1)
-        cache.get(0, 0)  # recently used: kept
-    assert len(cache.cache) == 3 and (0, 0) in cache.cache and (4, 1) in cache.cache and (1, 1) not in cache.cache
+def test_pixel_rays_are_the_renderer_rays_at_those_pixels():
+    from lrm_rt.render import openlrm_rays, surrounding_cameras
+
+    cams = torch.cat([source_view_camera().reshape(1, 25), surrounding_cameras(3)])
+    pix = torch.randint(0, 64 * 64, (len(cams), 50), generator=torch.Generator().manual_seed(0))
+    o, d = B.pixel_rays(cams, pix, 64)
+    for m in range(len(cams)):
+        ref_o, ref_d = openlrm_rays(cams[m], 64)
+        torch.testing.assert_close(o[m], ref_o.reshape(-1, 3)[pix[m]], atol=1e-6, rtol=0)
+        torch.testing.assert_close(d[m], ref_d.reshape(-1, 3)[pix[m]], atol=1e-6, rtol=0)
+
+
+def test_batched_render_equals_the_runtime_renderer_per_object():
+    """Values and gradients of render_batch over 3 objects equal render_openlrm called on each one."""
+    from lrm_rt.render import OpenLRMRenderOptions, render_openlrm, surrounding_cameras
+
+    torch.manual_seed(0)
+    net = LRMNetwork(model_config())
+    T.init_from_scratch(net)
+    net.decoder_layers()[-1].bias.data[0] = 3.0  # a dense enough field that the rays see a surface
+    pixels = torch.rand(3, 3, 112, 112)
+    cams = surrounding_cameras(3)
+    cams[:, [3, 7, 11]] *= 2.5  # from 5 units away a corner ray misses the box: empty, depth = the far end
+    pix = torch.randint(0, 32 * 32, (3, 40), generator=torch.Generator().manual_seed(1))
+    pix[:, 0] = 0
+    o, d = B.pixel_rays(cams, pix, 32)  # one view per object
+    u_c, u_f = torch.rand(3, 40, 12), torch.rand(3, 40, 12)
+
+    def run(batched: bool):
+        net.zero_grad()
+        planes = net(pixels, default_source_camera(2.0, 3))
+        if batched:
+            outs = B.render_batch(T.differentiable_field(net, planes), o, d, 12, 12, u_coarse=u_c, u_fine=u_f)
+        else:
+            per = [render_openlrm(T.differentiable_field(net, planes[i]), o[i], d[i], options=OpenLRMRenderOptions(
+                n_coarse=12, n_fine=12, stratified_u=u_c[i], importance_u=u_f[i])) for i in range(3)]
+            outs = tuple(torch.stack(x) for x in zip(*[(r.rgb, r.weight, r.depth) for r in per]))
+        sum(x.sum() for x in outs).backward()
+        return [x.detach() for x in outs], [p.grad.clone() for p in (net.decoder_layers()[0].weight, net.pos_embed)]
+
+    (rgb, opacity, depth), grads = run(True)
+    (ref_rgb, ref_opacity, ref_depth), ref_grads = run(False)
+    assert 0.05 < float(opacity.mean()) < 0.95  # neither empty nor solid: the comparison means something
+    assert (opacity[:, 0] == 0).all()
+    torch.testing.assert_close(rgb, ref_rgb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(opacity, ref_opacity, atol=1e-6, rtol=0)
+    torch.testing.assert_close(depth, ref_depth, atol=1e-5, rtol=0)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-4)
+
+
+def test_ray_pixels_fall_in_the_foreground_box_and_ground_truth_is_gathered_there():
+    alpha = np.zeros((2, 2, 16, 16), np.uint8)
+    alpha[0, 0, 3:6, 10:12] = 255  # object view; the others are empty
+    alpha[1, 1, 0, 15] = 7
+    boxes = T.foreground_boxes(alpha)
+    np.testing.assert_array_equal(boxes[0, 0], [1, 8, 8, 14])  # grown by 2, +1 past the last row/column
+    np.testing.assert_array_equal(boxes[1, 1], [0, 3, 13, 16])  # clipped to the image
+    assert not boxes[0, 1].any() and not boxes[1, 0].any()
+    pix = T.sample_pixels(torch.from_numpy(boxes.reshape(-1, 4)), 16, 4000, torch.Generator().manual_seed(0))
+    rows, cols = pix // 16, pix % 16
+    assert pix.shape == (4, 4000) and int(pix.min()) >= 0 and int(pix.max()) < 256
+    inside = (rows[0] >= 1) & (rows[0] < 8) & (cols[0] >= 8) & (cols[0] < 14)
+    assert inside[2000:].all() and inside[:2000].float().mean() < 0.2  # half in the box, half uniform
+    assert set(rows[0, 2000:].tolist()) == set(range(1, 8)) and set(cols[0, 2000:].tolist()) == set(range(8, 14))
+    assert len(set(pix[1].tolist())) > 200  # an empty view: uniform over the whole image
+    images = torch.arange(2 * 256 * 3).reshape(2, 256, 3)
+    idx = torch.tensor([[0, 255, 17], [3, 3, 100]])
+    np.testing.assert_array_equal(T.gather_pixels(images, idx).numpy(), images.numpy()[[[0], [1]], idx.numpy()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_the_gpu_and_renders_as_on_the_cpu(tmp_path, monkeypatch):
+    from lrm_rt.render import surrounding_cameras
+
+    net = LRMNetwork(model_config())
+    T.init_from_scratch(net)
+    net.decoder_layers()[-1].bias.data[0] = 3.0
+    pixels, cams = torch.rand(2, 3, 112, 112), surrounding_cameras(2)
+    pix = torch.randint(0, 32 * 32, (2, 64), generator=torch.Generator().manual_seed(1))
+    u_c, u_f = torch.rand(2, 64, 12), torch.rand(2, 64, 12)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        net.to(dev)
+        with torch.no_grad():
+            planes = net(pixels.to(dev), default_source_camera(2.0, 2).to(dev))
+            o, d = B.pixel_rays(cams.to(dev), pix.to(dev), 32)
+            outs[dev] = [x.cpu() for x in B.render_batch(T.differentiable_field(net, planes), o, d, 12, 12,
+                                                         u_coarse=u_c.to(dev), u_fine=u_f.to(dev))]
+    for a, b in zip(outs["cuda"], outs["cpu"]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # TF32-free fp32, different kernels
+
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "occ.npz", occupancy=True)
+    ckpt = tmp_path / "ck.pt"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "occ", "--batch", "2", "--views", "2", "--rays", "16",
+                                      "--samples", "8", "--ckpt", str(ckpt), "--steps", "3", "--warmup", "1",
+                                      "--depth-weight", "1", "--occupancy-weight", "0.5", "--device", "cuda"])
+    T.main()
+    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_data_gen_writes_a_split_and_its_record(tmp_path, monkeypatch):
+    import json
+
+    import data_gen as D
+
+    monkeypatch.setattr(D, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["data_gen.py", "--splits", "train", "--n-shapes", "2", "--mesh-instances", "1",
+                                      "--views", "3", "--res", "16", "--input-render", "64", "--occupancy", "8",
+                                      "--seed", "5", "--train-name", "mini"])
+    D.main()
+    z = np.load(tmp_path / "mini.npz")
+    n = 2 + len([m for m in D.MESH_FILES if m not in D.HELDOUT_MESHES])  # shapes + one pose of each training mesh
+    assert z["views"].shape == (n, 3, 16, 16, 4) and z["depths"].shape == (n, 3, 16, 16)
+    assert z["pixels"].shape == (n, 3, 112, 112) and z["cams"].shape == (n, 3, 25) and z["occ"].shape == (n, 12)
+    assert (z["views"][..., 3] > 0).any(axis=(2, 3)).all()  # every view sees its object
+    assert json.loads((tmp_path / "mini.json").read_text())["seed"] == 5

@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -39,7 +40,8 @@ from lrm_rt.preprocess import composite_resize_bicubic  # noqa: E402
 from lrm_rt.render import (build_cameras, default_intrinsics, look_at_origin, openlrm_rays,  # noqa: E402
                            source_view_camera)
 
-MESH_DIR = ROOT.parent / "shared" / "data" / "meshes"
+# ../shared beside the checkout, or LRM_RT_SHARED (as the tests): a GPU machine gets a copy elsewhere
+MESH_DIR = Path(os.environ.get("LRM_RT_SHARED", ROOT.parent / "shared")) / "data" / "meshes"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 # Held out of training entirely; they measure generalisation to real textured assets.
 HELDOUT_MESHES = ("spot", "gltf_boombox")
@@ -316,6 +318,8 @@ def build_split(name, objects, args, rng, gt_dir=None):
     extra = {"occ_points": np.stack(occ_pts), "occ": np.stack(occ)} if args.occupancy else {}
     np.savez(DATA_DIR / f"{name}.npz", pixels=np.stack(pix), views=np.stack(views), depths=np.stack(depths),
              cams=np.stack(cams), labels=np.array(labels), **extra)
+    # how it was made, beside it (one file per split: parallel runs writing one shared record would race)
+    (DATA_DIR / f"{name}.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     print(f"{name}: {n} objects in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -343,10 +347,13 @@ def main() -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     gt_dir = DATA_DIR / "gt"
     gt_dir.mkdir(exist_ok=True)
-    assets = {n: load_asset(n) for n in MESH_FILES}
+    splits = set(args.splits.split(","))
+    need = set(HELDOUT_MESHES) if "val" in splits else set()  # only what is used: a GPU machine gets a copy
+    if splits & {"train", "tune"}:
+        need |= {n for n in MESH_FILES if n not in HELDOUT_MESHES}
+    assets = {n: load_asset(n) for n in MESH_FILES if n in need}
 
     rng = np.random.default_rng(args.seed)
-    splits = set(args.splits.split(","))
     if "train" in splits:
         # generators: objects are built one at a time, rendered and dropped
         train = itertools.chain((("shape", procedural_object(rng)) for _ in range(args.n_shapes)),
@@ -369,7 +376,6 @@ def main() -> None:
         srng = np.random.default_rng(args.seed + 3000)
         build_split("tune_shapes", [("shape", procedural_object(srng)) for _ in range(args.n_tune_shapes)],
                     args, srng, gt_dir)
-    (DATA_DIR / "meta.json").write_text(json.dumps(vars(args), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train lrm-tiny from scratch with the LRM objective on the synthetic dataset (data_gen.py).
 
 One input view (OpenLRM's canonical source camera) -> triplane -> OpenLRM's differentiable
-importance renderer (lrm_rt.render.render_openlrm) on a random subset of rays of the input view
+importance renderer (lrm_rt.render.render_openlrm's arithmetic, batched over the objects of a step in
+batched.py) on a random subset of rays of the input view
 and of novel views -> MSE on RGB (white background) + MSE of rendered opacity vs ground-truth alpha
 (+ with ``--depth-weight``, L1 of the rendered depth vs the ray caster's hit distance on the object's
 pixels; with ``--occupancy-weight``, binary cross-entropy of the field's density against inside/outside labels
@@ -12,7 +13,8 @@ of points near the surface, with the marching-cubes level as the decision bounda
     python training/train.py --ckpt training/data/ckpt/b.pt ...  # a second run beside the first
     python training/train.py --resume --new-stage --minutes 100  # warm restart: a fresh schedule
 
-One thread by default (``--threads``), so two runs can share a 2-core machine. The LR schedule
+One thread by default (``--threads``), so two runs can share a 2-core machine; ``--device cuda`` trains on
+a GPU (data, rays and rendering on the device too). The LR schedule
 (warmup, cosine) runs over ``--steps`` or ``--minutes``, whichever is further along; training stops at
 either (both counted across resumes, from the start of the run or of the last ``--new-stage``) and
 always saves a checkpoint.
@@ -23,7 +25,6 @@ import argparse
 import math
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ sys.path.insert(0, str(HERE))
 from lrm_rt.field import torch_ref  # noqa: E402
 from lrm_rt.field.spec import OPENLRM_FIELD, TriplaneField  # noqa: E402
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
-from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # noqa: E402
+from batched import pixel_rays, query_batch, render_batch  # noqa: E402
 from model_def import model_config  # noqa: E402
 
 DATA = HERE / "data"
@@ -52,95 +53,109 @@ def load_split(names: str):
 
 
 def differentiable_field(net: LRMNetwork, planes: torch.Tensor) -> TriplaneField:
-    """Like ``net.triplane_field`` but keeping the graph to the planes and the decoder weights."""
+    """Like ``net.triplane_field`` but keeping the graph to the planes and the decoder weights; planes may be
+    one object's (3, C, H, W) or a batch's (B, 3, C, H, W) (a batched field, see ``batched.py``)."""
     layers = net.decoder_layers()
     return TriplaneField(planes, [l.weight for l in layers], [l.bias for l in layers], OPENLRM_FIELD)
 
 
-class RayCache:
-    """Per-camera ray bundles (openlrm_rays takes a few ms and the same cameras recur every epoch), at most
-    ``max_views`` of them, least recently used dropped first: every view of 13,200 objects would be 13 GB."""
-
-    def __init__(self, cams: np.ndarray, res: int, max_views: int = 16384):
-        self.cams, self.res, self.max_views, self.cache = cams, res, max_views, OrderedDict()
-
-    def get(self, obj: int, view: int):
-        key = (obj, view)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        o, d = openlrm_rays(torch.from_numpy(self.cams[obj, view]), self.res)
-        self.cache[key] = (o.reshape(-1, 3).contiguous(), d.reshape(-1, 3).contiguous())
-        if len(self.cache) > self.max_views:
-            self.cache.popitem(last=False)
-        return self.cache[key]
+def foreground_boxes(alpha: np.ndarray, margin: int = 2, chunk: int = 256) -> np.ndarray:
+    """(N, V, 4) int32 half-open boxes [y0, y1) x [x0, x1): each view's foreground (alpha > 0) bounding box
+    grown by ``margin`` pixels on every side and clipped to the image; all zero for an empty view."""
+    n, v, res = alpha.shape[0], alpha.shape[1], alpha.shape[2]
+    out = np.zeros((n, v, 4), np.int32)
+    for s in range(0, n, chunk):  # the boolean mask of 13,200 objects x 10 views would be 540 MB at once
+        fg = alpha[s:s + chunk] > 0
+        for axis, col in ((3, 0), (2, 2)):  # rows (any over columns), then columns
+            hit = fg.any(axis)
+            first, last = hit.argmax(-1), res - 1 - hit[..., ::-1].argmax(-1)
+            some = hit.any(-1)
+            out[s:s + chunk, :, col] = np.where(some, np.maximum(first - margin, 0), 0)
+            out[s:s + chunk, :, col + 1] = np.where(some, np.minimum(last + margin + 1, res), 0)
+    return out
 
 
-def sample_rays(alpha: np.ndarray, n: int, gen: np.random.Generator, fg_frac: float = 0.5) -> np.ndarray:
-    """Pixel indices: ``fg_frac`` from the object's (slightly grown) bounding box, the rest uniform,
-    so small objects still get most rays where the shape is decided."""
-    res = alpha.shape[0]
-    ys, xs = np.nonzero(alpha > 0)
-    n_fg = int(n * fg_frac) if len(ys) else 0
-    idx = gen.integers(0, res * res, n - n_fg)
-    if n_fg:
-        y0, y1 = max(ys.min() - 2, 0), min(ys.max() + 3, res)
-        x0, x1 = max(xs.min() - 2, 0), min(xs.max() + 3, res)
-        idx = np.concatenate([idx, gen.integers(y0, y1, n_fg) * res + gen.integers(x0, x1, n_fg)])
-    return idx
+class DeviceData:
+    """A training split as tensors on the training device (zero-copy views of the arrays on the CPU), plus
+    each view's foreground box for ray sampling."""
+
+    def __init__(self, data: dict, device: torch.device):
+        def put(k):
+            return torch.from_numpy(np.ascontiguousarray(data[k])).to(device) if k in data else None
+        self.pixels, self.views, self.depths, self.cams = put("pixels"), put("views"), put("depths"), put("cams")
+        self.occ_points, self.occ = put("occ_points"), put("occ")
+        self.boxes = torch.from_numpy(foreground_boxes(data["views"][..., 3])).to(device)
+        self.n_objects, self.n_views, self.res = self.views.shape[0], self.views.shape[1], self.views.shape[2]
 
 
-def render_loss(net, batch_idx, data, rays, args, gen, torch_gen):
-    pixels = torch.from_numpy(data["pixels"][batch_idx].astype(np.float32))
-    cam = default_source_camera(2.0, len(batch_idx))
-    planes = net(pixels, cam)  # (B, 3, C, H, W)
-    fld_opts = OpenLRMRenderOptions(n_coarse=args.samples // 2, n_fine=args.samples // 2, generator=torch_gen,
-                                    chunk_rays=1 << 20)
-    loss_rgb, loss_mask, loss_depth, loss_occ = 0.0, 0.0, torch.zeros(()), torch.zeros(())
-    use_depth = args.depth_weight > 0
-    n_views = data["views"].shape[1]
-    for b, obj in enumerate(batch_idx):
-        # always the input view (reconstruction) + random novel views
-        views = [0] + list(gen.choice(np.arange(1, n_views), args.views - 1, replace=False))
-        os_, ds_, rgb_gt, a_gt, t_gt = [], [], [], [], []
-        for v in views:
-            img = data["views"][obj, v]
-            sel = sample_rays(img[..., 3], args.rays, gen)
-            o, d = rays.get(obj, v)
-            os_.append(o[sel])
-            ds_.append(d[sel])
-            px = img.reshape(-1, 4)[sel].astype(np.float32) / 255.0
-            a = px[:, 3:]
-            rgb_gt.append(px[:, :3] * a + (1 - a))  # ground truth on the renderer's white background
-            a_gt.append(a[:, 0])
-            if use_depth:
-                t_gt.append(data["depths"][obj, v].reshape(-1)[sel].astype(np.float32))
-        fld = differentiable_field(net, planes[b])
-        out = render_openlrm(fld, torch.cat(os_), torch.cat(ds_), options=fld_opts)
-        if args.occupancy_weight > 0:
-            loss_occ = loss_occ + occupancy_loss(fld, data["occ_points"][obj], data["occ"][obj], args, gen)
-        loss_rgb = loss_rgb + F.mse_loss(out.rgb, torch.from_numpy(np.concatenate(rgb_gt)))
-        a_gt = torch.from_numpy(np.concatenate(a_gt))
-        loss_mask = loss_mask + F.mse_loss(out.weight, a_gt)
-        if use_depth:  # on the object's pixels only: elsewhere the ray caster has no depth
-            hit = a_gt > 0.5
-            if hit.any():
-                loss_depth = loss_depth + F.l1_loss(out.depth[hit], torch.from_numpy(np.concatenate(t_gt))[hit])
-    n = len(batch_idx)
-    return loss_rgb / n, loss_mask / n, loss_depth / n, loss_occ / n
+def sample_pixels(boxes: torch.Tensor, res: int, n: int, gen: torch.Generator, fg_frac: float = 0.5) -> torch.Tensor:
+    """(M, n) flat pixel indices (row * res + col) for M views with foreground boxes (M, 4): ``fg_frac`` of
+    them inside the box (uniform over the image for an empty view), the rest uniform, so small objects still
+    get most rays where the shape is decided."""
+    m, dev = boxes.shape[0], boxes.device
+    n_fg = int(n * fg_frac)
+    uniform = torch.randint(0, res * res, (m, n), generator=gen, device=dev)
+    if n_fg == 0:
+        return uniform
+    y0, y1, x0, x1 = (boxes[:, i, None] for i in range(4))
+    u = torch.rand((m, n_fg, 2), generator=gen, device=dev)
+    ys = y0 + (u[..., 0] * (y1 - y0)).long().clamp_max(y1 - y0 - 1)
+    xs = x0 + (u[..., 1] * (x1 - x0)).long().clamp_max(x1 - x0 - 1)
+    inside = torch.where(y1 > y0, ys * res + xs, uniform[:, :n_fg])
+    return torch.cat([uniform[:, n_fg:], inside], 1)
 
 
-def occupancy_loss(fld: TriplaneField, points: np.ndarray, inside: np.ndarray, args, gen) -> torch.Tensor:
-    """BCE of (density - level) / temperature against the ground truth's inside/outside labels: direct 3-D
-    supervision of the surface marching cubes extracts (level = the shipped mesh threshold). Objects whose
-    labels are unknown (-1: meshes that are not watertight) contribute nothing."""
-    known = np.nonzero(inside >= 0)[0]
-    if len(known) == 0:
-        return torch.zeros(())
-    sel = gen.choice(known, min(args.occupancy_points, len(known)), replace=False)
-    density, _ = torch_ref.query(fld, torch.from_numpy(points[sel].astype(np.float32)))
+def gather_pixels(images: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
+    """Values (M, R, C) of flattened images (M, H*W, C) at flat pixel indices (M, R)."""
+    return images.gather(1, pix[..., None].expand(-1, -1, images.shape[-1]))
+
+
+def render_loss(net, batch_idx: torch.Tensor, data: DeviceData, args, gen: torch.Generator):
+    """Mean losses over the batch: RGB MSE, opacity MSE, depth L1 (object pixels), occupancy BCE."""
+    b, dev = len(batch_idx), batch_idx.device
+    planes = net(data.pixels[batch_idx].float(), default_source_camera(2.0, b).to(dev))  # (B, 3, C, H, W)
+    fld = differentiable_field(net, planes)
+    # always the input view (reconstruction) + random novel views, per object
+    others = torch.rand((b, data.n_views - 1), generator=gen, device=dev).argsort(1)[:, :args.views - 1] + 1
+    views = torch.cat([torch.zeros_like(others[:, :1]), others], 1)  # (B, V)
+    obj = batch_idx[:, None].expand_as(views)
+    pix = sample_pixels(data.boxes[obj, views].reshape(-1, 4), data.res, args.rays, gen)  # (B*V, R)
+    o, d = pixel_rays(data.cams[obj, views].reshape(-1, 25), pix, data.res)
+    rgb, opacity, depth = render_batch(fld, o.reshape(b, -1, 3), d.reshape(b, -1, 3), args.samples // 2,
+                                       args.samples // 2, generator=gen)
+
+    def at_rays(images):  # (B, V, H, W, C) -> (B, V*R, C) at the sampled pixels
+        c = images.shape[-1]
+        return gather_pixels(images.reshape(b * args.views, -1, c), pix).reshape(b, -1, c)
+    px = at_rays(data.views[obj, views]).float() / 255.0
+    a = px[..., 3]
+    loss_rgb = F.mse_loss(rgb, px[..., :3] * a[..., None] + (1 - a[..., None]))  # ground truth on white
+    loss_mask = F.mse_loss(opacity, a)
+    loss_depth = loss_occ = torch.zeros((), device=dev)
+    if args.depth_weight > 0:  # on the object's pixels only: elsewhere the ray caster has no depth
+        hit = (a > 0.5).float()
+        err = (depth - at_rays(data.depths[obj, views][..., None])[..., 0].float()).abs() * hit
+        loss_depth = (err.sum(1) / hit.sum(1).clamp_min(1)).mean()
+    if args.occupancy_weight > 0:
+        k = min(args.occupancy_points, data.occ.shape[1])
+        sel = torch.rand(data.occ[batch_idx].shape, generator=gen, device=dev).argsort(1)[:, :k]
+        loss_occ = occupancy_loss(fld, data.occ_points[batch_idx], data.occ[batch_idx], sel, args)
+    return loss_rgb, loss_mask, loss_depth, loss_occ
+
+
+def occupancy_loss(fld: TriplaneField, points: torch.Tensor, inside: torch.Tensor, sel: torch.Tensor,
+                   args) -> torch.Tensor:
+    """BCE of (density - level) / temperature against the ground truth's inside/outside labels at the points
+    ``sel`` (B, k) of each object: direct 3-D supervision of the surface marching cubes extracts (level = the
+    shipped mesh threshold). Labels -1 (meshes that are not watertight) contribute nothing; the mean is over
+    each object's known labels, then over the batch."""
+    pts = points.gather(1, sel[..., None].expand(-1, -1, 3)).float()
+    labels = inside.gather(1, sel)
+    density = torch_ref.activate_density(query_batch(fld, pts)[..., 0], fld.spec)
     logits = (density - args.occupancy_level) / args.occupancy_temperature
-    return F.binary_cross_entropy_with_logits(logits, torch.from_numpy(inside[sel].astype(np.float32)))
+    known = (labels >= 0).float()
+    bce = F.binary_cross_entropy_with_logits(logits, labels.clamp_min(0).float(), reduction="none") * known
+    return (bce.sum(1) / known.sum(1).clamp_min(1)).mean()
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -280,12 +295,18 @@ def main() -> None:
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the network, renderer and data live")
     ap.add_argument("--attn-scale", type=float, default=1.5,
                     help="initial sharpness of the geometric cross-attention (0: random init, no geometry)")
     ap.add_argument("--ckpt", default=str(CKPT / "last.pt"), help="checkpoint file (written, and read by --resume)")
     ap.add_argument("--data", default="train", help="dataset split file(s) under training/data/, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"--device {args.device}: this torch sees no CUDA GPU")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ckpt = Path(args.ckpt)
     torch.manual_seed(args.seed)
 
@@ -294,29 +315,29 @@ def main() -> None:
         sys.exit(f"--depth-weight needs ray-hit depths, which {args.data} lacks: regenerate it with data_gen.py")
     if args.occupancy_weight > 0 and "occ" not in data:
         sys.exit(f"--occupancy-weight needs occupancy samples, which {args.data} lacks: regenerate it with data_gen.py")
-    rays = RayCache(data["cams"], data["views"].shape[2])
+    data = DeviceData(data, device)
     net = LRMNetwork(model_config()).train()
     init_from_scratch(net, args.attn_scale)  # overwritten by the checkpoint when resuming
     if args.init_weights:
         from safetensors.torch import load_file
 
         net.load_state_dict(load_file(str(Path(args.init_weights) / "model.safetensors")))
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = np.random.default_rng(args.seed)
     step, prev_minutes, origin = 0, 0.0, (0, 0.0)  # origin: (step, minutes) where this stage began
     if args.resume and ckpt.is_file():
-        ck = torch.load(ckpt, weights_only=False)
+        ck = torch.load(ckpt, map_location=device, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         prev_minutes = ck.get("minutes", 0.0)
         origin = (step, prev_minutes) if args.new_stage else tuple(ck.get("origin", (0, 0.0)))
         gen.bit_generator.state = ck["np_rng"]
-        torch.set_rng_state(ck["torch_rng"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
         print(f"resumed at step {step}", flush=True)
-    torch_gen = torch.Generator().manual_seed(args.seed + step)
+    torch_gen = torch.Generator(device).manual_seed(args.seed + step)  # views, rays, jitter, occupancy points
 
-    n_obj = len(data["pixels"])
     start_step = step
     t_start = last_save = time.time()
 
@@ -329,23 +350,24 @@ def main() -> None:
     def lr_now() -> float:
         steps, minutes = stage_progress()
         return lr_at(steps, args, minutes)
-    ema = None
+    ema = torch.zeros(4, device=device)  # running means of the four losses (read every 25 steps: no GPU sync)
     while stage_progress()[0] < args.steps and stage_progress()[1] < args.minutes:
         for g in opt.param_groups:
             g["lr"] = lr_now()
-        batch_idx = gen.choice(n_obj, args.batch, replace=False)
-        l_rgb, l_mask, l_depth, l_occ = render_loss(net, batch_idx, data, rays, args, gen, torch_gen)
+        batch_idx = torch.from_numpy(gen.choice(data.n_objects, args.batch, replace=False)).to(device)
+        l_rgb, l_mask, l_depth, l_occ = render_loss(net, batch_idx, data, args, torch_gen)
         loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth + args.occupancy_weight * l_occ
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
-        cur = np.array([float(x.detach()) for x in (l_rgb, l_mask, l_depth, l_occ)])
-        ema = cur if ema is None else 0.98 * ema + 0.02 * cur
+        cur = torch.stack([x.detach() for x in (l_rgb, l_mask, l_depth, l_occ)])
+        ema = cur if step == start_step + 1 else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
+            avg = ema.tolist()
             el = time.time() - t_start
-            print(f"step {step} rgb {ema[0]:.4f} mask {ema[1]:.4f} depth {ema[2]:.4f} occ {ema[3]:.4f} "
+            print(f"step {step} rgb {avg[0]:.4f} mask {avg[1]:.4f} depth {avg[2]:.4f} occ {avg[3]:.4f} "
                   f"lr {lr_now():.2e} "
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
