@@ -292,6 +292,17 @@ def test_ray_pixels_fall_in_the_foreground_box_and_ground_truth_is_gathered_ther
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_runs_on_the_gpu_and_renders_as_on_the_cpu(tmp_path, monkeypatch):
+    # full fp32 for the comparison (cuDNN convolutions default to TF32); train.main turns TF32 on for speed:
+    # both switches go back for the tests that follow
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _train_on_the_gpu(tmp_path, monkeypatch)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _train_on_the_gpu(tmp_path, monkeypatch):
     from lrm_rt.render import surrounding_cameras
 
     net = LRMNetwork(model_config())
@@ -309,7 +320,7 @@ def test_training_runs_on_the_gpu_and_renders_as_on_the_cpu(tmp_path, monkeypatc
             outs[dev] = [x.cpu() for x in B.render_batch(T.differentiable_field(net, planes), o, d, 12, 12,
                                                          u_coarse=u_c.to(dev), u_fine=u_f.to(dev))]
     for a, b in zip(outs["cuda"], outs["cpu"]):
-        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # TF32-free fp32, different kernels
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # fp32 both, different kernels
 
     monkeypatch.setattr(T, "DATA", tmp_path)
     _tiny_dataset(tmp_path / "occ.npz", occupancy=True)
