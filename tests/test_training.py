@@ -95,6 +95,9 @@ def test_training_loop_runs_saves_and_resumes(tmp_path, monkeypatch):
     assert second["step"] == 3
     changed = [k for k in first["model"] if not torch.equal(first["model"][k], second["model"][k])]
     assert changed  # the resumed step trained the restored weights
+    monkeypatch.setattr(sys, "argv", args + ["--views", "4"])  # the split holds 3 views per object
+    with pytest.raises(SystemExit, match="holds 3 views"):
+        T.main()
 
 
 def test_several_split_files_are_concatenated_object_wise(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ OUT_OF_BOX_SIGMA = OpenLRMRenderOptions(version="1.1").out_of_box_sigma
 
 def pixel_rays(cams: torch.Tensor, pixels: torch.Tensor, res: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rays through chosen pixels: cams (M, 25) OpenLRM cameras, pixels (M, R) flat indices row * res + col
-    -> origins, directions (M, R, 3); the same rays as ``openlrm_rays(cams[m], res)`` at those pixels."""
+    -> origins, directions (M, R, 3): ``openlrm_rays(cams[m], res)`` at those pixels (to float rounding)."""
     c2w, k = cams[:, :16].reshape(-1, 4, 4), cams[:, 16:].reshape(-1, 3, 3)
     fx, fy, cx, cy, sk = (k[:, i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2), (0, 1)))
     x_cam = (pixels % res).to(cams.dtype) * (1.0 / res) + (0.5 / res)

@@ -33,13 +33,13 @@ mkdir -p "$out"
 t0=$SECONDS
 deadline=${DEADLINE_S:-540}
 carry=$(realpath "$carry")
-site=$(mktemp -d)
+site=$(mktemp -d) logs=$(mktemp -d)
+trap 'rm -rf "$site" "$logs"' EXIT
 "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/wheels/*.whl
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LRM_RT_SHARED="$carry/shared" PYTHONUNBUFFERED=1
 "$py" -c "import trimesh.ray; assert trimesh.ray.has_embree, 'no embree: data generation would take hours'"
 # $OUT comes back as at most 8 files of at most 16 MiB each: status.txt, gen.log, train.log, the weights in parts
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"; } | tee "$out/status.txt"
-logs=$(mktemp -d)
 
 jobs=${JOBS:-$(nproc)}
 names=()

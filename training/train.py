@@ -315,6 +315,8 @@ def main() -> None:
         sys.exit(f"--depth-weight needs ray-hit depths, which {args.data} lacks: regenerate it with data_gen.py")
     if args.occupancy_weight > 0 and "occ" not in data:
         sys.exit(f"--occupancy-weight needs occupancy samples, which {args.data} lacks: regenerate it with data_gen.py")
+    if not 1 <= args.views <= data["views"].shape[1]:
+        sys.exit(f"--views {args.views}: {args.data} holds {data['views'].shape[1]} views per object")
     data = DeviceData(data, device)
     net = LRMNetwork(model_config()).train()
     init_from_scratch(net, args.attn_scale)  # overwritten by the checkpoint when resuming
