@@ -3,7 +3,7 @@
 # from the shipped weights, then the weights back for export.py / evaluate.py here.
 #
 #   bash training/gpu_run.sh prepare         # here, once: fills .carry/ (git-ignored) with what the GPU machine
-#                                            # lacks: the embreex wheel (Python 3.12), the training meshes
+#                                            # lacks: trimesh + rtree + embreex wheels (Python 3.12), training meshes
 #   bash training/gpu_run.sh run OUTDIR      # there (device tool, carry [".carry"]): weights + logs in OUTDIR
 #   cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
 #   python training/export.py --ckpt gpu_model.pt --out DIR && python training/evaluate.py --model DIR
@@ -18,8 +18,10 @@ carry=${CARRY:-.carry}
 
 if [ "$cmd" = prepare ]; then  # the working tree and what it carries travel within 64 MiB: training meshes only
   rm -rf "$carry" && mkdir -p "$carry/wheels" "$carry/shared/data/meshes"
-  "$py" -m pip download -q embreex --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 -d "$carry/wheels"
+  # the versions this checkout's data was made with; the GPU image has numpy, scipy, networkx and pillow
+  "$py" -m pip download -q trimesh==5.2.0 rtree==1.4.1 embreex==4.4.0.post1 --no-deps --only-binary=:all: \
+      --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$carry/wheels"
   for m in $("$py" -c "import sys; sys.path.insert(0, 'training'); import data_gen as D
 print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))"); do
     cp -r "${LRM_RT_SHARED:-../shared}/data/meshes/$m" "$carry/shared/data/meshes/"
