@@ -259,10 +259,12 @@ def openlrm_rays(camera: torch.Tensor, resolution: int) -> Tuple[torch.Tensor, t
 
 
 def openlrm_ray_limits(rays_o: torch.Tensor, rays_d: torch.Tensor, half: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Ray entry/exit depths for the cube [-half, half]^3, rays flattened to (N,).
+    """Ray entry/exit depths for the cube [-half, half]^3: rays (..., N, 3) -> (..., N).
 
-    As ``get_ray_limits_box`` + the renderer: rays that miss (exit <= entry) get start = min and
-    end = max of the valid rays' *start* depths (sic, as in the reference).
+    As ``get_ray_limits_box`` + the renderer over one call of N rays (each leading index is a call of its
+    own, e.g. one object of a training batch): rays that miss (exit <= entry) get start = min and end = max
+    of the valid rays' *start* depths (sic, as in the reference); with no valid ray, the reference's miss
+    markers (-1, -2).
     """
     inv = 1 / rays_d
     t0 = (-half - rays_o) * inv
@@ -270,12 +272,12 @@ def openlrm_ray_limits(rays_o: torch.Tensor, rays_d: torch.Tensor, half: float =
     start = torch.minimum(t0, t1).amax(dim=-1)
     end = torch.maximum(t0, t1).amin(dim=-1)
     valid = end > start
-    if bool(valid.any()):
-        lo, hi = start[valid].min(), start[valid].max()
-        start = torch.where(valid, start, lo)
-        end = torch.where(valid, end, hi)
-    else:  # the reference keeps its miss markers
-        start, end = torch.full_like(start, -1.0), torch.full_like(end, -2.0)
+    inf = torch.full_like(start, math.inf)
+    lo = torch.where(valid, start, inf).amin(dim=-1, keepdim=True)
+    hi = torch.where(valid, start, -inf).amax(dim=-1, keepdim=True)
+    some = valid.any(dim=-1, keepdim=True)
+    start = torch.where(valid, start, torch.where(some, lo, -1.0))
+    end = torch.where(valid, end, torch.where(some, hi, -2.0))
     return start, end
 
 

@@ -177,6 +177,15 @@ def test_openlrm_ray_limits_fill_missing_rays():
     torch.testing.assert_close(start, torch.tensor([2.0, 2.0, 2.0]))
     # a missing ray ends at the largest valid *start* (reference behaviour), not the largest end
     torch.testing.assert_close(end, torch.tensor([4.0, 4.0, 2.0]))
+    # no ray hits: the reference's miss markers
+    start, end = openlrm_ray_limits(rays_o[2:], rays_d[2:])
+    assert start.tolist() == [-1.0] and end.tolist() == [-2.0]
+    # a leading batch dimension: each row is a call of its own (its misses filled from its own rays)
+    both = torch.stack([rays_o, rays_o]), torch.stack([rays_d, rays_d])
+    both[0][1, :2, 1] = -2.5  # the second call's hits start at 1.5
+    start, end = openlrm_ray_limits(*both)
+    torch.testing.assert_close(start, torch.tensor([[2.0, 2.0, 2.0], [1.5, 1.5, 1.5]]))
+    torch.testing.assert_close(end, torch.tensor([[4.0, 4.0, 2.0], [3.5, 3.5, 1.5]]))
 
 
 def test_openlrm_depth_gradient_is_finite_with_empty_rays(openlrm_io, openlrm_weights):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from lrm_rt.field import torch_ref
 from lrm_rt.field.spec import TriplaneField
-from lrm_rt.render import OpenLRMRenderOptions, importance_depths, mip_ray_march, stratified_depths
+from lrm_rt.render import (OpenLRMRenderOptions, importance_depths, mip_ray_march, openlrm_ray_limits,
+                           stratified_depths)
 
 OUT_OF_BOX_SIGMA = OpenLRMRenderOptions(version="1.1").out_of_box_sigma
 
@@ -62,20 +63,6 @@ def _samples(field: TriplaneField, o, d, depths, oob_sigma: float):
     return colors, sigma
 
 
-def _ray_limits(o: torch.Tensor, d: torch.Tensor):
-    """Entry/exit depths of the box per ray (B, R); rays that miss take their object's min/max valid entry,
-    as ``openlrm_ray_limits`` does over one call."""
-    inv = 1 / d
-    t0, t1 = (-1.0 - o) * inv, (1.0 - o) * inv
-    start = torch.minimum(t0, t1).amax(-1)
-    end = torch.maximum(t0, t1).amin(-1)
-    valid = end > start
-    inf = torch.full_like(start, float("inf"))
-    lo = torch.where(valid, start, inf).amin(-1, keepdim=True)
-    hi = torch.where(valid, start, -inf).amax(-1, keepdim=True)
-    return torch.where(valid, start, lo), torch.where(valid, end, hi)
-
-
 def render_batch(field: TriplaneField, o: torch.Tensor, d: torch.Tensor, n_coarse: int, n_fine: int,
                  generator: Optional[torch.Generator] = None, u_coarse: Optional[torch.Tensor] = None,
                  u_fine: Optional[torch.Tensor] = None, oob_sigma: float = OUT_OF_BOX_SIGMA):
@@ -89,7 +76,7 @@ def render_batch(field: TriplaneField, o: torch.Tensor, d: torch.Tensor, n_coars
         u_coarse = torch.rand((b, r, n_coarse), generator=generator, device=dev)
     if u_fine is None:
         u_fine = torch.rand((b, r, n_fine), generator=generator, device=dev)
-    start, end = _ray_limits(o, d)
+    start, end = openlrm_ray_limits(o, d)  # per object, as render_openlrm over one call
     z_coarse = stratified_depths(start.reshape(-1), end.reshape(-1), n_coarse, u_coarse.reshape(-1, n_coarse))
     c_coarse, s_coarse = _samples(field, o, d, z_coarse.reshape(b, r, n_coarse), oob_sigma)
     _, _, w_coarse = mip_ray_march(c_coarse.reshape(b * r, n_coarse, 3), s_coarse.reshape(b * r, n_coarse),
