@@ -138,7 +138,7 @@ def render_loss(net, batch_idx: torch.Tensor, data: DeviceData, args, gen: torch
         loss_depth = (err.sum(1) / hit.sum(1).clamp_min(1)).mean()
     if args.occupancy_weight > 0:
         k = min(args.occupancy_points, data.occ.shape[1])
-        sel = torch.rand(data.occ[batch_idx].shape, generator=gen, device=dev).argsort(1)[:, :k]
+        sel = torch.rand((b, data.occ.shape[1]), generator=gen, device=dev).argsort(1)[:, :k]
         loss_occ = occupancy_loss(fld, data.occ_points[batch_idx], data.occ[batch_idx], sel, args)
     return loss_rgb, loss_mask, loss_depth, loss_occ
 
@@ -352,7 +352,7 @@ def main() -> None:
     def lr_now() -> float:
         steps, minutes = stage_progress()
         return lr_at(steps, args, minutes)
-    ema = torch.zeros(4, device=device)  # running means of the four losses (read every 25 steps: no GPU sync)
+    ema = None  # running means of the four losses, a device tensor (read every 25 steps: no GPU sync)
     while stage_progress()[0] < args.steps and stage_progress()[1] < args.minutes:
         for g in opt.param_groups:
             g["lr"] = lr_now()
@@ -365,7 +365,7 @@ def main() -> None:
         opt.step()
         step += 1
         cur = torch.stack([x.detach() for x in (l_rgb, l_mask, l_depth, l_occ)])
-        ema = cur if step == start_step + 1 else 0.98 * ema + 0.02 * cur
+        ema = cur if ema is None else 0.98 * ema + 0.02 * cur
         if step % 25 == 0:
             avg = ema.tolist()
             el = time.time() - t_start
