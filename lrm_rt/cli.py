@@ -69,7 +69,8 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="network precision. auto (default): the fastest verified path -- bf16 on CPUs with "
-                        "native bf16 (mesh within 1%% Chamfer of fp32, see export/README.md), fp32 elsewhere; "
+                        "native bf16 where a short probe measures it faster (mesh within 1%% Chamfer of fp32, "
+                        "see export/README.md), fp32 elsewhere; "
                         "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")

@@ -110,11 +110,52 @@ def test_auto_precision_rule(monkeypatch):
     import lrm_rt.network_backends as nb
 
     monkeypatch.setattr(nb, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(nb, "cpu_bf16_is_faster", lambda width=1024: True)
     assert resolve_precision("auto", "cpu") == "bf16"
     assert resolve_precision("auto", "cuda") == "fp32"
     assert resolve_precision("fp32", "cpu") == "fp32"
-    monkeypatch.setattr(nb, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(nb, "cpu_bf16_is_faster", lambda width=1024: False)  # native but measured slower
     assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(nb, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(nb, "cpu_bf16_is_faster", lambda width=1024: pytest.fail("no probe without native bf16"))
+    assert resolve_precision("auto", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("bf16_seconds, chosen", [(0.5, True), (0.9, False), (1.7, False)])
+def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, bf16_seconds, chosen):
+    import lrm_rt.network_backends as nb
+
+    calls = []
+
+    def fake_time(dtype, width, tokens, repeats=3):
+        calls.append((dtype, width))
+        return 1.0 if dtype == torch.float32 else bf16_seconds
+    monkeypatch.setattr(nb, "_time_matmul", fake_time)
+    monkeypatch.setattr(nb, "_BF16_PROBES", {})
+    assert nb.cpu_bf16_is_faster(384) is chosen
+    assert nb.cpu_bf16_is_faster(384) is chosen
+    assert calls == [(torch.float32, 384), (torch.bfloat16, 384)]  # cached: one probe per width
+    nb.cpu_bf16_is_faster(192)
+    assert len(calls) == 4
+
+
+def test_bf16_probe_times_real_matmuls():
+    import lrm_rt.network_backends as nb
+
+    t32 = nb._time_matmul(torch.float32, 64, 32)
+    t16 = nb._time_matmul(torch.bfloat16, 64, 32)
+    assert 0 < t32 < 1 and 0 < t16 < 1
+
+
+def test_torch_backend_probes_at_the_networks_width(monkeypatch, fixtures_dir):
+    import lrm_rt.network_backends as nb
+
+    net = load_model(str(fixtures_dir / "checkpoints" / "triposr-tiny")).network
+    widths = []
+    monkeypatch.setattr(nb, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(nb, "cpu_bf16_is_faster", lambda width=1024: widths.append(width) or False)
+    assert TorchNetworkBackend(net, precision="auto").precision == "fp32"
+    assert widths == [net.config.transformer_dim]
 
 
 def test_bf16_backend_returns_fp32_triplane(fixtures_dir, triposr_io):
