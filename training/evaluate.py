@@ -67,31 +67,40 @@ def render_views(fld, cams: np.ndarray, res: int, samples: int):
     return outs
 
 
+def evaluate_object(model, fld, split: str, i: int, views: np.ndarray, cams: np.ndarray,
+                    iou_points: int = 30000) -> dict:
+    """Object i of split, predicted as field fld: its mesh at the model's level against the ground truth
+    (chamfer, fscore, volume_iou, faces) and per-view lists (psnr, ssim, silhouette_iou) of views (V, H, W, 4)
+    uint8 seen from cams (V, 25) against renders of fld."""
+    cfg = model.config
+    pred = meshes_at(fld, field_backend("auto"), cfg.mc_resolution, [cfg.mc_threshold])[cfg.mc_threshold]
+    m = E.mesh_metrics(pred, load_gt(split, i), tau=0.05, iou_points=iou_points)
+    out = {"chamfer": m.chamfer, "fscore": m.fscore, "volume_iou": m.volume_iou, "faces": int(len(pred[1])),
+           "psnr": [], "ssim": [], "silhouette_iou": []}
+    views = views.astype(np.float64) / 255.0
+    for v, (rgb, w) in enumerate(render_views(fld, cams, views.shape[1], cfg.samples_per_ray)):
+        a = views[v, ..., 3]
+        gt_rgb = views[v, ..., :3] * a[..., None] + (1 - a[..., None])
+        for k, val in E.image_metrics(rgb, gt_rgb, w, a).items():
+            out[k].append(val)
+    return out
+
+
 def evaluate_split(model, split: str, limit=None, iou_points: int = 30000):
-    cfg, net = model.config, model.network
+    net = model.network
     z = np.load(DATA / f"{split}.npz")
-    backend = field_backend("auto")
     rows = []
     n = len(z["pixels"]) if limit is None else min(limit, len(z["pixels"]))
     for i in range(n):
-        fld = object_fields(net, z["pixels"][i])
-        pred = meshes_at(fld, backend, cfg.mc_resolution, [cfg.mc_threshold])[cfg.mc_threshold]
-        m = E.mesh_metrics(pred, load_gt(split, i), tau=0.05, iou_points=iou_points)
-        views = z["views"][i].astype(np.float64) / 255.0
-        img = {"psnr": [], "ssim": [], "silhouette_iou": [], "psnr_input": None}
-        for v, (rgb, w) in enumerate(render_views(fld, z["cams"][i], views.shape[1], cfg.samples_per_ray)):
-            a = views[v, ..., 3]
-            gt_rgb = views[v, ..., :3] * a[..., None] + (1 - a[..., None])
-            im = E.image_metrics(rgb, gt_rgb, w, a)
-            for k in ("psnr", "ssim", "silhouette_iou"):
-                img[k].append(im[k])
+        r = evaluate_object(model, object_fields(net, z["pixels"][i]), split, i, z["views"][i], z["cams"][i],
+                            iou_points)
         # view 0 is the input camera; the image metrics are over the novel views only
-        rows.append({"label": str(z["labels"][i]), "chamfer": m.chamfer, "fscore": m.fscore,
-                     "volume_iou": m.volume_iou, "psnr": float(np.mean(img["psnr"][1:])),
-                     "ssim": float(np.mean(img["ssim"][1:])),
-                     "silhouette_iou": float(np.mean(img["silhouette_iou"][1:])),
-                     "psnr_input_view": img["psnr"][0], "silhouette_iou_input_view": img["silhouette_iou"][0],
-                     "faces": int(len(pred[1]))})
+        rows.append({"label": str(z["labels"][i]), "chamfer": r["chamfer"], "fscore": r["fscore"],
+                     "volume_iou": r["volume_iou"], "psnr": float(np.mean(r["psnr"][1:])),
+                     "ssim": float(np.mean(r["ssim"][1:])),
+                     "silhouette_iou": float(np.mean(r["silhouette_iou"][1:])),
+                     "psnr_input_view": r["psnr"][0], "silhouette_iou_input_view": r["silhouette_iou"][0],
+                     "faces": r["faces"]})
     keys = ["chamfer", "fscore", "volume_iou", "psnr", "ssim", "silhouette_iou", "psnr_input_view",
             "silhouette_iou_input_view"]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
