@@ -127,23 +127,22 @@ def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, bf16_seconds, c
 
     calls = []
 
-    def fake_time(dtype, width, tokens, repeats=3):
-        calls.append((dtype, width))
-        return 1.0 if dtype == torch.float32 else bf16_seconds
-    monkeypatch.setattr(nb, "_time_matmul", fake_time)
+    def fake_times(width, tokens, rounds=5):
+        calls.append(width)
+        return 1.0, bf16_seconds
+    monkeypatch.setattr(nb, "_time_matmuls", fake_times)
     monkeypatch.setattr(nb, "_BF16_PROBES", {})
     assert nb.cpu_bf16_is_faster(384) is chosen
     assert nb.cpu_bf16_is_faster(384) is chosen
-    assert calls == [(torch.float32, 384), (torch.bfloat16, 384)]  # cached: one probe per width
+    assert calls == [384]  # cached: one probe per width (and thread count)
     nb.cpu_bf16_is_faster(192)
-    assert len(calls) == 4
+    assert calls == [384, 192]
 
 
 def test_bf16_probe_times_real_matmuls():
     import lrm_rt.network_backends as nb
 
-    t32 = nb._time_matmul(torch.float32, 64, 32)
-    t16 = nb._time_matmul(torch.bfloat16, 64, 32)
+    t32, t16 = nb._time_matmuls(64, 32, rounds=2)
     assert 0 < t32 < 1 and 0 < t16 < 1
 
 
