@@ -168,7 +168,8 @@ def test_occupancy_loss_is_bce_at_the_mesh_level_and_trains_the_network(tmp_path
     net = LRMNetwork(model_config()).train()
     T.init_from_scratch(net)
     args = SimpleNamespace(samples=8, views=2, rays=16, depth_weight=0.0, occupancy_weight=1.0,
-                           occupancy_points=40, occupancy_level=7.0, occupancy_temperature=2.0)
+                           occupancy_points=40, occupancy_level=7.0, occupancy_temperature=2.0,
+                           occupancy_region="all")
     planes = net(torch.from_numpy(data["pixels"].astype(np.float32)), default_source_camera(2.0, 3))
     fld = T.differentiable_field(net, planes)
     sel = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:40] for i in range(3)])
@@ -187,6 +188,17 @@ def test_occupancy_loss_is_bce_at_the_mesh_level_and_trains_the_network(tmp_path
     assert float(net.pos_embed.grad.abs().sum()) > 0  # through the triplane into the transformer
     unknown = T.occupancy_loss(T.differentiable_field(net, planes[2:]), points[2:], labels[2:], sel[2:], args)
     assert float(unknown.detach()) == 0
+    # --occupancy-region far: only the labels behind the centre plane (y > 0) count, meaned over those
+    far_args = SimpleNamespace(**{**vars(args), "occupancy_region": "far"})
+    one = T.differentiable_field(net, planes[0])
+    pts0 = points[0][sel[0]].float()
+    far = pts0[:, 1] > 0
+    assert 0 < int(far.sum()) < len(far)
+    p = torch.sigmoid((T.torch_ref.query(one, pts0)[0] - 7.0) / 2.0).double()
+    y = labels[0][sel[0]].double()
+    bce = -(y * p.log() + (1 - y) * (1 - p).log())
+    got = T.occupancy_loss(T.differentiable_field(net, planes[:1]), points[:1], labels[:1], sel[:1], far_args)
+    assert float(got.detach()) == pytest.approx(float(bce[far].mean()), rel=1e-5)
 
     # the loop: the occupancy loss runs and is logged; a split without labels is refused with a clear message
     ckpt = tmp_path / "ck.pt"

@@ -154,6 +154,8 @@ def occupancy_loss(fld: TriplaneField, points: torch.Tensor, inside: torch.Tenso
     density = torch_ref.activate_density(query_batch(fld, pts)[..., 0], fld.spec)
     logits = (density - args.occupancy_level) / args.occupancy_temperature
     known = (labels >= 0).float()
+    if args.occupancy_region == "far":  # only the half the source camera cannot see
+        known = known * (pts[..., 1] > 0).float()
     bce = F.binary_cross_entropy_with_logits(logits, labels.clamp_min(0).float(), reduction="none") * known
     return (bce.sum(1) / known.sum(1).clamp_min(1)).mean()
 
@@ -286,6 +288,8 @@ def main() -> None:
     ap.add_argument("--occupancy-level", type=float, default=7.0,
                     help="density at the decision boundary (the marching-cubes level the model ships with)")
     ap.add_argument("--occupancy-temperature", type=float, default=2.0, help="density units per logit")
+    ap.add_argument("--occupancy-region", default="all", choices=["all", "far"],
+                    help="far: labels only behind the object's centre plane (y > 0), the side the input hides")
     ap.add_argument("--init-weights", default=None,
                     help="start from a shipped model folder's model.safetensors (fresh optimiser state)")
     ap.add_argument("--resume", action="store_true")
