@@ -106,6 +106,9 @@ def chamfer_fscore(pred_pts: np.ndarray, gt_pts: np.ndarray, tau: float = 0.05) 
             "precision": precision, "recall": recall}
 
 
+INSIDE_CHUNK = 1000  # points per contains() call: without embree, trimesh's ray test holds ~1 MB per point
+
+
 def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
     """Points inside any of the meshes (a union of closed parts is passed as its parts)."""
     import trimesh
@@ -113,7 +116,9 @@ def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
     result = np.zeros(len(points), bool)
     for v, f in meshes:
         if len(f):
-            result |= trimesh.Trimesh(v, f, process=False).contains(points)
+            mesh = trimesh.Trimesh(v, f, process=False)
+            for s in range(0, len(points), INSIDE_CHUNK):
+                result[s:s + INSIDE_CHUNK] |= mesh.contains(points[s:s + INSIDE_CHUNK])
     return result
 
 

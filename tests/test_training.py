@@ -378,13 +378,13 @@ def test_fit_ceiling_fits_planes_that_render_unseen_views_better(tmp_path, monke
 
     for module, name in ((D, "DATA_DIR"), (EV, "DATA"), (FC, "DATA")):
         monkeypatch.setattr(module, name, tmp_path)
-    FC.make_data(1, 6, seed=5000)
+    FC.make_data(1, 6, seed=5000, res=32, input_render=64)  # small: without embreex trimesh casts rays slowly
     z = np.load(tmp_path / "ceiling_shapes.npz")
     assert z["views"].shape[:2] == (1, 6) and (tmp_path / "gt" / "ceiling_shapes_0000.npz").is_file()
     model = load_model("lrm-tiny")
     before = [p.detach().clone() for p in model.network.parameters()]
-    row = FC.score_object(model, z, 0, SimpleNamespace(fit_views=4, steps=80, rays=1024, lr=0.05))
-    # measured: F 0.485 -> 0.797, silhouette IoU 0.713 -> 0.813
+    row = FC.score_object(model, z, 0, SimpleNamespace(fit_views=4, steps=80, rays=1024, lr=0.05,
+                                                        iou_points=2000))
     assert row["fitted"]["silhouette_iou"] > row["predicted"]["silhouette_iou"] + 0.05
     assert row["fitted"]["fscore"] > row["predicted"]["fscore"] + 0.15
     assert all(torch.equal(a, b) for a, b in zip(before, model.network.parameters()))  # decoder frozen

@@ -34,12 +34,13 @@ from lrm_rt.field.spec import TriplaneField  # noqa: E402
 SPLIT = "ceiling_shapes"
 
 
-def make_data(n: int, views: int, seed: int, res: int = 64) -> None:
+def make_data(n: int, views: int, seed: int, res: int = 64, input_render: int = 224) -> None:
     """Procedural shapes of the training distribution (own seed) with ``views`` views each and their
     ground-truth meshes, as the split ``ceiling_shapes``."""
     import data_gen
 
-    args = argparse.Namespace(views=views, res=res, input_render=224, input_size=112, seed=seed, occupancy=0)
+    args = argparse.Namespace(views=views, res=res, input_render=input_render, input_size=112, seed=seed,
+                              occupancy=0)
     rng = np.random.default_rng(seed)
     objects = [("shape", data_gen.procedural_object(rng)) for _ in range(n)]
     (DATA / "gt").mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,8 @@ def score_object(model, z, i: int, args) -> dict:
                         z["cams"][i][fit], args)
     row = {}
     for name, p in (("predicted", planes0), ("fitted", planes)):
-        r = evaluate_object(model, net.triplane_field(p[None]), SPLIT, i, z["views"][i][held], z["cams"][i][held])
+        r = evaluate_object(model, net.triplane_field(p[None]), SPLIT, i, z["views"][i][held], z["cams"][i][held],
+                            args.iou_points)
         row[name] = {k: float(np.mean(v)) for k, v in r.items()}
     return row
 
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--rays", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=0.03)
+    ap.add_argument("--iou-points", type=int, default=30000, help="points of the volume IoU (as evaluate.py)")
     ap.add_argument("--model", default="lrm-tiny")
     ap.add_argument("--out", default=str(DATA / "ceiling.json"))
     args = ap.parse_args()
