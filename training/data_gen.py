@@ -36,6 +36,7 @@ import trimesh
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lrm_rt.eval import inside as points_inside  # noqa: E402
 from lrm_rt.preprocess import composite_resize_bicubic  # noqa: E402
 from lrm_rt.render import (build_cameras, default_intrinsics, look_at_origin, openlrm_rays,  # noqa: E402
                            source_view_camera)
@@ -289,10 +290,7 @@ def occupancy_samples(parts, rng, n_near: int, n_uniform: int) -> Tuple[np.ndarr
     pts = np.clip(pts, -1, 1)
     if not all(m.is_watertight for m in meshes):
         return pts, np.full(len(pts), -1, np.int8)
-    inside = np.zeros(len(pts), bool)
-    for m in meshes:  # the object is the union of its parts
-        inside |= m.contains(pts)
-    return pts, inside.astype(np.int8)
+    return pts, points_inside([(m.vertices, m.faces) for m in meshes], pts).astype(np.int8)  # union of parts
 
 
 def build_split(name, objects, args, rng, gt_dir=None):

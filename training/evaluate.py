@@ -40,10 +40,14 @@ def load_gt(split: str, i: int):
     return [(z[f"v{j}"].astype(np.float64), z[f"f{j}"].astype(np.int64)) for j in range(n)]
 
 
-def object_fields(net, pixels: np.ndarray):
+def object_planes(net, pixels: np.ndarray) -> torch.Tensor:
+    """The triplane (3, C, H, W) the network predicts from one object's input pixels (3, S, S)."""
     with torch.no_grad():
-        planes = net(torch.from_numpy(pixels.astype(np.float32))[None], default_source_camera(2.0))
-    return net.triplane_field(planes)
+        return net(torch.from_numpy(pixels.astype(np.float32))[None], default_source_camera(2.0))[0]
+
+
+def object_fields(net, pixels: np.ndarray):
+    return net.triplane_field(object_planes(net, pixels))
 
 
 def meshes_at(fld, backend, resolution: int, thresholds):

@@ -19,17 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from lrm_rt.checkpoint import load_model  # noqa: E402
-from lrm_rt.models.network import default_source_camera  # noqa: E402
-from batched import pixel_rays, render_batch  # noqa: E402
-from evaluate import DATA, evaluate_object  # noqa: E402
 from lrm_rt.field.spec import TriplaneField  # noqa: E402
+from batched import pixel_rays, render_batch  # noqa: E402
+from evaluate import DATA, evaluate_object, object_planes  # noqa: E402
+from train import ray_losses  # noqa: E402
 
 SPLIT = "ceiling_shapes"
 
@@ -65,12 +64,8 @@ def fit_planes(net, planes0: torch.Tensor, views: np.ndarray, depths: np.ndarray
         o, d = pixel_rays(cams_t[v], pix[:, None], res)
         fld = TriplaneField(planes[None], w, b, net.config.field_spec)  # a batch of one (batched.py)
         rgb, opacity, depth = render_batch(fld, o.reshape(1, -1, 3), d.reshape(1, -1, 3), 24, 24, generator=gen)
-        px = rgba[v, pix]
-        a = px[:, 3]
-        gt_rgb = px[:, :3] * a[:, None] + (1 - a[:, None])
-        hit = (a > 0.5).float()
-        loss = (F.mse_loss(rgb[0], gt_rgb) + 1.5 * F.mse_loss(opacity[0], a)
-                + 2.0 * ((depth[0] - dep[v, pix]).abs() * hit).sum() / hit.sum().clamp_min(1))
+        loss_rgb, loss_mask, loss_depth = ray_losses(rgb, opacity, depth, rgba[v, pix][None], dep[v, pix][None])
+        loss = loss_rgb + 1.5 * loss_mask + 2.0 * loss_depth  # stage 6's weights
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -81,8 +76,7 @@ def score_object(model, z, i: int, args) -> dict:
     """Object i of the split z: {"predicted": metrics, "fitted": metrics} on the views after the first
     ``args.fit_views`` (the fitted planes never saw them), means over those views."""
     net = model.network
-    with torch.no_grad():
-        planes0 = net(torch.from_numpy(z["pixels"][i].astype(np.float32))[None], default_source_camera(2.0))[0]
+    planes0 = object_planes(net, z["pixels"][i])
     fit, held = slice(0, args.fit_views), slice(args.fit_views, None)
     planes = fit_planes(net, planes0, z["views"][i][fit], z["depths"][i][fit].astype(np.float32),
                         z["cams"][i][fit], args)

@@ -26,6 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,6 +111,22 @@ def gather_pixels(images: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
     return images.gather(1, pix[..., None].expand(-1, -1, images.shape[-1]))
 
 
+def ray_losses(rgb: torch.Tensor, opacity: torch.Tensor, depth: torch.Tensor, px: torch.Tensor,
+               gt_depth: Optional[torch.Tensor] = None):
+    """Losses of B objects' renders at R rays each, rgb (B, R, 3), opacity and depth (B, R), against the ground
+    truth px (B, R, 4) RGBA in [0, 1] and the ray caster's hit distances gt_depth (B, R): MSE of RGB on white,
+    MSE of opacity vs alpha, and L1 of depth on the object's pixels only (elsewhere the ray caster has no depth;
+    meaned per object, then over the batch; zero without gt_depth)."""
+    a = px[..., 3]
+    loss_rgb = F.mse_loss(rgb, px[..., :3] * a[..., None] + (1 - a[..., None]))
+    loss_mask = F.mse_loss(opacity, a)
+    if gt_depth is None:
+        return loss_rgb, loss_mask, torch.zeros((), device=rgb.device)
+    hit = (a > 0.5).float()
+    err = (depth - gt_depth).abs() * hit
+    return loss_rgb, loss_mask, (err.sum(1) / hit.sum(1).clamp_min(1)).mean()
+
+
 def render_loss(net, batch_idx: torch.Tensor, data: DeviceData, args, gen: torch.Generator):
     """Mean losses over the batch: RGB MSE, opacity MSE, depth L1 (object pixels), occupancy BCE."""
     b, dev = len(batch_idx), batch_idx.device
@@ -128,14 +145,9 @@ def render_loss(net, batch_idx: torch.Tensor, data: DeviceData, args, gen: torch
         c = images.shape[-1]
         return gather_pixels(images.reshape(b * args.views, -1, c), pix).reshape(b, -1, c)
     px = at_rays(data.views[obj, views]).float() / 255.0
-    a = px[..., 3]
-    loss_rgb = F.mse_loss(rgb, px[..., :3] * a[..., None] + (1 - a[..., None]))  # ground truth on white
-    loss_mask = F.mse_loss(opacity, a)
-    loss_depth = loss_occ = torch.zeros((), device=dev)
-    if args.depth_weight > 0:  # on the object's pixels only: elsewhere the ray caster has no depth
-        hit = (a > 0.5).float()
-        err = (depth - at_rays(data.depths[obj, views][..., None])[..., 0].float()).abs() * hit
-        loss_depth = (err.sum(1) / hit.sum(1).clamp_min(1)).mean()
+    gt_depth = at_rays(data.depths[obj, views][..., None])[..., 0].float() if args.depth_weight > 0 else None
+    loss_rgb, loss_mask, loss_depth = ray_losses(rgb, opacity, depth, px, gt_depth)
+    loss_occ = torch.zeros((), device=dev)
     if args.occupancy_weight > 0:
         k = min(args.occupancy_points, data.occ.shape[1])
         sel = torch.rand((b, data.occ.shape[1]), generator=gen, device=dev).argsort(1)[:, :k]
