@@ -114,13 +114,19 @@ def _to_rgba_array(im: Image.Image, path: PathLike) -> np.ndarray:
             scale = 1.0 if vmax <= 255 else 257.0 if vmax <= 65535 else vmax / 255.0
             g = a.astype(np.float64) / scale
         else:  # "F": [0, 1] floats are the common convention, otherwise assume 0..255
-            finite = a[np.isfinite(a)]
-            vmax = float(finite.max()) if finite.size else 0.0
-            g = np.nan_to_num(a.astype(np.float64)) * (255.0 if vmax <= 1.0 else 1.0)
+            ok = np.isfinite(a)
+            if not ok.any():
+                raise ImageError(f"float image has no finite pixel values (all NaN or inf): {path}")
+            vmax = float(a[ok].max())
+            g = np.where(ok, a, 0.0).astype(np.float64) * (255.0 if vmax <= 1.0 else 1.0)
         g = np.clip(np.rint(g), 0, 255).astype(np.uint8)
         out = np.empty(g.shape + (4,), dtype=np.uint8)
         out[..., :3] = g[..., None]
         out[..., 3] = 255
+        if mode == "F" and not ok.all():
+            # NaN / inf in a float image is "no data" (e.g. a depth or masked scan): transparent, not black.
+            out[~ok, 3] = 0
+            log.warning("%s: %d of %d pixels are NaN or inf; treated as transparent", path, int((~ok).sum()), ok.size)
         return out
     try:
         # Handles palette/L/RGB "transparency" entries (tRNS) as alpha, CMYK, YCbCr, LA, ...

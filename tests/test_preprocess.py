@@ -199,6 +199,22 @@ def test_32bit_int_and_float_modes(tmp_path):
     assert np.abs(a[..., 2].astype(int) - _gradient()).max() <= 1
 
 
+def test_float_image_nan_is_transparent_not_black(tmp_path, caplog):
+    f = _gradient().astype(np.float32) / 255.0
+    f[:3] = np.nan
+    f[-1, :5] = np.inf
+    Image.fromarray(f, "F").save(tmp_path / "nan.tif")
+    with caplog.at_level("WARNING"):
+        a = load_image(tmp_path / "nan.tif")
+    bad = ~np.isfinite(f)
+    assert (a[bad, 3] == 0).all() and (a[~bad, 3] == 255).all()
+    assert np.abs(a[~bad, 0].astype(int) - _gradient()[~bad]).max() <= 1  # the scale ignores the inf
+    assert f"{int(bad.sum())} of {bad.size} pixels are NaN or inf" in caplog.text
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(tmp_path / "allnan.tif")
+    with pytest.raises(ImageError, match="no finite pixel values"):
+        load_image(tmp_path / "allnan.tif")
+
+
 def test_palette_with_transparency(tmp_path):
     idx = np.zeros((16, 16), np.uint8)
     idx[4:12, 4:12] = 1
