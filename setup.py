@@ -63,10 +63,10 @@ setup(
         "trimesh>=4",
         "PyMCubes>=0.1.4",
         "pyyaml>=6",
-        "rtree>=1.0",  # trimesh's point-in-mesh test (volume IoU in lrm-rt eval) without embree
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.10", "onnx>=1.16", "onnxruntime>=1.18"],
+        # rtree: trimesh's ray caster without embree, which training/ renders its ground truth with
+        "test": ["pytest>=7", "scipy>=1.10", "onnx>=1.16", "onnxruntime>=1.18", "rtree>=1.0"],
         "hub": ["huggingface_hub>=0.20"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cupy-cuda12x"],

@@ -106,19 +106,97 @@ def chamfer_fscore(pred_pts: np.ndarray, gt_pts: np.ndarray, tau: float = 0.05) 
             "precision": precision, "recall": recall}
 
 
-INSIDE_CHUNK = 1000  # points per contains() call: without embree, trimesh's ray test holds ~1 MB per point
+# Rays are cast along +z after these rotations: three orthogonal directions, none along an axis, so that no
+# axis-aligned edge or vertex (a box, a grid-aligned marching-cubes surface) lies exactly on a query ray,
+# and a hole seen from one direction is rarely in the way of the other two.
+_BASIS = np.linalg.qr(np.random.default_rng(1234).standard_normal((3, 3)))[0]
+_RAY_FRAMES = [_BASIS[:, [1, 2, 0]], _BASIS[:, [2, 0, 1]], _BASIS]
+_MAX_PAIRS = 2_000_000  # (triangle, point) candidates tested at once: ~200 MB of temporaries
+
+
+def _crossings(tri: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """How many triangles each point's +z ray crosses. tri (F, 3, 3), pts (N, 3), both in the ray frame.
+
+    Points are binned on a 2-D grid over their xy; each triangle is tested only against the points in the
+    cells its xy bounding box covers (counted exactly with a summed-area table, so work is chunked).
+    """
+    n = len(pts)
+    count = np.zeros(n, np.int64)
+    lo, hi = pts[:, :2].min(0), pts[:, :2].max(0)
+    g = max(1, int(math.sqrt(n / 2)))  # about two points per cell
+    size = np.maximum((hi - lo) / g, 1e-12)
+    pc = np.clip(((pts[:, :2] - lo) / size).astype(np.int64), 0, g - 1)
+    order = np.argsort(pc[:, 0] * g + pc[:, 1], kind="stable")
+    per_cell = np.bincount(pc[:, 0] * g + pc[:, 1], minlength=g * g)
+    first = np.concatenate([[0], np.cumsum(per_cell)[:-1]])
+    sat = np.zeros((g + 1, g + 1), np.int64)  # sat[i, j] = points in cells [0, i) x [0, j)
+    sat[1:, 1:] = per_cell.reshape(g, g).cumsum(0).cumsum(1)
+
+    tmin, tmax = tri[:, :, :2].min(1), tri[:, :, :2].max(1)
+    keep = np.all((tmax >= lo) & (tmin <= hi), 1) & (tri[:, :, 2].max(1) >= pts[:, 2].min())
+    tri, tmin, tmax = tri[keep], tmin[keep], tmax[keep]
+    c0 = np.clip(((tmin - lo) / size).astype(np.int64), 0, g - 1)
+    c1 = np.clip(((tmax - lo) / size).astype(np.int64), 0, g - 1)
+    pairs = sat[c1[:, 0] + 1, c1[:, 1] + 1] - sat[c0[:, 0], c1[:, 1] + 1] - sat[c1[:, 0] + 1, c0[:, 1]] \
+        + sat[c0[:, 0], c0[:, 1]]
+    ncells = (c1[:, 0] - c0[:, 0] + 1) * (c1[:, 1] - c0[:, 1] + 1)
+    work = np.cumsum(pairs + ncells)
+    start = 0
+    while start < len(tri):
+        done = work[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(work, done + _MAX_PAIRS, "right")))
+        sl = slice(start, stop)
+        start = stop
+        # (triangle, cell) pairs over each triangle's box of cells, then (triangle, point) pairs
+        ny, ncell = c1[sl, 1] - c0[sl, 1] + 1, ncells[sl]
+        t = np.repeat(np.arange(len(ny)), ncell)
+        local = np.arange(len(t)) - np.repeat(np.cumsum(ncell) - ncell, ncell)
+        cell = (c0[sl, 0][t] + local // ny[t]) * g + c0[sl, 1][t] + local % ny[t]
+        k = per_cell[cell]
+        t, cell = np.repeat(t, k), np.repeat(cell, k)
+        local = np.arange(len(t)) - np.repeat(np.cumsum(k) - k, k)
+        p = order[first[cell] + local]
+        a, b, c = (tri[sl, i][t] for i in range(3))
+        q = pts[p]
+        # signed areas of the point against each edge; inside when all share the triangle's sign
+        e0 = (b[:, 0] - a[:, 0]) * (q[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (q[:, 0] - a[:, 0])
+        e1 = (c[:, 0] - b[:, 0]) * (q[:, 1] - b[:, 1]) - (c[:, 1] - b[:, 1]) * (q[:, 0] - b[:, 0])
+        e2 = (a[:, 0] - c[:, 0]) * (q[:, 1] - c[:, 1]) - (a[:, 1] - c[:, 1]) * (q[:, 0] - c[:, 0])
+        area = e0 + e1 + e2
+        hit = ((e0 > 0) & (e1 > 0) & (e2 > 0)) | ((e0 < 0) & (e1 < 0) & (e2 < 0))
+        z = (e1 * a[:, 2] + e2 * b[:, 2] + e0 * c[:, 2]) / np.where(hit, area, 1.0)
+        hit &= z > q[:, 2]
+        count += np.bincount(p[hit], minlength=n)
+    return count
+
+
+def is_closed(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    """Every edge shared by exactly two faces, vertices welded by position (UV seams split them in files)."""
+    _, weld = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
+    f = weld.reshape(-1)[np.asarray(faces, np.int64)]
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    _, uses = np.unique(edges, axis=0, return_counts=True)
+    return bool(len(faces)) and bool((uses == 2).all())
 
 
 def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
-    """Points inside any of the meshes (a union of closed parts is passed as its parts)."""
-    import trimesh
+    """Points inside any of the meshes (a union of closed parts is passed as its parts).
 
+    Ray parity: a point is inside a closed mesh when a ray from it crosses the surface an odd number of
+    times. For a mesh with holes "inside" is not well defined; the majority of three ray directions is taken,
+    so one ray through a hole does not decide. Our own vectorised test: trimesh's contains() without embree
+    holds ~1 MB per point and takes about a minute for 50,000 points against a 100k-face mesh.
+    """
+    points = np.asarray(points, np.float64)
     result = np.zeros(len(points), bool)
+    if not len(points):
+        return result
     for v, f in meshes:
         if len(f):
-            mesh = trimesh.Trimesh(v, f, process=False)
-            for s in range(0, len(points), INSIDE_CHUNK):
-                result[s:s + INSIDE_CHUNK] |= mesh.contains(points[s:s + INSIDE_CHUNK])
+            v, f = np.asarray(v, np.float64), np.asarray(f, np.int64)
+            frames = _RAY_FRAMES[:1] if is_closed(v, f) else _RAY_FRAMES
+            votes = sum(_crossings((v @ r)[f], points @ r) % 2 for r in frames)
+            result |= 2 * votes > len(frames)
     return result
 
 

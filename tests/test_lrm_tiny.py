@@ -71,6 +71,50 @@ def test_mesh_metrics_trivial_cases():
     assert empty.fscore == 0.0
 
 
+def test_inside_matches_analytic_solids_and_trimesh():
+    box = trimesh.creation.box((0.8, 0.5, 0.3))  # axis-aligned faces and edges: the grazing-ray worst case
+    torus = trimesh.creation.torus(0.5, 0.15)
+    torus.apply_translation((0.3, 0.0, 0.2))
+    parts = [(np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)) for m in (box, torus)]
+    box, torus = parts
+    pts = np.random.default_rng(0).uniform(-1, 1, (20000, 3))
+    pts[:5000] = np.round(pts[:5000] * 10) / 10  # on the box's edge lines and face planes, extended
+    in_box = np.all(np.abs(pts) < (0.4, 0.25, 0.15), 1)
+    q = pts - (0.3, 0.0, 0.2)
+    in_torus = (np.hypot(q[:, 0], q[:, 1]) - 0.5) ** 2 + q[:, 2] ** 2 < 0.15 ** 2
+    assert E.is_closed(*box) and E.is_closed(*torus)
+    got_box = E.inside([box], pts)
+    # points exactly on the box's faces are either; everywhere else the answer is exact
+    on_face = np.any(np.isclose(np.abs(pts), (0.4, 0.25, 0.15)), 1)
+    np.testing.assert_array_equal(got_box[~on_face], in_box[~on_face])
+    # the torus is a polygon approximation: compare away from its surface
+    off = np.abs(np.sqrt((np.hypot(q[:, 0], q[:, 1]) - 0.5) ** 2 + q[:, 2] ** 2) - 0.15) > 0.01
+    np.testing.assert_array_equal(E.inside([torus], pts)[off], in_torus[off])
+    union = E.inside(parts, pts)
+    np.testing.assert_array_equal(union[~on_face & off], (in_box | in_torus)[~on_face & off])
+    ref = trimesh.Trimesh(*torus, process=False).contains(pts)
+    assert (E.inside([torus], pts) == ref).mean() > 0.9995
+
+
+def test_inside_open_mesh_and_split_seams():
+    v, f = _sphere()
+    pts = np.random.default_rng(1).uniform(-0.6, 0.6, (5000, 3))
+    truth = np.linalg.norm(pts, axis=1) < 0.5
+    far = np.abs(np.linalg.norm(pts, axis=1) - 0.5) > 0.02
+    # a hole (the cap above z = 0.3 removed): rays through it get the wrong parity; the majority of three
+    # orthogonal directions is right more often than any one of them
+    holed = (v, f[v[f].mean(1)[:, 2] < 0.3])
+    assert not E.is_closed(*holed)
+    single = [((E._crossings((v @ r)[holed[1]], pts @ r) % 2 == 1) == truth).mean() for r in E._RAY_FRAMES]
+    majority = (E.inside([holed], pts) == truth).mean()
+    assert majority > max(single) and majority > 0.98 and min(single) < 0.9
+    # UV seams split vertices in files: still closed once welded by position, so still exact
+    split = (v[f].reshape(-1, 3), np.arange(3 * len(f)).reshape(-1, 3))
+    assert E.is_closed(*split)
+    np.testing.assert_array_equal(E.inside([split], pts)[far], truth[far])
+    assert not E.inside([(v, f)], np.zeros((0, 3))).size
+
+
 def test_image_metrics_sanity():
     rng = np.random.default_rng(0)
     img = rng.random((32, 32, 3))
