@@ -126,9 +126,10 @@ LRM_API lrm_params lrm_default_params(void);
  * model config: the AOTInductor runtime does not check input shapes itself (unless the environment
  * sets AOTI_RUNTIME_CHECK_INPUTS=1). */
 LRM_API lrm_status lrm_create(const char* export_dir, const lrm_params* params, lrm_context** out);
-/* Each context loads a private copy of network.pt2's compiled library, which the process cannot
- * unload (it has STB_GNU_UNIQUE symbols, so glibc ignores dlclose): every create/free cycle leaves
- * about that library's size mapped. Long-running hosts should keep contexts, not recreate them. */
+/* Each live context runs its own copy of network.pt2's compiled library. The process cannot unload
+ * one (STB_GNU_UNIQUE symbols make glibc ignore dlclose), so lrm_free keeps it for the next context
+ * created on the same package (same sha256, device): create/free cycles map no new copy, and the
+ * memory held is that of the most contexts ever alive at once per package. Freed at process exit. */
 LRM_API void lrm_free(lrm_context* ctx);
 LRM_API lrm_status lrm_get_model_info(const lrm_context* ctx, lrm_model_info* out);
 

@@ -8,6 +8,10 @@
 #include <omp.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
 #include "internal.hpp"
 
 namespace lrm {
@@ -18,6 +22,48 @@ std::string first_line(const std::string& s) {
     const size_t nl = s.find('\n');
     return nl == std::string::npos ? s : s.substr(0, nl);
 }
+
+using Loader = torch::inductor::AOTIModelPackageLoader;
+
+// Loaders of freed contexts, kept for the next context on the same package. A loaded network.pt2 library can
+// never be unmapped (its STB_GNU_UNIQUE symbols make glibc ignore dlclose), so without reuse every create/free
+// cycle would leave another copy of it (weights included) mapped. Keyed by the package's sha256 (checked against
+// the manifest at create) and device; each loader serves one context at a time, so contexts stay independent.
+// At exit, idle loaders are destroyed (each removes the temporary directory it extracted its package to) by an
+// atexit handler registered when the first loader is pooled: after that loader's load initialised LibTorch and
+// CUDA, so the handler runs before their own exit hooks.
+class LoaderPool {
+public:
+    static LoaderPool& get() {
+        static LoaderPool* pool = new LoaderPool;
+        return *pool;
+    }
+    std::unique_ptr<Loader> take(const std::string& key) {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = idle_.find(key);
+        if (key.empty() || it == idle_.end() || it->second.empty()) return nullptr;
+        std::unique_ptr<Loader> loader = std::move(it->second.back());
+        it->second.pop_back();
+        return loader;
+    }
+    void give_back(const std::string& key, std::unique_ptr<Loader> loader) {
+        if (key.empty() || !loader) return;  // no recorded sha256: not reusable, freed (and its library leaks)
+        static std::once_flag at_exit;
+        std::call_once(at_exit, [] { std::atexit([] { get().clear(); }); });
+        std::lock_guard<std::mutex> lock(mu_);
+        idle_[key].push_back(std::move(loader));
+    }
+
+private:
+    void clear() {
+        std::map<std::string, std::vector<std::unique_ptr<Loader>>> idle;
+        std::lock_guard<std::mutex> lock(mu_);
+        idle.swap(idle_);
+    }
+
+    std::mutex mu_;
+    std::map<std::string, std::vector<std::unique_ptr<Loader>>> idle_;
+};
 
 class AotiBackend final : public NetworkBackend {
 public:
@@ -31,10 +77,11 @@ public:
             fail(LRM_ERR_UNSUPPORTED, "this LibTorch has no CUDA support (the CPU torch wheel); link a CUDA LibTorch");
         device_ = cuda ? c10::Device(c10::kCUDA, (c10::DeviceIndex)p.device_index) : c10::Device(c10::kCPU);
         const std::string path = join_path(m.dir, m.aoti_file);
-        try {
-            loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-                path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
-                cuda ? (c10::DeviceIndex)p.device_index : (c10::DeviceIndex)-1);
+        const c10::DeviceIndex index = cuda ? (c10::DeviceIndex)p.device_index : (c10::DeviceIndex)-1;
+        if (!m.aoti_sha256.empty()) pool_key_ = m.aoti_sha256 + "@" + std::to_string(index);
+        loader_ = LoaderPool::get().take(pool_key_);
+        if (!loader_) try {
+            loader_ = std::make_unique<Loader>(path, "model", /*run_single_threaded=*/false, /*num_runners=*/1, index);
         } catch (const std::exception& e) {
             fail(LRM_ERR_ARTIFACT, "cannot load " + path + " (" + first_line(e.what()) +
                                        "); it must be compiled by the same torch version as the LibTorch this "
@@ -42,6 +89,8 @@ public:
         }
         name_ = std::string("aoti-") + (cuda ? "cuda" : "cpu");
     }
+
+    ~AotiBackend() override { LoaderPool::get().give_back(pool_key_, std::move(loader_)); }
 
     std::string name() const override { return name_; }
 
@@ -77,7 +126,8 @@ public:
 private:
     const ModelInfo& m_;
     c10::Device device_{c10::kCPU};
-    std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+    std::unique_ptr<Loader> loader_;
+    std::string pool_key_;
     std::string name_;
 };
 

@@ -215,6 +215,64 @@ def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir):
     assert 0.5 * (d1.mean() + d2.mean()) < 1e-5
 
 
+def _package_dirs() -> set:
+    """Temporary directories whose network.pt2 library this process has mapped (one per loaded package)."""
+    return {line.split()[-1].split("/network/data/")[0] for line in Path("/proc/self/maps").read_text().splitlines()
+            if "/network/data/aotinductor/" in line}
+
+
+_CYCLE_SCRIPT = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.lrm_create.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+lib.lrm_free.argtypes = [ctypes.c_void_p]
+for _ in range(3):
+    ctx = ctypes.c_void_p()
+    assert lib.lrm_create(sys.argv[2].encode(), None, ctypes.byref(ctx)) == 0
+    lib.lrm_free(ctx)
+maps = open("/proc/self/maps").read().splitlines()
+print("\\n".join(sorted({l.split()[-1].split("/network/data/")[0] for l in maps if "/network/data/aotinductor/" in l})))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_recreated_contexts_reuse_the_loaded_network(lib, build_dir, fixtures_dir):
+    # The compiled network cannot be unloaded, so freed contexts hand theirs to the next context on the same
+    # package: create/free cycles map no new copy, while live contexts each keep their own.
+    export = _export(build_dir, "openlrm-tiny-1.1")
+    image = str(fixtures_dir / "checkpoints" / "openlrm-tiny-1.1" / "input.png").encode()
+
+    def faces_of(ctx):
+        mesh = ctypes.c_void_p()
+        assert lib.lrm_reconstruct_file(ctx.ptr, image, ctypes.byref(mesh)) == LRM_OK, lib.lrm_last_error(ctx.ptr)
+        try:
+            nf = lib.lrm_mesh_face_count(mesh)
+            return np.ctypeslib.as_array(lib.lrm_mesh_faces(mesh), shape=(nf, 3)).copy()
+        finally:
+            lib.lrm_mesh_free(mesh)
+
+    a, b = _Context(lib, export, 32), _Context(lib, export, 32)
+    live = _package_dirs()
+    assert len(live) >= 2  # two live contexts never share a loader
+    first = faces_of(a)
+    np.testing.assert_array_equal(faces_of(b), first)
+    a.close()
+    b.close()
+    for _ in range(6):
+        c = _Context(lib, export, 32)
+        np.testing.assert_array_equal(faces_of(c), first)
+        c.close()
+    a, b = _Context(lib, export, 32), _Context(lib, export, 32)
+    a.close()
+    b.close()
+    assert _package_dirs() == live
+    # at exit the idle loaders remove the directories they extracted their package to
+    lib_path = next(iter(sorted(build_dir.glob("liblrm_rt.so*"))))
+    res = _run([sys.executable, "-c", _CYCLE_SCRIPT, lib_path, export])
+    dirs = res.stdout.split()
+    assert len(dirs) == 1 and not Path(dirs[0]).exists()
+
+
 def _pillow_images(tmp: Path):
     """Files in the formats and modes the C decoder handles, written by Pillow."""
     from PIL import Image
