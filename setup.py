@@ -66,7 +66,9 @@ setup(
     ],
     extras_require={
         # rtree: trimesh's ray caster without embree, which training/ renders its ground truth with
-        "test": ["pytest>=7", "scipy>=1.10", "onnx>=1.16", "onnxruntime>=1.18", "rtree>=1.0"],
+        "test": ["pytest>=7", "scipy>=1.10", "onnx>=1.16", "onnxruntime>=1.18", "rtree>=1.0", "xatlas>=0.0.9",
+                 "fast-simplification>=0.1.7"],
+        "texture": ["xatlas>=0.0.9", "fast-simplification>=0.1.7"],  # --texture (UV unwrapping), --faces
         "hub": ["huggingface_hub>=0.20"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "gpu": ["cupy-cuda12x"],

@@ -49,7 +49,7 @@ MESH_FORMATS = ("glb", "obj", "ply")
 
 
 def _add_reconstruct(sub) -> None:
-    p = sub.add_parser("reconstruct", help="image(s) -> textured (vertex-coloured) mesh(es)")
+    p = sub.add_parser("reconstruct", help="image(s) -> coloured mesh(es): vertex colours, or a baked texture with --texture")
     p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background)")
     p.add_argument("--model", default=None,
                    help="built-in name (default lrm-tiny), a release name (e.g. triposr), a model directory "
@@ -78,6 +78,12 @@ def _add_reconstruct(sub) -> None:
                    help="scale the object so its longer side fills this share of the frame (default: the "
                         "model's setting: TripoSR 0.85, lrm-tiny 0.5; OpenLRM releases take the image as framed)")
     p.add_argument("--no-vertex-colors", action="store_true")
+    p.add_argument("--faces", type=_int_in(4, 1 << 30), default=None, metavar="N",
+                   help="simplify the mesh to about N faces (quadric decimation; colours queried at the new "
+                        "vertices); needs fast-simplification")
+    p.add_argument("--texture", type=_int_in(64, 8192), nargs="?", const=1024, default=None, metavar="SIZE",
+                   help="bake a SIZE x SIZE UV texture (default 1024) instead of vertex colours; glb or obj "
+                        "(obj: + .mtl + _texture.png); needs xatlas")
     p.add_argument("--threads", type=_int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
@@ -172,6 +178,13 @@ def cmd_reconstruct(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     out_dir, out_name, fmt = _output_target(args)
+    if args.texture:
+        from .mesh import TEXTURED_FORMATS
+        from .texture import require_xatlas
+
+        if fmt not in TEXTURED_FORMATS:
+            raise LrmError(f"--texture writes {' or '.join(TEXTURED_FORMATS)}; {fmt} has no standard texture reference")
+        require_xatlas()  # before minutes of work, not after
     _log(args, f"loading {model} ...")
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
@@ -192,7 +205,8 @@ def cmd_reconstruct(args) -> int:
             t0 = time.perf_counter()
             res = rec.reconstruct(pre, mc_resolution=args.mc_resolution, mc_threshold=args.mc_threshold,
                                   vertex_colors=not args.no_vertex_colors, render_views=args.render_views,
-                                  render_size=args.render_size)
+                                  render_size=args.render_size, target_faces=args.faces or 0,
+                                  texture_size=args.texture or 0)
             t1 = time.perf_counter()
             paths = rec.save(res, out_dir, name, fmt, args.orientation)
             res.timings["export"] = time.perf_counter() - t1

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .field.spec import TriplaneField, check_finite_planes
 MeshFormat = Literal["glb", "obj", "ply"]
 Orientation = Literal["native", "y_up"]
 FORMATS = ("glb", "obj", "ply")
+TEXTURED_FORMATS = ("glb", "obj")  # PLY has no standard texture reference
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Mesh:
     faces: np.ndarray  # (F, 3) int64, outward (counter-clockwise seen from outside)
     vertex_colors: Optional[np.ndarray] = None  # (V, 3) float32 in [0, 1]
     timings: Dict[str, float] = field(default_factory=dict)
+    uv: Optional[np.ndarray] = None  # (V, 2) float32, texel (r, c) centred at ((c + .5) / W, (r + .5) / H)
+    texture: Optional[np.ndarray] = None  # (H, W, 3) uint8 base colour, row 0 at the top (lrm_rt.texture)
 
     @property
     def num_vertices(self) -> int:
@@ -65,13 +68,37 @@ def extract_mesh(field_: TriplaneField, backend: FieldBackend, resolution: int, 
     verts, faces = marching_cubes(grid, threshold, backend=mc_backend)
     t["marching_cubes"] = time.perf_counter() - t0
     verts = grid_to_world(np.asarray(verts, dtype=np.float64), resolution, field_.spec.radius)
-    colors = None
-    if vertex_colors and len(verts):
+    mesh = Mesh(verts, np.asarray(faces, dtype=np.int64), None, t)
+    return colour_vertices(mesh, field_, backend) if vertex_colors else mesh
+
+
+def colour_vertices(mesh: Mesh, field_: TriplaneField, backend: FieldBackend) -> Mesh:
+    """The field's colour at every vertex (in place; returns the mesh)."""
+    if mesh.num_vertices:
         t0 = time.perf_counter()
-        _, rgb = backend.query(field_, torch.from_numpy(verts))
-        colors = rgb.detach().cpu().float().numpy()
-        t["vertex_colors"] = time.perf_counter() - t0
-    return Mesh(verts, np.asarray(faces, dtype=np.int64), colors, t)
+        _, rgb = backend.query(field_, torch.from_numpy(mesh.vertices))
+        mesh.vertex_colors = rgb.detach().cpu().float().numpy()
+        mesh.timings["vertex_colors"] = time.perf_counter() - t0
+    return mesh
+
+
+def simplify(mesh: Mesh, target_faces: int) -> Mesh:
+    """Quadric-error decimation to about ``target_faces`` faces (fast-simplification); the result has no colours
+    (query them again at its vertices: ``colour_vertices``). A mesh already that small is returned as is."""
+    if isinstance(target_faces, bool) or not isinstance(target_faces, (int, np.integer)) or target_faces < 4:
+        raise ConfigError(f"target face count must be an integer >= 4, got {target_faces!r}")
+    if mesh.num_faces <= target_faces:
+        return mesh
+    try:
+        import fast_simplification
+    except ImportError:
+        raise LrmError("mesh simplification needs fast-simplification: pip install fast-simplification "
+                       "(or the project's [texture] extra)") from None
+    t0 = time.perf_counter()
+    verts, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
+                                                target_count=int(target_faces))
+    timings = dict(mesh.timings, simplify=time.perf_counter() - t0)
+    return Mesh(np.asarray(verts, np.float32), np.asarray(faces, np.int64), None, timings)
 
 
 def oriented_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndarray:
@@ -96,50 +123,117 @@ def _vertex_rgba(mesh: Mesh) -> Optional[np.ndarray]:
     return np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
 
 
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
-    """glTF 2.0 binary: one indexed triangle primitive, POSITION and (when present) COLOR_0 as RGBA8.
+    """glTF 2.0 binary: one indexed triangle primitive, POSITION and either COLOR_0 as RGBA8 or TEXCOORD_0 with
+    the texture as an embedded PNG (base colour of an unlit-looking material: metallic 0, roughness 1).
 
     Written directly from the arrays: trimesh's exporter spent ~30 ms on a 280k-face mesh, a fifth of a
-    whole GPU reconstruction. Every block is a multiple of 4 bytes (uint32 indices, float32 xyz, RGBA8),
-    so the buffer views need no padding between them.
+    whole GPU reconstruction. Blocks are padded to multiples of 4 bytes, as the GLB layout requires.
     """
     pos = np.ascontiguousarray(oriented_vertices(mesh.vertices, orientation), dtype="<f4")
     idx = np.ascontiguousarray(mesh.faces, dtype="<u4")
-    rgba = _vertex_rgba(mesh)
+    textured = mesh.texture is not None
+    rgba = None if textured else _vertex_rgba(mesh)
     cols = np.ascontiguousarray(pos.T)  # min/max over axis 0 of an (N, 3) array is ~40x slower than over rows
-    blocks = [(idx, {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
-              (pos, {"componentType": 5126, "type": "VEC3", "count": len(pos),
-                     "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
+    blocks = [(idx.tobytes(), {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
+              (pos.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(pos),
+                               "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
+    attributes = {"POSITION": 1}
     if rgba is not None:
-        blocks.append((rgba, {"componentType": 5121, "normalized": True, "type": "VEC4", "count": len(rgba)}, 34962))
-    views, accessors, offset = [], [], 0
-    for i, (arr, accessor, target) in enumerate(blocks):
-        views.append({"buffer": 0, "byteOffset": offset, "byteLength": arr.nbytes, "target": target})
-        accessors.append({"bufferView": i, **accessor})
-        offset += arr.nbytes
-    attributes = {"POSITION": 1, **({"COLOR_0": 2} if rgba is not None else {})}
+        blocks.append((rgba.tobytes(), {"componentType": 5121, "normalized": True, "type": "VEC4",
+                                        "count": len(rgba)}, 34962))
+        attributes["COLOR_0"] = 2
+    if textured:
+        uv = np.ascontiguousarray(mesh.uv, dtype="<f4")
+        blocks.append((uv.tobytes(), {"componentType": 5126, "type": "VEC2", "count": len(uv)}, 34962))
+        attributes["TEXCOORD_0"] = 2
+        blocks.append((_png_bytes(mesh.texture), None, None))
+    views, accessors, chunks, offset = [], [], [], 0
+    for i, (data, accessor, target) in enumerate(blocks):
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(data), **({"target": target} if target
+                                                                                      else {})})
+        if accessor is not None:
+            accessors.append({"bufferView": i, **accessor})
+        chunks.append(data + b"\0" * (-len(data) % 4))
+        offset += len(chunks[-1])
+    primitive = {"attributes": attributes, "indices": 0, "mode": 4}
     doc = {"asset": {"version": "2.0", "generator": "lrm_rt"}, "scene": 0, "scenes": [{"nodes": [0]}],
-           "nodes": [{"mesh": 0}], "meshes": [{"primitives": [{"attributes": attributes, "indices": 0, "mode": 4}]}],
+           "nodes": [{"mesh": 0}], "meshes": [{"primitives": [primitive]}],
            "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": offset}]}
+    if textured:
+        primitive["material"] = 0
+        doc["images"] = [{"bufferView": len(blocks) - 1, "mimeType": "image/png"}]
+        # linear filtering with mipmaps, clamped: charts are padded, so neighbours never bleed across a seam
+        doc["samplers"] = [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]
+        doc["textures"] = [{"sampler": 0, "source": 0}]
+        doc["materials"] = [{"pbrMetallicRoughness": {"baseColorTexture": {"index": 0}, "metallicFactor": 0.0,
+                                                      "roughnessFactor": 1.0}, "doubleSided": False}]
     text = json.dumps(doc, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 4)  # the JSON chunk is padded with spaces, the BIN chunk needs none here
+    text += b" " * (-len(text) % 4)  # the JSON chunk is padded with spaces, the BIN chunk with zeros
     total = 12 + 8 + len(text) + 8 + offset
     head = struct.pack("<4sII", b"glTF", 2, total) + struct.pack("<I4s", len(text), b"JSON") + text
-    return b"".join([head, struct.pack("<I4s", offset, b"BIN\0"), *(arr.tobytes() for arr, _, _ in blocks)])
+    return b"".join([head, struct.pack("<I4s", offset, b"BIN\0"), *chunks])
+
+
+def textured_obj(mesh: Mesh, mtl_name: str, png_name: str, orientation: Orientation = "native") -> Tuple[bytes, bytes]:
+    """OBJ and MTL text of a textured mesh; vertices and uv share one index (the mesh is split along its seams)."""
+    v = oriented_vertices(mesh.vertices, orientation)
+    lines = [f"mtllib {mtl_name}", "usemtl texture"]
+    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in v.tolist()]
+    lines += [f"vt {u:.6f} {1.0 - t:.6f}" for u, t in mesh.uv.tolist()]  # OBJ's v runs upwards
+    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in (mesh.faces + 1).tolist()]
+    mtl = f"newmtl texture\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {png_name}\n"
+    return ("\n".join(lines) + "\n").encode(), mtl.encode()
+
+
+def _obj_sidecars(path: Path) -> Tuple[Path, Path]:
+    # named after the mesh, so meshes written to one directory never share a material or texture file
+    return path.with_suffix(".mtl"), path.parent / f"{path.stem}_texture.png"
 
 
 def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
                 orientation: Orientation = "native") -> Path:
-    """Write atomically (temp file + rename), so a failure never leaves a partial file behind."""
+    """Write atomically (temp file + rename), so a failure never leaves a partial file behind. A textured mesh
+    as OBJ also writes ``<stem>.mtl`` and ``<stem>_texture.png`` beside it (``mesh_files`` lists them all)."""
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".").lower()  # type: ignore[assignment]
     if fmt not in FORMATS:
         raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
     if mesh.num_faces == 0:
         raise LrmError("the mesh is empty: no surface at this threshold (try a lower --mc-threshold)")
+    if mesh.texture is not None and fmt == "obj":
+        mtl, png = _obj_sidecars(path)
+        obj_text, mtl_text = textured_obj(mesh, mtl.name, png.name, orientation)
+        _write_atomic(png, _png_bytes(mesh.texture))
+        _write_atomic(mtl, mtl_text)
+        _write_atomic(path, obj_text)  # last: once it exists, the files it names do too
+        return path
+    if mesh.texture is not None and fmt not in TEXTURED_FORMATS:
+        raise ConfigError(f"a textured mesh is written as {' or '.join(TEXTURED_FORMATS)}, not {fmt}")
     data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
-    if isinstance(data, str):
-        data = data.encode()
+    _write_atomic(path, data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def mesh_files(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None) -> List[Path]:
+    """Every file ``export_mesh`` writes for this mesh at ``path``."""
+    path = Path(path)
+    if mesh.texture is not None and (fmt or path.suffix.lstrip(".").lower()) == "obj":
+        return [path, *_obj_sidecars(path)]
+    return [path]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
@@ -159,4 +253,3 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
         if isinstance(e, OSError):  # disk full, permissions changed under us, ...
             raise LrmError(f"cannot write {path}: {e.strerror or e}") from None
         raise
-    return path

@@ -19,9 +19,11 @@ from .config import ModelConfig
 from .errors import BackendError, ConfigError, LrmError, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
-from .mesh import Mesh, MeshFormat, Orientation, export_mesh, extract_mesh
+from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
+                   simplify)
 from .network_backends import NetworkBackend, TorchNetworkBackend
 from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
+from .texture import bake_texture, check_texture_size
 
 DEFAULT_MODEL = "lrm-tiny"
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
@@ -160,13 +162,20 @@ class Reconstructor:
     def reconstruct(self, image: Union[ImageInput, PreprocessResult], *, mc_resolution: Optional[int] = None,
                     mc_threshold: Optional[float] = None, vertex_colors: bool = True, render_views: int = 0,
                     render_size: Optional[int] = None, make_mesh: bool = True,
-                    foreground_ratio: Optional[float] = None) -> Reconstruction:
+                    foreground_ratio: Optional[float] = None, target_faces: int = 0,
+                    texture_size: int = 0) -> Reconstruction:
+        """target_faces > 0: simplify the mesh to about that many faces (colours queried at the new vertices);
+        texture_size > 0: bake a texture_size² UV texture (lrm_rt.texture) instead of vertex colours."""
         cfg = self.config
         if mc_resolution is not None:
             check_int("mc_resolution", mc_resolution, 2)
         if render_size is not None:
             check_int("render_size", render_size, 8, MAX_RENDER_SIZE)
         check_int("render_views", render_views, 0)
+        if texture_size:
+            check_texture_size(texture_size)
+        if target_faces:
+            check_int("target_faces", target_faces, 4)
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
         pre = image if isinstance(image, PreprocessResult) else self.preprocess(image, foreground_ratio)
@@ -177,7 +186,14 @@ class Reconstructor:
         mesh = None
         if make_mesh:
             mesh = extract_mesh(fld, self.field, mc_resolution or cfg.mc_resolution,
-                                cfg.mc_threshold if mc_threshold is None else mc_threshold, vertex_colors)
+                                cfg.mc_threshold if mc_threshold is None else mc_threshold,
+                                vertex_colors and not texture_size and not target_faces)
+            if target_faces:
+                mesh = simplify(mesh, target_faces)
+            if texture_size and mesh.num_faces:
+                mesh = bake_texture(mesh, fld, self.field, texture_size)
+            elif vertex_colors and target_faces:
+                colour_vertices(mesh, fld, self.field)
             timings.update(mesh.timings)
         views: List[np.ndarray] = []
         if render_views:
@@ -214,7 +230,8 @@ class Reconstructor:
         out = Path(out_dir)
         written: List[Path] = []
         if result.mesh is not None:
-            written.append(export_mesh(result.mesh, out / f"{name}.{fmt}", fmt, orientation))
+            path = export_mesh(result.mesh, out / f"{name}.{fmt}", fmt, orientation)
+            written += mesh_files(result.mesh, path, fmt)
         for k, img in enumerate(result.views):
             p = out / f"{name}_view{k:03d}.png"
             try:

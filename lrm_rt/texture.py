@@ -1,0 +1,159 @@
+"""UV texture baking: unwrap the mesh (xatlas), then colour every texel by querying the field at the surface
+point it maps to, through the same field backend that coloured the vertices.
+
+A vertex-coloured marching-cubes mesh carries one colour per vertex, so its colour detail is capped by the grid
+resolution; a baked texture carries the field's colour at texture resolution instead, and is what most mesh
+tools expect (GLB / OBJ with a base-colour image).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, LrmError
+from .field.base import FieldBackend
+from .field.spec import TriplaneField
+from .mesh import Mesh
+
+MIN_SIZE, MAX_SIZE = 64, 8192
+CHART_PADDING = 2  # texels between charts, so bilinear filtering never mixes two charts
+EDGE_MARGIN = 0.75  # texels outside a triangle still coloured from its nearest point (chart borders)
+_MAX_CANDIDATES = 4_000_000  # (face, texel) pairs tested at once
+_QUERY_CHUNK = 1 << 20
+
+
+def check_texture_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"texture size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    return int(size)
+
+
+def require_xatlas() -> None:
+    if importlib.util.find_spec("xatlas") is None:  # found, not imported: the unwrapping runs in a child process
+        raise LrmError("texture baking needs xatlas: pip install xatlas (or the project's [texture] extra)")
+
+
+def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas charts packed for a size x size texture: (vertex map into the input vertices, faces, uv in [0, 1]).
+
+    Runs in a child process (lrm_rt._uv_unwrap): xatlas crashes on some meshes, and that must be an error here,
+    not the end of the caller's process."""
+    require_xatlas()
+    with tempfile.TemporaryDirectory(prefix="lrm_rt_uv_") as tmp:
+        src, dst = Path(tmp) / "mesh.npz", Path(tmp) / "uv.npz"
+        np.savez(src, vertices=np.ascontiguousarray(vertices, np.float32), faces=np.ascontiguousarray(faces, np.uint32))
+        package_root = str(Path(__file__).resolve().parents[1])  # importable even when not installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        res = subprocess.run([sys.executable, "-m", "lrm_rt._uv_unwrap", str(src), str(dst), str(size),
+                              str(CHART_PADDING)], capture_output=True, text=True, env=env)
+        if res.returncode != 0 or not dst.is_file():
+            how = f"crashed (signal {-res.returncode})" if res.returncode < 0 else f"failed (exit {res.returncode})"
+            last = (res.stderr.strip().splitlines() or [""])[-1]
+            raise LrmError(f"UV unwrapping (xatlas) {how} on this mesh ({len(faces)} faces){': ' + last if last else ''}"
+                           "; try --faces to simplify it first, or vertex colours (no --texture)")
+        with np.load(dst) as z:
+            return z["vmap"].astype(np.int64), z["faces"].astype(np.int64), z["uv"].astype(np.float64)
+
+
+def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
+    """Texels covered by the faces in UV space (texel (r, c) has its centre at uv ((c + .5) / size, (r + .5) / size),
+    row 0 at the top, as glTF samples). Returns (texel index r * size + c, face, barycentric weights (n, 3)); a
+    texel within EDGE_MARGIN of several faces goes to the one it lies deepest inside."""
+    p = uv[faces] * size - 0.5  # (F, 3, 2) in texel-centre coordinates
+    lo = np.clip(np.floor(p.min(1) - EDGE_MARGIN), 0, size - 1).astype(np.int64)
+    hi = np.clip(np.ceil(p.max(1) + EDGE_MARGIN), 0, size - 1).astype(np.int64)
+    p -= lo[:, None, :]  # each face in its own box's coordinates: small numbers, so float32 is exact enough
+    # the weight of each vertex is linear in the texel position: w = gx * x + gy * y + g0 (the signed area of the
+    # sub-triangle opposite it over the face's); dist_scale turns a weight into a distance to that edge
+    a, b, c = p[:, 0], p[:, 1], p[:, 2]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    ok = np.abs(area) > 1e-12
+    area = np.where(ok, area, 1.0)
+    u, v = np.stack([b, c, a], 1), np.stack([c, a, b], 1)  # the edge opposite each vertex, (F, 3, 2)
+    d = v - u
+    gx, gy = -d[..., 1] / area[:, None], d[..., 0] / area[:, None]
+    g0 = (d[..., 1] * u[..., 0] - d[..., 0] * u[..., 1]) / area[:, None]
+    dist_scale = np.abs(area)[:, None] / np.maximum(np.linalg.norm(d, axis=2), 1e-12)
+    gx, gy, g0, dist_scale = (x.astype(np.float32) for x in (gx, gy, g0, dist_scale))
+    ncols = hi[:, 0] - lo[:, 0] + 1
+    count = np.where(ok, ncols * (hi[:, 1] - lo[:, 1] + 1), 0)
+    work = np.cumsum(count)
+    texels, face_of, weights, depth = [], [], [], []
+    start = 0
+    while start < len(faces):
+        done = work[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(work, done + _MAX_CANDIDATES, "right")))
+        idx = np.arange(start, stop)
+        start = stop
+        f = np.repeat(idx, count[idx])
+        if not len(f):
+            continue
+        local = np.arange(len(f)) - np.repeat(np.cumsum(count[idx]) - count[idx], count[idx])
+        x, y = local % ncols[f], local // ncols[f]
+        w = gx[f] * x[:, None].astype(np.float32) + gy[f] * y[:, None].astype(np.float32) + g0[f]
+        dist = (w * dist_scale[f]).min(1)  # signed distance to the nearest edge, in texels
+        keep = dist >= -EDGE_MARGIN
+        w = np.clip(w[keep], 0.0, None)
+        f = f[keep]
+        texels.append((lo[f, 1] + y[keep]) * size + lo[f, 0] + x[keep])
+        face_of.append(f)
+        weights.append(w / w.sum(1, keepdims=True))
+        depth.append(dist[keep])
+    if not texels:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)
+    texel, face, weight, dist = (np.concatenate(x) for x in (texels, face_of, weights, depth))
+    order = np.lexsort((-dist, texel))
+    first = np.ones(len(order), bool)
+    first[1:] = texel[order][1:] != texel[order][:-1]
+    pick = order[first]
+    return texel[pick], face[pick], weight[pick]
+
+
+def dilate(rgb: np.ndarray, filled: np.ndarray, steps: int) -> np.ndarray:
+    """Grow the charts by `steps` texels (mean of filled 4-neighbours), so mipmaps and bilinear lookups at chart
+    borders read chart colours; the rest gets the mean colour instead of black."""
+    h, w = filled.shape
+    acc = np.zeros((h + 2, w + 2, 4), np.float32)  # rgb * filled, filled; a zero border for the shifted sums
+    acc[1:-1, 1:-1, :3] = rgb * filled[..., None]
+    acc[1:-1, 1:-1, 3] = filled
+    for _ in range(steps):
+        near = acc[:-2, 1:-1] + acc[2:, 1:-1] + acc[1:-1, :-2] + acc[1:-1, 2:]
+        grow = (acc[1:-1, 1:-1, 3] == 0) & (near[..., 3] > 0)
+        acc[1:-1, 1:-1][grow] = np.concatenate([near[grow, :3] / near[grow, 3:], np.ones((grow.sum(), 1))], 1)
+    out, have = acc[1:-1, 1:-1, :3], acc[1:-1, 1:-1, 3] > 0
+    if have.any():
+        out[~have] = out[have].mean(0)
+    return out
+
+
+def bake_texture(mesh: Mesh, field_: TriplaneField, backend: FieldBackend, size: int = 1024) -> Mesh:
+    """The mesh re-indexed along its UV seams, with per-vertex uv and a size x size RGB texture of the field's
+    colour on the surface (vertex colours dropped: glTF would multiply them into the texture)."""
+    size = check_texture_size(size)
+    if mesh.num_faces == 0:
+        raise LrmError("the mesh is empty: nothing to texture")
+    t0 = time.perf_counter()
+    vmap, faces, uv = unwrap(mesh.vertices, mesh.faces, size)
+    vertices = mesh.vertices[vmap]
+    t1 = time.perf_counter()
+    texel, face, w = rasterise(uv, faces, size)
+    points = np.einsum("nk,nkd->nd", w, vertices[faces[face]])
+    rgb = np.zeros((size * size, 3), np.float32)
+    for s in range(0, len(points), _QUERY_CHUNK):
+        _, colour = backend.query(field_, torch.from_numpy(points[s:s + _QUERY_CHUNK]))
+        rgb[texel[s:s + _QUERY_CHUNK]] = colour.detach().cpu().float().numpy()
+    filled = np.zeros(size * size, bool)
+    filled[texel] = True
+    rgb = dilate(rgb.reshape(size, size, 3), filled.reshape(size, size), 2 * CHART_PADDING)
+    texture = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    timings = dict(mesh.timings, uv_unwrap=t1 - t0, texture_bake=time.perf_counter() - t1)
+    return Mesh(vertices, faces, None, timings, uv=uv.astype(np.float32), texture=texture)

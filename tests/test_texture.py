@@ -1,0 +1,171 @@
+"""UV texture baking (lrm_rt.texture) and mesh simplification (lrm_rt.mesh.simplify): the texture holds the field's
+colour where the mesh's uv maps it, the writers carry it into GLB / OBJ, and every failure is a one-line error."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from lrm_rt import texture as T
+from lrm_rt.cli import main
+from lrm_rt.errors import ConfigError, LrmError
+from lrm_rt.eval import is_closed
+from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, mesh_files, simplify
+from lrm_rt.pipeline import Reconstructor
+
+CHAIR = str(Path(__file__).resolve().parents[1] / "examples" / "chair.png")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """lrm-tiny on its chair example: a reconstructor, the image's field and its 64³ mesh."""
+    rec = Reconstructor("lrm-tiny")
+    res = rec.reconstruct(CHAIR, mc_resolution=64)
+    return rec, rec.network.triplane_field(res.triplane), res.mesh
+
+
+def _bilinear(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """glTF's lookup: texel (r, c) centred at uv ((c + .5) / W, (r + .5) / H), clamped at the border."""
+    h, w = texture.shape[:2]
+    x, y = uv[:, 0] * w - 0.5, uv[:, 1] * h - 0.5
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    t = texture.astype(np.float64) / 255.0
+
+    def at(r, c):
+        return t[np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)]
+
+    return (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy) + at(y0 + 1, x0) * (1 - fx) * fy
+            + at(y0 + 1, x0 + 1) * fx * fy)
+
+
+def test_rasterise_covers_each_texel_once_with_exact_weights():
+    # two triangles tiling the whole uv square: every texel exactly once, weights interpolate its centre
+    uv = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    size = 37
+    texel, face, w = T.rasterise(uv, faces, size)
+    assert np.array_equal(np.sort(texel), np.arange(size * size))
+    centre = np.stack([texel % size + 0.5, texel // size + 0.5], 1) / size
+    np.testing.assert_allclose(np.einsum("nk,nkd->nd", w, uv[faces[face]]), centre, atol=1e-6)
+    # a texel on the diagonal goes to one face only; a small triangle covers the texels near it, not beyond
+    small = np.array([[0.2, 0.2], [0.5, 0.2], [0.2, 0.5]])
+    texel, _, w = T.rasterise(small, np.array([[0, 1, 2]]), 100)
+    r, c = texel // 100, texel % 100
+    assert (w >= 0).all() and np.allclose(w.sum(1), 1)
+    assert r.min() >= 19 and c.min() >= 19 and (r + c).max() <= 70  # the hypotenuse x + y = 0.7, plus the margin
+
+
+def test_baked_texture_holds_the_field_colour(tiny):
+    rec, fld, mesh = tiny
+    baked = T.bake_texture(mesh, fld, rec.field, 512)
+    assert baked.texture.shape == (512, 512, 3) and baked.vertex_colors is None
+    assert baked.uv.shape == (baked.num_vertices, 2) and baked.num_faces == mesh.num_faces
+    assert 0 <= baked.uv.min() and baked.uv.max() <= 1
+    # same surface: every face keeps its corners, only split along uv seams
+    np.testing.assert_array_equal(np.sort(baked.vertices[baked.faces].reshape(-1, 9), 0),
+                                  np.sort(mesh.vertices[mesh.faces].reshape(-1, 9), 0))
+    rng = np.random.default_rng(0)
+    f = rng.integers(0, baked.num_faces, 5000)
+    w = rng.dirichlet((1, 1, 1), 5000)
+    points = np.einsum("nk,nkd->nd", w, baked.vertices[baked.faces[f]]).astype(np.float32)
+    looked_up = _bilinear(baked.texture, np.einsum("nk,nkd->nd", w, baked.uv[baked.faces[f]]))
+    _, truth = rec.field.query(fld, torch.from_numpy(points))
+    err = np.abs(looked_up - truth.numpy()).max(1)
+    # 8-bit rounding is 0.002; a texture one texel off gives mean 0.004, p99 0.014
+    assert err.mean() < 0.003 and np.quantile(err, 0.99) < 0.01, (err.mean(), np.quantile(err, 0.99))
+
+
+def _glb_doc(data: bytes):
+    jlen = struct.unpack_from("<I", data, 12)[0]
+    return json.loads(data[20:20 + jlen])
+
+
+def test_textured_glb_and_obj(tiny, tmp_path):
+    rec, fld, mesh = tiny
+    baked = T.bake_texture(mesh, fld, rec.field, 128)
+    data = glb_bytes(baked, "y_up")
+    doc = _glb_doc(data)
+    prim = doc["meshes"][0]["primitives"][0]
+    assert set(prim["attributes"]) == {"POSITION", "TEXCOORD_0"}  # no COLOR_0: glTF would multiply it in
+    assert doc["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"] == {"index": 0}
+    assert doc["images"][0]["mimeType"] == "image/png"
+    for view in doc["bufferViews"]:
+        assert view["byteOffset"] % 4 == 0
+    back = trimesh.load(io.BytesIO(data), file_type="glb", force="mesh", process=False)
+    np.testing.assert_array_equal(back.faces, baked.faces)
+    np.testing.assert_allclose(back.visual.uv[:, 0], baked.uv[:, 0], atol=1e-6)
+    np.testing.assert_allclose(back.visual.uv[:, 1], 1 - baked.uv[:, 1], atol=1e-6)  # trimesh keeps OpenGL's v
+    np.testing.assert_array_equal(np.asarray(back.visual.material.baseColorTexture)[..., :3], baked.texture)
+
+    path = export_mesh(baked, tmp_path / "chair.obj")
+    files = mesh_files(baked, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files) == \
+        ["chair.mtl", "chair.obj", "chair_texture.png"]
+    obj = trimesh.load(path, force="mesh", process=False)
+    assert len(obj.faces) == baked.num_faces
+    np.testing.assert_array_equal(np.asarray(obj.visual.material.image)[..., :3], baked.texture)
+    with pytest.raises(ConfigError, match="textured mesh is written as glb or obj"):
+        export_mesh(baked, tmp_path / "chair.ply")
+
+
+def test_unwrap_crash_is_an_error_not_the_end_of_the_process(tiny, monkeypatch):
+    _, _, mesh = tiny
+    monkeypatch.setattr(T.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, -11, "", ""))
+    with pytest.raises(LrmError, match=r"xatlas\) crashed \(signal 11\).*--faces"):
+        T.unwrap(mesh.vertices, mesh.faces, 256)
+    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LrmError, match="pip install xatlas"):
+        T.unwrap(mesh.vertices, mesh.faces, 256)
+
+
+@pytest.mark.parametrize("size", [0, 63, 8193, 1.5, True])
+def test_bad_texture_sizes(tiny, size):
+    rec, fld, mesh = tiny
+    with pytest.raises(ConfigError, match="texture size"):
+        T.bake_texture(mesh, fld, rec.field, size)
+
+
+def test_simplify_keeps_a_closed_surface_close_to_the_original(tiny):
+    from scipy.spatial import cKDTree
+
+    rec, fld, mesh = tiny
+    small = simplify(mesh, 2000)
+    assert 1800 <= small.num_faces <= 2000 and small.vertex_colors is None
+    assert is_closed(mesh.vertices, mesh.faces) and is_closed(small.vertices, small.faces)
+    d, _ = cKDTree(mesh.vertices).query(small.vertices)
+    assert d.mean() < 0.01 and d.max() < 0.05  # world units; the object spans about 1
+    assert simplify(mesh, 10 ** 9) is mesh
+    with pytest.raises(ConfigError, match="target face count"):
+        simplify(mesh, 3)
+
+
+def test_pipeline_and_cli(tiny, tmp_path, capsys):
+    rec, fld, _ = tiny
+    res = rec.reconstruct(CHAIR, mc_resolution=64, target_faces=1500)
+    m = res.mesh
+    assert m.num_faces <= 1500 and m.vertex_colors is not None  # colours queried at the simplified vertices
+    _, truth = rec.field.query(fld, torch.from_numpy(m.vertices))
+    np.testing.assert_allclose(m.vertex_colors, truth.numpy(), atol=1e-6)
+    assert {"simplify", "vertex_colors"} <= set(m.timings)
+
+    out = tmp_path / "o"
+    rc = main(["reconstruct", CHAIR, "--out", str(out), "--mc-resolution", "48", "--faces", "800",
+               "--texture", "128", "--quiet"])
+    assert rc == 0
+    doc = _glb_doc((out / "chair.glb").read_bytes())
+    assert "TEXCOORD_0" in doc["meshes"][0]["primitives"][0]["attributes"]
+    assert doc["accessors"][doc["meshes"][0]["primitives"][0]["indices"]]["count"] <= 3 * 800
+    rc = main(["reconstruct", CHAIR, "--out", str(tmp_path / "x.ply"), "--texture", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--texture writes glb or obj" in err and not (tmp_path / "x.ply").exists()
+    for bad in (["--texture", "32"], ["--faces", "2"]):
+        with pytest.raises(SystemExit):
+            main(["reconstruct", CHAIR, "--out", str(tmp_path / "y"), *bad, "--quiet"])
