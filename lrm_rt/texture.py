@@ -84,21 +84,34 @@ def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
     g0 = (d[..., 1] * u[..., 0] - d[..., 0] * u[..., 1]) / area[:, None]
     dist_scale = np.abs(area)[:, None] / np.maximum(np.linalg.norm(d, axis=2), 1e-12)
     gx, gy, g0, dist_scale = (x.astype(np.float32) for x in (gx, gy, g0, dist_scale))
-    ncols = hi[:, 0] - lo[:, 0] + 1
-    count = np.where(ok, ncols * (hi[:, 1] - lo[:, 1] + 1), 0)
+    # per face and texel row, the span of columns within EDGE_MARGIN of all three edges (w * dist_scale >= -margin
+    # for each, a bound on x per edge), so only texels that are kept get enumerated
+    nrows = np.where(ok, hi[:, 1] - lo[:, 1] + 1, 0)
+    rf = np.repeat(np.arange(len(faces)), nrows)
+    ry = (np.arange(len(rf)) - np.repeat(np.cumsum(nrows) - nrows, nrows)).astype(np.float32)
+    need = -EDGE_MARGIN / dist_scale[rf] - gy[rf] * ry[:, None] - g0[rf]  # gx * x >= need, per edge
+    slope = gx[rf]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = need / slope
+    lower = np.where(slope > 0, bound, np.where((slope == 0) & (need > 0), np.inf, -np.inf)).max(1)
+    upper = np.where(slope < 0, bound, np.inf).min(1)
+    x0 = np.ceil(np.clip(lower, 0, size)).astype(np.int64)  # clipped first: an empty row has inf bounds
+    x1 = np.floor(np.clip(upper, -1, (hi[rf, 0] - lo[rf, 0]).astype(np.float32))).astype(np.int64)
+    count = np.maximum(x1 - x0 + 1, 0)
     work = np.cumsum(count)
     texels, face_of, weights, depth = [], [], [], []
     start = 0
-    while start < len(faces):
+    while start < len(rf):
         done = work[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(work, done + _MAX_CANDIDATES, "right")))
         idx = np.arange(start, stop)
         start = stop
-        f = np.repeat(idx, count[idx])
-        if not len(f):
+        span = np.repeat(idx, count[idx])
+        if not len(span):
             continue
-        local = np.arange(len(f)) - np.repeat(np.cumsum(count[idx]) - count[idx], count[idx])
-        x, y = local % ncols[f], local // ncols[f]
+        f = rf[span]
+        x = x0[span] + np.arange(len(span)) - np.repeat(np.cumsum(count[idx]) - count[idx], count[idx])
+        y = ry[span].astype(np.int64)
         w = gx[f] * x[:, None].astype(np.float32) + gy[f] * y[:, None].astype(np.float32) + g0[f]
         dist = (w * dist_scale[f]).min(1)  # signed distance to the nearest edge, in texels
         keep = dist >= -EDGE_MARGIN

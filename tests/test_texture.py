@@ -63,6 +63,43 @@ def test_rasterise_covers_each_texel_once_with_exact_weights():
     assert r.min() >= 19 and c.min() >= 19 and (r + c).max() <= 70  # the hypotenuse x + y = 0.7, plus the margin
 
 
+def _cross2(u, v):
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
+def test_rasterise_matches_brute_force():
+    # every texel against every face: kept when within EDGE_MARGIN of all three edge lines of one (and inside its
+    # box grown by the margin, which cuts the spikes the grown lines make at a sliver's sharp corners), given to
+    # the face it is deepest in
+    rng = np.random.default_rng(3)
+    size, n = 48, 40
+    uv = rng.uniform(-0.05, 1.05, (3 * n, 2))  # some corners outside the texture
+    uv[3:] = uv[3:].reshape(-1, 3, 2).mean(1, keepdims=True).repeat(3, 1).reshape(-1, 2) + \
+        rng.normal(0, 0.06, (3 * n - 3, 2))  # small triangles, like a chart's
+    faces = np.arange(3 * n).reshape(n, 3)
+    texel, face, w = T.rasterise(uv, faces, size)
+    q = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).reshape(-1, 2) + 0.5  # (x, y) texel centres
+    p = uv[faces] * size  # (F, 3, 2)
+    dist = np.full((size * size, n), -np.inf)
+    for i in range(n):
+        a, b, c = p[i]
+        area = _cross2(b - a, c - a)
+        if abs(area) < 1e-9:
+            continue
+        edges = [(b, c), (c, a), (a, b)]
+        dist[:, i] = np.min([_cross2(v - u, q - u) * np.sign(area) / np.linalg.norm(v - u) for u, v in edges], 0)
+        box_lo, box_hi = np.floor(p[i].min(0) - 0.5 - T.EDGE_MARGIN), np.ceil(p[i].max(0) - 0.5 + T.EDGE_MARGIN)
+        dist[~np.all((q - 0.5 >= box_lo) & (q - 0.5 <= box_hi), 1), i] = -np.inf
+    best = dist.max(1)
+    want = np.flatnonzero(best >= -T.EDGE_MARGIN)
+    sure = np.abs(best - (-T.EDGE_MARGIN)) > 1e-4  # float32 in the rasteriser: ignore texels on the margin
+    assert set(texel[np.isin(texel, want[sure[want]])].tolist()) == set(want[sure[want]].tolist())
+    assert not np.isin(texel, np.flatnonzero((best < -T.EDGE_MARGIN) & sure)).any()
+    deep = np.sort(dist, 1)
+    clear = deep[texel, -1] - deep[texel, -2] > 1e-4  # no near-tie between two faces
+    np.testing.assert_array_equal(face[clear], dist[texel[clear]].argmax(1))
+
+
 def test_baked_texture_holds_the_field_colour(tiny):
     rec, fld, mesh = tiny
     baked = T.bake_texture(mesh, fld, rec.field, 512)
