@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .errors import LrmError
+from .errors import LrmError, is_out_of_memory
 
 
 def _int_in(lo: int, hi: int = 1 << 30):
@@ -49,7 +49,8 @@ MESH_FORMATS = ("glb", "obj", "ply")
 
 
 def _add_reconstruct(sub) -> None:
-    p = sub.add_parser("reconstruct", help="image(s) -> coloured mesh(es): vertex colours, or a baked texture with --texture")
+    p = sub.add_parser("reconstruct",
+                       help="image(s) -> coloured mesh(es): vertex colours, or a baked texture with --texture")
     p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background)")
     p.add_argument("--model", default=None,
                    help="built-in name (default lrm-tiny), a release name (e.g. triposr), a model directory "
@@ -272,10 +273,32 @@ def _unique_names(images: List[str]) -> List[str]:
     return names
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """torch reports failed allocations as RuntimeError (torch.cuda.OutOfMemoryError is one), not MemoryError."""
-    text = str(exc).lower()
-    return any(m in text for m in ("out of memory", "can't allocate memory", "not enough memory"))
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: POST /reconstruct an image, get the mesh back (model kept loaded)")
+    p.add_argument("--model", default=None, help="as reconstruct (default lrm-tiny)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8080, help="port (default 8080; 0: any free one)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as reconstruct")
+    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
+    p.add_argument("--quiet", action="store_true", help="no request log")
+
+
+def cmd_serve(args) -> int:
+    from .pipeline import DEFAULT_MODEL, Reconstructor
+    from .server import serve
+
+    model = args.model or DEFAULT_MODEL
+    _log(args, f"loading {model} ...")
+    rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
+                        field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
+    try:
+        serve(rec, args.host, args.port, args.quiet)
+    except OSError as e:  # address in use, permission denied for a low port, unknown host
+        raise LrmError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -315,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_serve(sub)
     sub.add_parser("info", help="versions, backends and devices")
     # Its options live in benchmarks/suite.py (a checkout folder); main() hands the argv over unparsed.
     sub.add_parser("bench", help="benchmark suite vs the PyTorch baseline (lrm-rt bench --help)", add_help=False)
@@ -346,7 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     try:
-        commands = {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval}
+        commands = {"reconstruct": cmd_reconstruct, "export": cmd_export, "info": cmd_info, "eval": cmd_eval,
+                    "serve": cmd_serve}
         return commands[args.command](args)
     except LrmError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -355,7 +380,7 @@ def _run(args) -> int:
         print("error: out of memory (try a smaller --mc-resolution or --render-size)", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         print(f"error: out of memory ({str(exc).splitlines()[0][:200]}); try a smaller --mc-resolution or "
               "--render-size", file=sys.stderr)

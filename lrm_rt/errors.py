@@ -41,3 +41,12 @@ def check_int(name: str, value, lo: int, hi=None) -> int:
 
 class FieldError(LrmError):
     """A triplane or field holds values that cannot be meshed (NaN / inf)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch reports failed allocations as RuntimeError (torch.cuda.OutOfMemoryError is one), not MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in ("out of memory", "can't allocate memory",
+                                                                     "not enough memory"))

@@ -220,9 +220,18 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
         return path
     if mesh.texture is not None and fmt not in TEXTURED_FORMATS:
         raise ConfigError(f"a textured mesh is written as {' or '.join(TEXTURED_FORMATS)}, not {fmt}")
-    data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
-    _write_atomic(path, data.encode() if isinstance(data, str) else data)
+    _write_atomic(path, mesh_bytes(mesh, fmt, orientation))
     return path
+
+
+def mesh_bytes(mesh: Mesh, fmt: MeshFormat, orientation: Orientation = "native") -> bytes:
+    """The mesh as one file's bytes (a textured mesh: GLB only, as OBJ it needs its .mtl and .png beside it)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if mesh.texture is not None and fmt != "glb":
+        raise ConfigError(f"a textured mesh in one file is GLB, not {fmt}")
+    data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
+    return data.encode() if isinstance(data, str) else data
 
 
 def mesh_files(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None) -> List[Path]:

@@ -167,7 +167,15 @@ def load_image(path: PathLike) -> np.ndarray:
         raise ImageError(f"cannot read image file ({_one_line(e)}): {path}") from e
     if not data:
         raise ImageError(f"image file is empty (0 bytes): {path}")
+    return decode_image(data, path)
 
+
+def decode_image(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
+    """``load_image`` on the bytes of an image file (e.g. an upload); ``path`` names it in errors."""
+    if not data:
+        raise ImageError(f"image is empty (0 bytes): {path}")
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ImageError(f"image file is too large ({len(data)} bytes, limit {MAX_IMAGE_FILE_BYTES}): {path}")
     with warnings.catch_warnings():
         # Pillow warns (DecompressionBombWarning) above its own limit; our stricter check below
         # replaces that warning with an error.

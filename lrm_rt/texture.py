@@ -50,7 +50,8 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
     require_xatlas()
     with tempfile.TemporaryDirectory(prefix="lrm_rt_uv_") as tmp:
         src, dst = Path(tmp) / "mesh.npz", Path(tmp) / "uv.npz"
-        np.savez(src, vertices=np.ascontiguousarray(vertices, np.float32), faces=np.ascontiguousarray(faces, np.uint32))
+        np.savez(src, vertices=np.ascontiguousarray(vertices, np.float32),
+                 faces=np.ascontiguousarray(faces, np.uint32))
         package_root = str(Path(__file__).resolve().parents[1])  # importable even when not installed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         res = subprocess.run([sys.executable, "-m", "lrm_rt._uv_unwrap", str(src), str(dst), str(size),

@@ -1,0 +1,187 @@
+"""``lrm-rt serve``: an HTTP server that keeps one model loaded and turns posted images into meshes.
+
+    POST /reconstruct?format=glb&mc_resolution=256&faces=20000&texture=1024   body: the image file's bytes
+        -> 200, the mesh file (glb, obj or ply; textured meshes as glb), seconds per stage in X-Lrm-Timings and
+           preprocessing warnings (if any) in X-Lrm-Warnings, both JSON
+    GET /health -> 200, JSON with the model and backends
+
+Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same one-line messages as the CLI),
+411 / 413 for a missing or too large body, 404 for other paths, 503 when memory runs out, 500 otherwise. One
+reconstruction runs at a time (requests queue), so memory stays that of one. Standard library only; it binds
+to localhost unless told otherwise, and has no authentication: put it behind a proxy to expose it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from .errors import ConfigError, LrmError, is_out_of_memory
+from .mesh import FORMATS, mesh_bytes
+from .pipeline import Reconstructor
+from .preprocess import MAX_IMAGE_FILE_BYTES, decode_image
+from .texture import MAX_SIZE as MAX_TEXTURE, MIN_SIZE as MIN_TEXTURE
+
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this much more is read before the 413 is sent
+CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}]")
+        return value
+    return parse
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("must be finite")
+    return value
+
+
+def _choice(*names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
+        return text
+    return parse
+
+
+# query parameter -> parser; the ranges are the CLI's
+PARAMETERS: Dict[str, Callable[[str], object]] = {
+    "format": _choice(*FORMATS), "orientation": _choice("native", "y_up"), "mc_resolution": _int(2, 4096),
+    "mc_threshold": _float, "faces": _int(4, 1 << 30), "texture": _int(MIN_TEXTURE, MAX_TEXTURE),
+    "foreground_ratio": _float, "vertex_colors": _choice("0", "1"),
+}
+
+
+def parse_parameters(query: str) -> Dict[str, object]:
+    params: Dict[str, object] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        if key not in PARAMETERS:
+            raise ConfigError(f"unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
+        if len(values) != 1:
+            raise ConfigError(f"parameter {key!r} given {len(values)} times")
+        try:
+            params[key] = PARAMETERS[key](values[0])
+        except ValueError as e:
+            raise ConfigError(f"parameter {key}={values[0]!r}: {e}") from None
+    if params.get("texture") and params.get("format", "glb") != "glb":
+        raise ConfigError("a textured mesh is served as glb (as obj it would be three files)")
+    return params
+
+
+class ReconstructionServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], reconstructor: Reconstructor,
+                 max_body: int = MAX_IMAGE_FILE_BYTES, quiet: bool = False):
+        super().__init__(address, _Handler)
+        self.reconstructor = reconstructor
+        self.max_body = max_body
+        self.quiet = quiet
+        self.lock = threading.Lock()  # one reconstruction at a time
+
+    def reconstruct(self, image: bytes, params: Dict[str, object]) -> Tuple[bytes, str, Dict[str, float], list]:
+        """(mesh file bytes, format, seconds per stage, preprocessing warnings)"""
+        t0 = time.perf_counter()
+        rgba = decode_image(image, "<request body>")
+        with self.lock:
+            rec = self.reconstructor
+            pre = rec.preprocess(rgba, params.get("foreground_ratio"))  # type: ignore[arg-type]
+            decode_and_preprocess = time.perf_counter() - t0
+            res = rec.reconstruct(pre, mc_resolution=params.get("mc_resolution"),  # type: ignore[arg-type]
+                                  mc_threshold=params.get("mc_threshold"),  # type: ignore[arg-type]
+                                  vertex_colors=params.get("vertex_colors", "1") == "1",
+                                  target_faces=params.get("faces", 0),  # type: ignore[arg-type]
+                                  texture_size=params.get("texture", 0))  # type: ignore[arg-type]
+        if res.mesh is None or res.mesh.num_faces == 0:
+            raise LrmError("the mesh is empty: no surface at this threshold (try a lower mc_threshold)")
+        fmt = str(params.get("format", "glb"))
+        data = mesh_bytes(res.mesh, fmt, params.get("orientation", "native"))  # type: ignore[arg-type]
+        return data, fmt, {**res.timings, "preprocess": decode_and_preprocess}, res.warnings
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ReconstructionServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[Dict[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict) -> None:
+        self._send(status, json.dumps(doc).encode() + b"\n", "application/json")
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if urlsplit(self.path).path != "/health":
+            self._json(404, {"error": f"no such path: {urlsplit(self.path).path} (GET /health, POST /reconstruct)"})
+            return
+        rec = self.server.reconstructor
+        self._json(200, {"status": "ok", "model": rec.config.name, "family": rec.config.family,
+                         "version": rec.config.version, "network_backend": rec.network.name,
+                         "field_backend": rec.field.name})
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        if url.path != "/reconstruct":
+            self._json(404, {"error": f"no such path: {url.path} (POST /reconstruct)"})
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._json(411, {"error": "POST the image file as the body, with a Content-Length"})
+            return
+        if int(length) > self.server.max_body:
+            self.close_connection = True
+            if int(length) <= self.server.max_body + DRAIN_LIMIT:
+                # read (and drop) the body first: closing on unread data resets the connection, and the client,
+                # still sending, would see that instead of this answer
+                for left in range(int(length), 0, -(1 << 20)):
+                    self.rfile.read(min(left, 1 << 20))
+            self._json(413, {"error": f"image of {length} bytes is over the limit of {self.server.max_body}"})
+            return
+        body = self.rfile.read(int(length))
+        try:
+            data, fmt, timings, warnings = self.server.reconstruct(body, parse_parameters(url.query))
+        except LrmError as e:
+            self._json(400, {"error": str(e)})
+        except Exception as e:  # noqa: BLE001 (a server answers every request)
+            first = (str(e).splitlines() or [""])[0][:200]
+            if is_out_of_memory(e):
+                self._json(503, {"error": f"out of memory ({first or type(e).__name__}); try a smaller mc_resolution"})
+            else:
+                traceback.print_exc()
+                self._json(500, {"error": f"internal error: {type(e).__name__}: {first}"})
+        else:
+            headers = {"X-Lrm-Timings": json.dumps({k: round(v, 4) for k, v in timings.items()})}
+            if warnings:  # header values are one line of Latin-1: JSON's ASCII escapes keep them so
+                headers["X-Lrm-Warnings"] = json.dumps(warnings)
+            self._send(200, data, CONTENT_TYPES[fmt], headers)
+
+
+def serve(reconstructor: Reconstructor, host: str = "127.0.0.1", port: int = 8080, quiet: bool = False) -> None:
+    server = ReconstructionServer((host, port), reconstructor, quiet=quiet)
+    print(f"serving {reconstructor.config.name} on http://{server.server_address[0]}:{server.server_address[1]} "
+          "(POST /reconstruct, GET /health; Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,121 @@
+"""``lrm-rt serve`` (lrm_rt.server): a real server on a free port, driven over HTTP with the standard library."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from lrm_rt.pipeline import Reconstructor
+from lrm_rt.server import ReconstructionServer
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIR = (REPO / "examples" / "chair.png").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server():
+    rec = Reconstructor("lrm-tiny")
+    srv = ReconstructionServer(("127.0.0.1", 0), rec, max_body=len(CHAIR) * 4, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _request(server, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(*server.server_address, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_reconstruct_returns_the_cli_mesh(server, tmp_path):
+    status, headers, body = _request(server, "POST", "/reconstruct?mc_resolution=64", CHAIR)
+    assert status == 200 and headers["Content-Type"] == "model/gltf-binary"
+    assert {"preprocess", "transformer", "marching_cubes"} <= set(json.loads(headers["X-Lrm-Timings"]))
+    got = trimesh.load(io.BytesIO(body), file_type="glb", force="mesh", process=False)
+    from lrm_rt.cli import main
+
+    assert main(["reconstruct", str(REPO / "examples" / "chair.png"), "--out", str(tmp_path / "c.glb"),
+                 "--mc-resolution", "64", "--precision", "fp32", "--quiet"]) == 0
+    ref = trimesh.load(tmp_path / "c.glb", force="mesh", process=False)
+    np.testing.assert_array_equal(got.faces, ref.faces)
+    np.testing.assert_allclose(got.vertices, ref.vertices, atol=1e-5)
+
+
+def test_formats_texture_and_health(server):
+    status, headers, body = _request(server, "POST", "/reconstruct?mc_resolution=32&format=obj&faces=300", CHAIR)
+    assert status == 200 and b"\nv " in b"\n" + body
+    assert 0 < body.count(b"\nf ") <= 300
+    status, _, body = _request(server, "POST", "/reconstruct?mc_resolution=32&texture=64", CHAIR)
+    doc = json.loads(body[20:20 + int.from_bytes(body[12:16], "little")])
+    assert status == 200 and "TEXCOORD_0" in doc["meshes"][0]["primitives"][0]["attributes"]
+    status, _, body = _request(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["model"] == "lrm-tiny"
+
+
+@pytest.mark.parametrize("path,body,status,pattern", [
+    ("/reconstruct", b"not an image", 400, "not a recognised image file"),
+    ("/reconstruct", b"", 400, "image is empty"),
+    ("/reconstruct?mc_resolution=1", CHAIR, 400, "mc_resolution='1': must be in"),
+    ("/reconstruct?colour=red", CHAIR, 400, "unknown parameter 'colour'"),
+    ("/reconstruct?format=ply&texture=256", CHAIR, 400, "served as glb"),
+    ("/reconstruct?format=ply&format=glb", CHAIR, 400, "given 2 times"),
+    ("/reconstruct?mc_threshold=1e9", CHAIR, 400, "mesh is empty"),
+    ("/elsewhere", CHAIR, 404, "no such path"),
+    ("/reconstruct", CHAIR * 5, 413, "over the limit"),
+])
+def test_bad_requests_get_one_line_json_errors(server, path, body, status, pattern):
+    got, headers, text = _request(server, "POST", path, body)
+    assert got == status and headers["Content-Type"] == "application/json"
+    assert pattern in json.loads(text)["error"]
+
+
+def test_missing_length_and_internal_errors(server, monkeypatch, capsys):
+    conn = http.client.HTTPConnection(*server.server_address, timeout=60)
+    conn.putrequest("POST", "/reconstruct")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
+    conn.close()
+
+    def boom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+    monkeypatch.setattr(server.reconstructor, "reconstruct", boom)
+    status, _, text = _request(server, "POST", "/reconstruct", CHAIR)
+    assert status == 503 and "out of memory" in json.loads(text)["error"]
+    monkeypatch.setattr(server.reconstructor, "reconstruct", lambda *a, **k: 1 / 0)
+    status, _, text = _request(server, "POST", "/reconstruct", CHAIR)
+    assert status == 500 and json.loads(text)["error"].startswith("internal error: ZeroDivisionError")
+
+
+def test_concurrent_requests_are_served_one_at_a_time(server, monkeypatch):
+    active, peak = [0], [0]
+    real = server.reconstructor.reconstruct
+
+    def counted(*a, **k):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return real(*a, **k)
+        finally:
+            active[0] -= 1
+    monkeypatch.setattr(server.reconstructor, "reconstruct", counted)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        _request(server, "POST", "/reconstruct?mc_resolution=32", CHAIR)[0])) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 200, 200] and peak[0] == 1
