@@ -59,8 +59,9 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
         if res.returncode != 0 or not dst.is_file():
             how = f"crashed (signal {-res.returncode})" if res.returncode < 0 else f"failed (exit {res.returncode})"
             last = (res.stderr.strip().splitlines() or [""])[-1]
-            raise LrmError(f"UV unwrapping (xatlas) {how} on this mesh ({len(faces)} faces){': ' + last if last else ''}"
-                           "; try --faces to simplify it first, or vertex colours (no --texture)")
+            raise LrmError(f"UV unwrapping (xatlas) {how} on this mesh ({len(faces)} faces)"
+                           f"{': ' + last if last else ''}; try --faces to simplify it first, or vertex colours "
+                           "(no --texture)")
         with np.load(dst) as z:
             return z["vmap"].astype(np.int64), z["faces"].astype(np.int64), z["uv"].astype(np.float64)
 
