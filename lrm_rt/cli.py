@@ -179,13 +179,18 @@ def cmd_reconstruct(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     out_dir, out_name, fmt = _output_target(args)
+    # missing optional packages fail before minutes of work, not after
     if args.texture:
         from .mesh import TEXTURED_FORMATS
         from .texture import require_xatlas
 
         if fmt not in TEXTURED_FORMATS:
             raise LrmError(f"--texture writes {' or '.join(TEXTURED_FORMATS)}; {fmt} has no standard texture reference")
-        require_xatlas()  # before minutes of work, not after
+        require_xatlas()
+    if args.faces:
+        from .mesh import require_simplifier
+
+        require_simplifier()
     _log(args, f"loading {model} ...")
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)

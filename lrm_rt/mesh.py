@@ -6,6 +6,7 @@ about x into glTF's y-up convention (x, y, z) -> (x, z, -y), identically for eve
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -82,6 +83,12 @@ def colour_vertices(mesh: Mesh, field_: TriplaneField, backend: FieldBackend) ->
     return mesh
 
 
+def require_simplifier() -> None:
+    if importlib.util.find_spec("fast_simplification") is None:
+        raise LrmError("mesh simplification needs fast-simplification: pip install fast-simplification "
+                       "(or the project's [texture] extra)")
+
+
 def simplify(mesh: Mesh, target_faces: int) -> Mesh:
     """Quadric-error decimation to about ``target_faces`` faces (fast-simplification); the result has no colours
     (query them again at its vertices: ``colour_vertices``). A mesh already that small is returned as is."""
@@ -89,11 +96,9 @@ def simplify(mesh: Mesh, target_faces: int) -> Mesh:
         raise ConfigError(f"target face count must be an integer >= 4, got {target_faces!r}")
     if mesh.num_faces <= target_faces:
         return mesh
-    try:
-        import fast_simplification
-    except ImportError:
-        raise LrmError("mesh simplification needs fast-simplification: pip install fast-simplification "
-                       "(or the project's [texture] extra)") from None
+    require_simplifier()
+    import fast_simplification
+
     t0 = time.perf_counter()
     verts, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
                                                 target_count=int(target_faces))

@@ -20,10 +20,10 @@ from .errors import BackendError, ConfigError, LrmError, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
-                   simplify)
+                   require_simplifier, simplify)
 from .network_backends import NetworkBackend, TorchNetworkBackend
 from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
-from .texture import bake_texture, check_texture_size
+from .texture import bake_texture, check_texture_size, require_xatlas
 
 DEFAULT_MODEL = "lrm-tiny"
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
@@ -174,8 +174,10 @@ class Reconstructor:
         check_int("render_views", render_views, 0)
         if texture_size:
             check_texture_size(texture_size)
+            require_xatlas()
         if target_faces:
             check_int("target_faces", target_faces, 4)
+            require_simplifier()
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
         pre = image if isinstance(image, PreprocessResult) else self.preprocess(image, foreground_ratio)

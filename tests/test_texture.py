@@ -153,14 +153,19 @@ def test_textured_glb_and_obj(tiny, tmp_path):
         export_mesh(baked, tmp_path / "chair.ply")
 
 
-def test_unwrap_crash_is_an_error_not_the_end_of_the_process(tiny, monkeypatch):
+def test_unwrap_crash_and_missing_packages_are_errors(tiny, monkeypatch, tmp_path, capsys):
     _, _, mesh = tiny
     monkeypatch.setattr(T.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, -11, "", ""))
     with pytest.raises(LrmError, match=r"xatlas\) crashed \(signal 11\).*--faces"):
         T.unwrap(mesh.vertices, mesh.faces, 256)
-    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)  # neither package installed
     with pytest.raises(LrmError, match="pip install xatlas"):
         T.unwrap(mesh.vertices, mesh.faces, 256)
+    with pytest.raises(LrmError, match="pip install fast-simplification"):
+        simplify(mesh, 100)
+    for option in (["--texture"], ["--faces", "100"]):  # refused before the model loads
+        rc = main(["reconstruct", CHAIR, "--model", "no-such-model", "--out", str(tmp_path), "--quiet", *option])
+        assert rc == 2 and "pip install" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size", [0, 63, 8193, 1.5, True])
