@@ -165,8 +165,8 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
         blocks.append((_png_bytes(mesh.texture), None, None))
     views, accessors, chunks, offset = [], [], [], 0
     for i, (data, accessor, target) in enumerate(blocks):
-        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(data), **({"target": target} if target
-                                                                                      else {})})
+        view = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
+        views.append({**view, "target": target} if target else view)  # the image's view has no target
         if accessor is not None:
             accessors.append({"bufferView": i, **accessor})
         chunks.append(data + b"\0" * (-len(data) % 4))
