@@ -15,8 +15,8 @@ from . import __version__
 from .errors import LrmError, is_out_of_memory
 
 
-def _int_in(lo: int, hi: int = 1 << 30):
-    """argparse type: an integer in [lo, hi], refused at parse time with the option named."""
+def int_in(lo: int, hi: int = 1 << 30):
+    """argparse type (also the server's parameter check): an integer in [lo, hi], else ArgumentTypeError."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -28,7 +28,7 @@ def _int_in(lo: int, hi: int = 1 << 30):
     return parse
 
 
-def _finite(text: str) -> float:
+def finite(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -59,11 +59,11 @@ def _add_reconstruct(sub) -> None:
                    help="output directory (default: out), or with one image a mesh file name (out/chair.obj)")
     p.add_argument("--format", default=None, choices=MESH_FORMATS,
                    help="mesh format (default: from an --out file name, else glb)")
-    p.add_argument("--mc-resolution", type=_int_in(2, 4096), default=None,
+    p.add_argument("--mc-resolution", type=int_in(2, 4096), default=None,
                    help="marching-cubes grid size (family default)")
     p.add_argument("--mc-threshold", type=float, default=None, help="density iso-level (family default)")
-    p.add_argument("--render-views", type=_int_in(0, 1000), default=0, help="also render N novel views as PNG")
-    p.add_argument("--render-size", type=_int_in(8, 4096), default=None, help="novel-view size in pixels")
+    p.add_argument("--render-views", type=int_in(0, 1000), default=0, help="also render N novel views as PNG")
+    p.add_argument("--render-size", type=int_in(8, 4096), default=None, help="novel-view size in pixels")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"],
                    help="auto: onnxruntime for an export directory (lrm-rt export), torch otherwise")
@@ -75,17 +75,17 @@ def _add_reconstruct(sub) -> None:
                         "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
-    p.add_argument("--foreground-ratio", type=_finite, default=None,
+    p.add_argument("--foreground-ratio", type=finite, default=None,
                    help="scale the object so its longer side fills this share of the frame (default: the "
                         "model's setting: TripoSR 0.85, lrm-tiny 0.5; OpenLRM releases take the image as framed)")
     p.add_argument("--no-vertex-colors", action="store_true")
-    p.add_argument("--faces", type=_int_in(4, 1 << 30), default=None, metavar="N",
+    p.add_argument("--faces", type=int_in(4, 1 << 30), default=None, metavar="N",
                    help="simplify the mesh to about N faces (quadric decimation; colours queried at the new "
                         "vertices); needs fast-simplification")
-    p.add_argument("--texture", type=_int_in(64, 8192), nargs="?", const=1024, default=None, metavar="SIZE",
+    p.add_argument("--texture", type=int_in(64, 8192), nargs="?", const=1024, default=None, metavar="SIZE",
                    help="bake a SIZE x SIZE UV texture (default 1024) instead of vertex colours; glb or obj "
                         "(obj: + .mtl + _texture.png); needs xatlas")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
+    p.add_argument("--threads", type=int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -100,11 +100,11 @@ def _add_export(sub) -> None:
                    help="also write network.pt2 (AOTInductor package) for the C/C++ library (liblrm_rt)")
     p.add_argument("--aoti-device", default="cpu", choices=["cpu", "cuda"],
                    help="device the AOTInductor package is compiled for (default cpu)")
-    p.add_argument("--opset", type=_int_in(1, 1000), default=None, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int_in(1, 1000), default=None, help="ONNX opset (default 17)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for a release name")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT profile (default 4)")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the built-in validation (default 2)")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
+    p.add_argument("--threads", type=int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -137,7 +137,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="metrics of a reconstruction: mesh vs ground-truth mesh, or render vs image")
     p.add_argument("pred", help="predicted mesh (glb/obj/ply/...) or rendered image (png/jpg)")
     p.add_argument("gt", help="ground-truth mesh or image (RGBA: alpha gives the silhouette)")
-    p.add_argument("--tau", type=_finite, default=0.05, help="F-score distance, in normalised units (default 0.05)")
+    p.add_argument("--tau", type=finite, default=0.05, help="F-score distance, in normalised units (default 0.05)")
     p.add_argument("--normalize", default="gt", choices=["gt", "each", "none"],
                    help="gt: both meshes by the ground truth's unit box (shared frame); each: every mesh by its own")
     p.add_argument("--points", type=int, default=20000, help="surface samples per mesh")
@@ -282,12 +282,12 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="HTTP server: POST /reconstruct an image, get the mesh back (model kept loaded)")
     p.add_argument("--model", default=None, help="as reconstruct (default lrm-tiny)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_int_in(0, 65535), default=8080, help="port (default 8080; 0: any free one)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8080, help="port (default 8080; 0: any free one)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--network-backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
     p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as reconstruct")
-    p.add_argument("--threads", type=_int_in(1, 1024), default=None)
+    p.add_argument("--threads", type=int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true", help="no request log")
 
 

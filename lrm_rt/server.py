@@ -13,6 +13,7 @@ to localhost unless told otherwise, and has no authentication: put it behind a p
 from __future__ import annotations
 
 import json
+from argparse import ArgumentTypeError
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
+from .cli import finite, int_in
 from .errors import ConfigError, LrmError, is_out_of_memory
 from .mesh import FORMATS, mesh_bytes
 from .pipeline import Reconstructor
@@ -31,35 +33,19 @@ DRAIN_LIMIT = 64 << 20  # an oversized body up to this much more is read before 
 CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not lo <= value <= hi:
-            raise ValueError(f"must be in [{lo}, {hi}]")
-        return value
-    return parse
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("must be finite")
-    return value
-
-
 def _choice(*names: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in names:
-            raise ValueError(f"must be one of {', '.join(names)}")
+            raise ArgumentTypeError(f"must be one of {', '.join(names)}")
         return text
     return parse
 
 
 # query parameter -> parser; the ranges are the CLI's
 PARAMETERS: Dict[str, Callable[[str], object]] = {
-    "format": _choice(*FORMATS), "orientation": _choice("native", "y_up"), "mc_resolution": _int(2, 4096),
-    "mc_threshold": _float, "faces": _int(4, 1 << 30), "texture": _int(MIN_TEXTURE, MAX_TEXTURE),
-    "foreground_ratio": _float, "vertex_colors": _choice("0", "1"),
+    "format": _choice(*FORMATS), "orientation": _choice("native", "y_up"), "mc_resolution": int_in(2, 4096),
+    "mc_threshold": finite, "faces": int_in(4, 1 << 30), "texture": int_in(MIN_TEXTURE, MAX_TEXTURE),
+    "foreground_ratio": finite, "vertex_colors": _choice("0", "1"),
 }
 
 
@@ -72,7 +58,7 @@ def parse_parameters(query: str) -> Dict[str, object]:
             raise ConfigError(f"parameter {key!r} given {len(values)} times")
         try:
             params[key] = PARAMETERS[key](values[0])
-        except ValueError as e:
+        except ArgumentTypeError as e:
             raise ConfigError(f"parameter {key}={values[0]!r}: {e}") from None
     if params.get("texture") and params.get("format", "glb") != "glb":
         raise ConfigError("a textured mesh is served as glb (as obj it would be three files)")
