@@ -110,11 +110,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection:  # say so, or an HTTP/1.1 client sends its next request into a closed socket
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
     def _json(self, status: int, doc: dict) -> None:
         self._send(status, json.dumps(doc).encode() + b"\n", "application/json")
+
+    def _refuse(self, length: int, status: int, error: str) -> None:
+        """Answer without using the body. Read (and drop) it first when it is not huge: closing a connection with
+        unread data resets it, and a client still sending would see that instead of this answer."""
+        self.close_connection = True
+        if length <= self.server.max_body + DRAIN_LIMIT:
+            for left in range(length, 0, -(1 << 20)):
+                self.rfile.read(min(left, 1 << 20))
+        self._json(status, {"error": error})
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if urlsplit(self.path).path != "/health":
@@ -127,22 +138,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        if url.path != "/reconstruct":
-            self._json(404, {"error": f"no such path: {url.path} (POST /reconstruct)"})
-            return
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
             self._json(411, {"error": "POST the image file as the body, with a Content-Length"})
             return
+        if url.path != "/reconstruct":
+            self._refuse(int(length), 404, f"no such path: {url.path} (POST /reconstruct)")
+            return
         if int(length) > self.server.max_body:
-            self.close_connection = True
-            if int(length) <= self.server.max_body + DRAIN_LIMIT:
-                # read (and drop) the body first: closing on unread data resets the connection, and the client,
-                # still sending, would see that instead of this answer
-                for left in range(int(length), 0, -(1 << 20)):
-                    self.rfile.read(min(left, 1 << 20))
-            self._json(413, {"error": f"image of {length} bytes is over the limit of {self.server.max_body}"})
+            self._refuse(int(length), 413, f"image of {length} bytes is over the limit of {self.server.max_body}")
             return
         body = self.rfile.read(int(length))
         try:

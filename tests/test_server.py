@@ -81,6 +81,24 @@ def test_bad_requests_get_one_line_json_errors(server, path, body, status, patte
     assert pattern in json.loads(text)["error"]
 
 
+def test_keep_alive_connection_survives_errors(server):
+    # one HTTP/1.1 connection: a refused request must not leave its body behind to be read as the next request
+    conn = http.client.HTTPConnection(*server.server_address, timeout=120)
+    try:
+        for path, body, status in [("/elsewhere", b"x" * 5000, 404), ("/reconstruct?colour=red", CHAIR, 400),
+                                   ("/reconstruct?mc_resolution=32", CHAIR, 200)]:
+            if conn.sock is None:
+                conn.connect()
+            conn.request("POST", path, body=body)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == status
+            if resp.will_close:
+                conn.close()
+    finally:
+        conn.close()
+
+
 def test_missing_length_and_internal_errors(server, monkeypatch, capsys):
     conn = http.client.HTTPConnection(*server.server_address, timeout=60)
     conn.putrequest("POST", "/reconstruct")
