@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import ConfigError, ImageError, LrmError, check_int
+from .ragged import chunks, expand
 
 MeshLike = Tuple[np.ndarray, np.ndarray]  # (vertices (V, 3), faces (F, 3))
 # Bound on surface / volume samples per mesh: 5e6 already take ~1.5 GB and tens of seconds (1e6: 0.3 GB).
@@ -140,21 +141,13 @@ def _crossings(tri: np.ndarray, pts: np.ndarray) -> np.ndarray:
     pairs = sat[c1[:, 0] + 1, c1[:, 1] + 1] - sat[c0[:, 0], c1[:, 1] + 1] - sat[c1[:, 0] + 1, c0[:, 1]] \
         + sat[c0[:, 0], c0[:, 1]]
     ncells = (c1[:, 0] - c0[:, 0] + 1) * (c1[:, 1] - c0[:, 1] + 1)
-    work = np.cumsum(pairs + ncells)
-    start = 0
-    while start < len(tri):
-        done = work[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(work, done + _MAX_PAIRS, "right")))
-        sl = slice(start, stop)
-        start = stop
+    for sl in chunks(pairs + ncells, _MAX_PAIRS):
         # (triangle, cell) pairs over each triangle's box of cells, then (triangle, point) pairs
-        ny, ncell = c1[sl, 1] - c0[sl, 1] + 1, ncells[sl]
-        t = np.repeat(np.arange(len(ny)), ncell)
-        local = np.arange(len(t)) - np.repeat(np.cumsum(ncell) - ncell, ncell)
+        ny = c1[sl, 1] - c0[sl, 1] + 1
+        t, local = expand(ncells[sl])
         cell = (c0[sl, 0][t] + local // ny[t]) * g + c0[sl, 1][t] + local % ny[t]
-        k = per_cell[cell]
-        t, cell = np.repeat(t, k), np.repeat(cell, k)
-        local = np.arange(len(t)) - np.repeat(np.cumsum(k) - k, k)
+        pair, local = expand(per_cell[cell])
+        t, cell = t[pair], cell[pair]
         p = order[first[cell] + local]
         a, b, c = (tri[sl, i][t] for i in range(3))
         q = pts[p]

@@ -23,6 +23,7 @@ from .errors import ConfigError, LrmError
 from .field.base import FieldBackend
 from .field.spec import TriplaneField
 from .mesh import Mesh
+from .ragged import chunks, expand
 
 MIN_SIZE, MAX_SIZE = 64, 8192
 CHART_PADDING = 2  # texels between charts, so bilinear filtering never mixes two charts
@@ -89,8 +90,8 @@ def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
     # per face and texel row, the span of columns within EDGE_MARGIN of all three edges (w * dist_scale >= -margin
     # for each, a bound on x per edge), so only texels that are kept get enumerated
     nrows = np.where(ok, hi[:, 1] - lo[:, 1] + 1, 0)
-    rf = np.repeat(np.arange(len(faces)), nrows)
-    ry = (np.arange(len(rf)) - np.repeat(np.cumsum(nrows) - nrows, nrows)).astype(np.float32)
+    rf, ry = expand(nrows)
+    ry = ry.astype(np.float32)
     need = -EDGE_MARGIN / dist_scale[rf] - gy[rf] * ry[:, None] - g0[rf]  # gx * x >= need, per edge
     slope = gx[rf]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -100,19 +101,14 @@ def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
     x0 = np.ceil(np.clip(lower, 0, size)).astype(np.int64)  # clipped first: an empty row has inf bounds
     x1 = np.floor(np.clip(upper, -1, (hi[rf, 0] - lo[rf, 0]).astype(np.float32))).astype(np.int64)
     count = np.maximum(x1 - x0 + 1, 0)
-    work = np.cumsum(count)
     texels, face_of, weights, depth = [], [], [], []
-    start = 0
-    while start < len(rf):
-        done = work[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(work, done + _MAX_CANDIDATES, "right")))
-        idx = np.arange(start, stop)
-        start = stop
-        span = np.repeat(idx, count[idx])
+    for sl in chunks(count, _MAX_CANDIDATES):
+        span, local = expand(count[sl])
         if not len(span):
             continue
+        span += sl.start
         f = rf[span]
-        x = x0[span] + np.arange(len(span)) - np.repeat(np.cumsum(count[idx]) - count[idx], count[idx])
+        x = x0[span] + local
         y = ry[span].astype(np.int64)
         w = gx[f] * x[:, None].astype(np.float32) + gy[f] * y[:, None].astype(np.float32) + g0[f]
         dist = (w * dist_scale[f]).min(1)  # signed distance to the nearest edge, in texels
