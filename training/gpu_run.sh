@@ -8,8 +8,9 @@
 #   cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
 #   python training/export.py --ckpt gpu_model.pt --out DIR && python training/evaluate.py --model DIR
 #
-# Env: DEADLINE_S (default 540: the run ends that long after it starts, training takes what data generation
-# leaves), JOBS (data processes, default: all cores), SHAPES (procedural objects per process, default 800; plus
+# Env: DEADLINE_S (default 470: training ends that long after the start, taking what data generation leaves;
+# a short benchmark fills the rest of the device call's 600 s), JOBS (data processes, default: all cores, less
+# one while the GPU tests run), SHAPES (procedural objects per process, default 800; plus
 # 20 poses of each training mesh), TRAIN_ARGS (passed on to train.py, after the defaults below), DEVICE (cuda).
 set -euo pipefail
 cmd=${1:?usage: gpu_run.sh prepare | run OUTDIR}
@@ -22,10 +23,20 @@ if [ "$cmd" = prepare ]; then  # the working tree and what it carries travel wit
   "$py" -m pip download -q trimesh==5.2.0 rtree==1.4.1 embreex==4.4.0.post1 --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$carry/wheels"
+  shared=${LRM_RT_SHARED:-../shared}
   for m in $("$py" -c "import sys; sys.path.insert(0, 'training'); import data_gen as D
 print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))"); do
-    cp -r "${LRM_RT_SHARED:-../shared}/data/meshes/$m" "$carry/shared/data/meshes/"
+    cp -r "$shared/data/meshes/$m" "$carry/shared/data/meshes/"
   done
+  chmod -R u+w "$carry/shared"
+  # data_gen.py reads base colour only: the other PBR maps (13 MB) become 1x1 images, which the glTF loader
+  # still finds, so that the GPU tests' fixtures (below) fit in the call too
+  find "$carry/shared/data/meshes" -iname '*.png' \
+      \( -iname '*normal*' -o -iname '*roughness*' -o -iname '*occlusion*' -o -iname '*emissive*' \) \
+      -exec "$py" -c "import sys; from PIL import Image; [Image.new('RGB', (1, 1)).save(f) for f in sys.argv[1:]]" {} +
+  # what `pytest -m gpu` reads (the reference tensors and weights of the three fixture models)
+  mkdir -p "$carry/shared/fixtures"
+  cp "$shared"/fixtures/{triposr,openlrm,openlrm_v10}_tiny_{io,weights}.safetensors "$carry/shared/fixtures/"
   du -sh "$carry"
   exit 0
 fi
@@ -33,25 +44,36 @@ fi
 out=${2:?usage: gpu_run.sh run OUTDIR}
 mkdir -p "$out"
 t0=$SECONDS
-deadline=${DEADLINE_S:-540}
+deadline=${DEADLINE_S:-470}
 carry=$(realpath "$carry")
 site=$(mktemp -d) logs=$(mktemp -d)
 trap 'rm -rf "$site" "$logs"' EXIT
 "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/wheels/*.whl
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LRM_RT_SHARED="$carry/shared" PYTHONUNBUFFERED=1
 "$py" -c "import trimesh.ray; assert trimesh.ray.has_embree, 'no embree: data generation would take hours'"
-# $OUT comes back as at most 8 files of at most 16 MiB each: status.txt, gen.log, train.log, the weights in parts
+# $OUT comes back as at most 8 files of at most 16 MiB each: status.txt, gen.log, train.log, the weights in two
+# parts, pytest-gpu.log, bench.tgz
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"; } | tee "$out/status.txt"
 
+# the GPU tests run while the CPU cores make data (the GPU is idle then): one core is left to them
+pytest_pid=
+if [ -d "$carry/shared/fixtures" ]; then
+  PYTHONPATH="$PWD:$PYTHONPATH" timeout -s INT -k 20 240 "$py" -m pytest -q -p no:cacheprovider -m gpu -rs \
+      tests/test_cuda_field.py tests/test_marching_cubes.py tests/test_render_kernels.py tests/test_training.py \
+      > "$out/pytest-gpu.log" 2>&1 &
+  pytest_pid=$!
+fi
 jobs=${JOBS:-$(nproc)}
-names=()
+[ -n "$pytest_pid" ] && [ -z "${JOBS:-}" ] && jobs=$((jobs - 1))
+names=() gen_pids=()
 for i in $(seq 0 $((jobs - 1))); do
   seed=$((100 + i))  # seeds 0-3 made the shipped model's data; 1000+ are the held-out and tuning streams
   names+=("gpu_s$seed")
   OMP_NUM_THREADS=1 "$py" training/data_gen.py --splits train --views 10 --n-shapes "${SHAPES:-800}" \
       --mesh-instances 20 --seed "$seed" --train-name "gpu_s$seed" > "$logs/gen_$seed.log" 2>&1 &
+  gen_pids+=($!)
 done
-wait
+wait "${gen_pids[@]}" || true  # a failed process shows in gen.log, and train.py names the missing file
 tail -n 3 "$logs"/gen_*.log > "$out/gen.log"
 echo "data: $jobs x $(( ${SHAPES:-800} + 100 )) objects in $((SECONDS - t0)) s" | tee -a "$out/status.txt"
 
@@ -70,4 +92,20 @@ ck = torch.load('training/data/ckpt/gpu.pt', map_location='cpu', weights_only=Fa
 torch.save({k: ck[k] for k in ('model', 'step', 'minutes', 'args')}, sys.argv[1])
 " "$logs/gpu_model.pt"
 split -b 15M "$logs/gpu_model.pt" "$out/gpu_model.pt.part-"
-echo "done in $((SECONDS - t0)) s" | tee -a "$out/status.txt"
+echo "training done in $((SECONDS - t0)) s" | tee -a "$out/status.txt"
+if [ -n "$pytest_pid" ]; then
+  wait "$pytest_pid" && rc=0 || rc=$?
+  echo "pytest -m gpu rc=$rc: $(tail -n 1 "$out/pytest-gpu.log")" | tee -a "$out/status.txt"
+fi
+# what is left of the call (BENCH_END_S, default 585 s from the start) measures the shipped field kernels
+# against the PyTorch baseline; the suite writes what finished when interrupted
+left=$(( ${BENCH_END_S:-585} - (SECONDS - t0) ))
+if [ "$left" -ge 40 ]; then
+  PYTHONPATH="$PWD:$PYTHONPATH" timeout -s INT -k 10 "$left" "$py" -m lrm_rt.cli bench --device cuda \
+      --models triposr --resolutions 256,512 --batch 1 --network-backends torch-fp32,torch-fp16 \
+      --field-backends torch,cuda --repeats 3 --no-plots --out "$logs/bench" > "$logs/bench.log" 2>&1 \
+      && rc=0 || rc=$?
+  echo "bench rc=$rc in $((SECONDS - t0)) s" | tee -a "$out/status.txt"
+  cp "$logs/bench.log" "$logs/bench/" 2>/dev/null || true
+  tar -C "$logs" -czf "$out/bench.tgz" bench 2>/dev/null || cp "$logs/bench.log" "$out/"
+fi
