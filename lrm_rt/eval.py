@@ -172,6 +172,22 @@ def is_closed(vertices: np.ndarray, faces: np.ndarray) -> bool:
     return bool(len(faces)) and bool((uses == 2).all())
 
 
+def bounds_a_volume(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    """Closed and consistently oriented, pinches allowed: every edge (vertices welded by position) is crossed
+    as often one way as the other, so the surface has no boundary and no face turned against its neighbours,
+    though two sheets may meet along an edge (four faces), as after decimating a thin part."""
+    _, weld = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
+    f = weld.reshape(-1)[np.asarray(faces, np.int64)]
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    if not len(faces) or (e[:, 0] == e[:, 1]).any():
+        return False
+    sign = np.where(e[:, 0] < e[:, 1], 1, -1)
+    _, edge = np.unique(np.sort(e, axis=1), axis=0, return_inverse=True)
+    balance = np.zeros(edge.max() + 1, np.int64)
+    np.add.at(balance, edge.reshape(-1), sign)
+    return bool((balance == 0).all())
+
+
 def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
     """Points inside any of the meshes (a union of closed parts is passed as its parts).
 

@@ -102,8 +102,38 @@ def simplify(mesh: Mesh, target_faces: int) -> Mesh:
     t0 = time.perf_counter()
     verts, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
                                                 target_count=int(target_faces))
+    verts, faces = _drop_unused_vertices(np.asarray(verts, np.float32), _cancel_double_faces(faces))
     timings = dict(mesh.timings, simplify=time.perf_counter() - t0)
-    return Mesh(np.asarray(verts, np.float32), np.asarray(faces, np.int64), None, timings)
+    return Mesh(verts, faces, None, timings)
+
+
+def _cancel_double_faces(faces: np.ndarray) -> np.ndarray:
+    """Decimation leaves a few triangles twice over the same three vertices, facing opposite ways: a
+    zero-thickness membrane whose edges each get four faces. Opposite copies cancel in pairs; same-facing
+    copies collapse to one."""
+    faces = np.asarray(faces, np.int64).reshape(-1, 3)
+    first = np.argmin(faces, axis=1)  # rotate each face to start at its smallest index: (m, b, c)
+    rot = faces[np.arange(len(faces))[:, None], (first[:, None] + np.arange(3)) % 3]
+    facing = np.where(rot[:, 1] < rot[:, 2], 1, -1)
+    _, group, count = np.unique(np.sort(faces, axis=1), axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    if (count == 1).all():
+        return faces
+    net = np.zeros(len(count), np.int64)
+    np.add.at(net, group, facing)
+    order = np.argsort(group, kind="stable")
+    is_first = np.ones(len(faces), bool)  # keep one face per group, turned the way the net count says
+    is_first[order[1:]] = group[order[1:]] != group[order[:-1]]
+    keep = is_first & (net[group] != 0)
+    out = rot[keep]
+    flip = net[group[keep]] * facing[keep] < 0
+    out[flip] = out[flip][:, [0, 2, 1]]
+    return out
+
+
+def _drop_unused_vertices(verts: np.ndarray, faces: np.ndarray):
+    used, faces = np.unique(faces, return_inverse=True)
+    return verts[used], faces.reshape(-1, 3).astype(np.int64)
 
 
 def oriented_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndarray:

@@ -16,7 +16,7 @@ import trimesh
 from lrm_rt import texture as T
 from lrm_rt.cli import main
 from lrm_rt.errors import ConfigError, LrmError
-from lrm_rt.eval import is_closed
+from lrm_rt.eval import bounds_a_volume, is_closed
 from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, mesh_files, simplify
 from lrm_rt.pipeline import Reconstructor
 
@@ -181,12 +181,37 @@ def test_simplify_keeps_a_closed_surface_close_to_the_original(tiny):
     rec, fld, mesh = tiny
     small = simplify(mesh, 2000)
     assert 1800 <= small.num_faces <= 2000 and small.vertex_colors is None
-    assert is_closed(mesh.vertices, mesh.faces) and is_closed(small.vertices, small.faces)
+    assert is_closed(mesh.vertices, mesh.faces) and bounds_a_volume(small.vertices, small.faces)
+    # decimation may pinch a thin part (two sheets along one edge), but leaves no doubled faces
+    assert len(np.unique(np.sort(small.faces, axis=1), axis=0)) == small.num_faces
+    assert np.unique(small.faces).size == len(small.vertices)  # no vertex left unused
     d, _ = cKDTree(mesh.vertices).query(small.vertices)
     assert d.mean() < 0.01 and d.max() < 0.05  # world units; the object spans about 1
     assert simplify(mesh, 10 ** 9) is mesh
     with pytest.raises(ConfigError, match="target face count"):
         simplify(mesh, 3)
+
+
+def test_simplify_cancels_doubled_faces():
+    from lrm_rt.mesh import _cancel_double_faces
+
+    faces = np.array([[0, 1, 2], [1, 2, 3], [2, 1, 3],  # a membrane: opposite copies cancel
+                      [4, 5, 6], [5, 6, 4],  # the same face twice: one stays
+                      [7, 8, 9], [9, 8, 7], [8, 7, 9]])  # net one copy facing the majority's way
+    np.testing.assert_array_equal(_cancel_double_faces(faces), [[0, 1, 2], [4, 5, 6], [7, 9, 8]])
+    np.testing.assert_array_equal(_cancel_double_faces(faces[:2]), faces[:2])  # nothing doubled: unchanged
+
+
+def test_bounds_a_volume():
+    box = trimesh.creation.box()
+    v, f = box.vertices, box.faces
+    assert bounds_a_volume(v, f) and is_closed(v, f)
+    assert not bounds_a_volume(v, f[1:])  # a hole
+    assert not bounds_a_volume(v, np.vstack([f[:1, ::-1], f[1:]]))  # one face turned over
+    # two boxes sharing one edge: pinched (not 2-manifold) but still the boundary of a volume
+    other = trimesh.creation.box(transform=trimesh.transformations.translation_matrix([1, 1, 0]))
+    both = trimesh.util.concatenate([box, other])
+    assert bounds_a_volume(both.vertices, both.faces) and not is_closed(both.vertices, both.faces)
 
 
 def test_pipeline_and_cli(tiny, tmp_path, capsys):
