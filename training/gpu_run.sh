@@ -3,8 +3,11 @@
 # from the shipped weights, then the weights back for export.py / evaluate.py here.
 #
 #   bash training/gpu_run.sh prepare         # here, once: fills .carry/ (git-ignored) with what the GPU machine
-#                                            # lacks: trimesh + rtree + embreex wheels (Python 3.12), training meshes
+#                                            # lacks: trimesh, rtree, embreex and PyMCubes wheels (Python 3.12),
+#                                            # training meshes, the GPU tests' fixtures
 #   bash training/gpu_run.sh run OUTDIR      # there (device tool, carry [".carry"]): weights + logs in OUTDIR
+#   bash training/gpu_run.sh continue OUTDIR # there again while the machine is warm (its data and checkpoint
+#                                            # are still there): a warm restart (lr 3e-4) for DEADLINE_S
 #   cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
 #   python training/export.py --ckpt gpu_model.pt --out DIR && python training/evaluate.py --model DIR
 #
@@ -13,14 +16,16 @@
 # one while the GPU tests run), SHAPES (procedural objects per process, default 800; plus
 # 20 poses of each training mesh), TRAIN_ARGS (passed on to train.py, after the defaults below), DEVICE (cuda).
 set -euo pipefail
-cmd=${1:?usage: gpu_run.sh prepare | run OUTDIR}
+cmd=${1:?usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR}
 py=${PYTHON:-python3}
 carry=${CARRY:-.carry}
 
 if [ "$cmd" = prepare ]; then  # the working tree and what it carries travel within 64 MiB: training meshes only
   rm -rf "$carry" && mkdir -p "$carry/wheels" "$carry/shared/data/meshes"
-  # the versions this checkout's data was made with; the GPU image has numpy, scipy, networkx and pillow
-  "$py" -m pip download -q trimesh==5.2.0 rtree==1.4.1 embreex==4.4.0.post1 --no-deps --only-binary=:all: \
+  # the versions this checkout's data was made with; the GPU image has numpy, scipy, networkx and pillow. PyMCubes:
+  # the baseline's marching cubes (the bench and one GPU test), missing from the H200 image on 2026-11-27
+  "$py" -m pip download -q trimesh==5.2.0 rtree==1.4.1 embreex==4.4.0.post1 PyMCubes==0.1.6 \
+      --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$carry/wheels"
   shared=${LRM_RT_SHARED:-../shared}
@@ -41,9 +46,35 @@ print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))"); do
   exit 0
 fi
 
-out=${2:?usage: gpu_run.sh run OUTDIR}
+out=${2:?usage: gpu_run.sh run|continue OUTDIR}
 mkdir -p "$out"
 t0=$SECONDS
+ckpt=training/data/ckpt/gpu.pt
+save_weights() {  # the weights, step and arguments only (export.py reads these; the optimiser state would
+  # triple the size), in 15 MB parts: here, cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
+  "$py" -c "
+import torch, sys
+ck = torch.load(sys.argv[1], map_location='cpu', weights_only=False)
+torch.save({k: ck[k] for k in ('model', 'step', 'minutes', 'args')}, sys.argv[2])
+" "$ckpt" "$1/gpu_model.pt"
+  split -b 15M "$1/gpu_model.pt" "$out/gpu_model.pt.part-"
+}
+
+if [ "$cmd" = continue ]; then  # stage 7's second call: same data, weights and AdamW state, a fresh schedule
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  data=$(cd training/data && ls gpu_s*.npz | sed 's/\.npz$//' | paste -sd, -)
+  minutes=$("$py" -c "print(max(0.5, (${DEADLINE_S:-540} - 45) / 60))")  # 45 s: loading and saving
+  # shellcheck disable=SC2086
+  "$py" training/train.py --device "${DEVICE:-cuda}" --data "$data" --resume --new-stage \
+      --batch 64 --views 4 --rays 384 --lr 3e-4 --warmup 50 --depth-weight 2.0 --mask-weight 1.5 \
+      --minutes "$minutes" --steps 1000000 --save-every 2 --ckpt "$ckpt" ${TRAIN_ARGS:-} 2>&1 \
+      | awk 'NR % 4 == 1 || !/^step /' > "$out/train.log"  # every 4th progress line: the log comes back whole
+  save_weights "$tmp"
+  echo "done in $((SECONDS - t0)) s"; tail -n 2 "$out/train.log"
+  exit 0
+fi
+
 deadline=${DEADLINE_S:-470}
 carry=$(realpath "$carry")
 site=$(mktemp -d) logs=$(mktemp -d)
@@ -82,16 +113,9 @@ data=$(IFS=,; echo "${names[*]}")
 # shellcheck disable=SC2086
 "$py" training/train.py --device "${DEVICE:-cuda}" --init-weights lrm_rt/models_data/lrm-tiny --data "$data" \
     --batch 64 --views 4 --rays 384 --lr 6e-4 --warmup 100 --depth-weight 2.0 --mask-weight 1.5 \
-    --minutes "$minutes" --steps 1000000 --save-every 2 --ckpt training/data/ckpt/gpu.pt ${TRAIN_ARGS:-} \
+    --minutes "$minutes" --steps 1000000 --save-every 2 --ckpt "$ckpt" ${TRAIN_ARGS:-} \
     2>&1 | tee "$out/train.log"
-# the weights, step and arguments only (export.py reads these; the optimiser state would triple the size), in
-# 15 MB parts: here, cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
-"$py" -c "
-import torch, sys
-ck = torch.load('training/data/ckpt/gpu.pt', map_location='cpu', weights_only=False)
-torch.save({k: ck[k] for k in ('model', 'step', 'minutes', 'args')}, sys.argv[1])
-" "$logs/gpu_model.pt"
-split -b 15M "$logs/gpu_model.pt" "$out/gpu_model.pt.part-"
+save_weights "$logs"
 echo "training done in $((SECONDS - t0)) s" | tee -a "$out/status.txt"
 if [ -n "$pytest_pid" ]; then
   wait "$pytest_pid" && rc=0 || rc=$?
