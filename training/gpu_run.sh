@@ -13,7 +13,8 @@
 #
 # Env: DEADLINE_S (default 470: training ends that long after the start, taking what data generation leaves;
 # a short benchmark fills the rest of the device call's 600 s), JOBS (data processes, default: all cores, less
-# one while the GPU tests run), SHAPES (procedural objects per process, default 800; plus
+# one while the GPU tests run), SEED_BASE (first data seed, default 200: new objects after stage 7's 100-114),
+# SHAPES (procedural objects per process, default 800; plus
 # 20 poses of each training mesh), TRAIN_ARGS (passed on to train.py, after the defaults below), DEVICE (cuda).
 set -euo pipefail
 cmd=${1:?usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR}
@@ -98,7 +99,8 @@ jobs=${JOBS:-$(nproc)}
 [ -n "$pytest_pid" ] && [ -z "${JOBS:-}" ] && jobs=$((jobs - 1))
 names=() gen_pids=()
 for i in $(seq 0 $((jobs - 1))); do
-  seed=$((100 + i))  # seeds 0-3 made the shipped model's data; 1000+ are the held-out and tuning streams
+  # seeds 0-3 made stages 2-6's data and 100-114 stage 7's; 1000+ are the held-out and tuning streams
+  seed=$(( ${SEED_BASE:-200} + i ))
   names+=("gpu_s$seed")
   OMP_NUM_THREADS=1 "$py" training/data_gen.py --splits train --views 10 --n-shapes "${SHAPES:-800}" \
       --mesh-instances 20 --seed "$seed" --train-name "gpu_s$seed" > "$logs/gen_$seed.log" 2>&1 &
