@@ -61,6 +61,25 @@ typedef unsigned long long uint64_t;
 #endif
 #endif
 
+// a*b + c as two rounded steps, as torch and numpy evaluate it, where nvcc (and GCC with -march) would
+// contract to a fused multiply-add: results stay bit-equal to the Python references.
+LRM_DEVICE_FN float lrm_mul_rn(float a, float b) {
+#if LRM_ON_DEVICE
+    return __fmul_rn(a, b);
+#else
+    volatile float p = a * b;  // the store rounds: no contraction with the following add
+    return p;
+#endif
+}
+
+LRM_DEVICE_FN float lrm_add_rn(float a, float b) {
+#if LRM_ON_DEVICE
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
 // Math helpers with identical spelling on both targets (full-precision expf: parity needs it).
 LRM_DEVICE_FN float lrm_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 LRM_DEVICE_FN float lrm_softplus(float x) {

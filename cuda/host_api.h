@@ -43,6 +43,12 @@ int lrm_render_openlrm(const float* planes, int64_t C, int64_t H, int64_t W, con
                        const float* u_fine, float oob_sigma, int32_t white_back, float bg_color, float* rgb,
                        float* opacity, float* depth, float* depths_coarse, float* depths_fine);
 
+/* cuda/uv_raster.cu: texels of a texture of side `size` covered by faces in UV space. Per face: coef (F, 12) =
+ * gx[3], gy[3], g0[3], ds[3] and its texel box lo, hi (F, 2) as (x, y); best (size * size) zeroed by the caller;
+ * out: face (size * size, -1 = none) and weight (size * size, 3). -1: bad arguments. */
+int lrm_uv_rasterise(int64_t n_faces, const float* coef, const int64_t* lo, const int64_t* hi, int64_t size,
+                     float margin, unsigned long long* best, int32_t* face, float* weight);
+
 #ifdef __cplusplus
 }
 #endif

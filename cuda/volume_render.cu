@@ -33,27 +33,9 @@ LRM_DEVICE_FN float lrm_inf() {
 #endif
 }
 
-// ---- float32 steps rounded like torch, which evaluates a*b + c as two rounded ops where nvcc (and GCC with
-// -march) would contract to an FMA: sample positions stay bit-equal to the reference's. (What decides the
-// in/out flips on the faces is the ray-limit formula itself: start = max(min((-1 - o) * (1/d), ...)); taking
-// (-1 - o) / d instead flips ~13 % of the first samples of random rays.)
-
-LRM_DEVICE_FN float lrm_mul_rn(float a, float b) {
-#if LRM_ON_DEVICE
-    return __fmul_rn(a, b);
-#else
-    volatile float p = a * b;  // the store rounds: no contraction with the following add
-    return p;
-#endif
-}
-
-LRM_DEVICE_FN float lrm_add_rn(float a, float b) {
-#if LRM_ON_DEVICE
-    return __fadd_rn(a, b);
-#else
-    return a + b;
-#endif
-}
+// ---- float32 steps rounded like torch (lrm_mul_rn / lrm_add_rn, compat.cuh): sample positions stay bit-equal
+// to the reference's. (What decides the in/out flips on the faces is the ray-limit formula itself: start =
+// max(min((-1 - o) * (1/d), ...)); taking (-1 - o) / d instead flips ~13 % of the first samples of random rays.)
 
 // torch.minimum / maximum / amax / amin propagate NaN (fminf / fmaxf would drop it).
 LRM_DEVICE_FN float lrm_nan_min(float a, float b) { return (a != a || b != b) ? a + b : (a < b ? a : b); }

@@ -67,16 +67,33 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
             return z["vmap"].astype(np.int64), z["faces"].astype(np.int64), z["uv"].astype(np.float64)
 
 
-def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
+def rasterise(uv: np.ndarray, faces: np.ndarray, size: int, backend: str = "auto"):
     """Texels covered by the faces in UV space (texel (r, c) has its centre at uv ((c + .5) / size, (r + .5) / size),
-    row 0 at the top, as glTF samples). Returns (texel index r * size + c, face, barycentric weights (n, 3)); a
-    texel within EDGE_MARGIN of several faces goes to the one it lies deepest inside."""
+    row 0 at the top, as glTF samples). Returns (texel index r * size + c, ascending; face; barycentric weights
+    (n, 3)); a texel within EDGE_MARGIN of several faces goes to the one it lies deepest inside (ties: the lower
+    face). backend: "native" (the CPU build of cuda/uv_raster.cu), "numpy" (the reference) or "auto"."""
+    if backend not in ("auto", "native", "numpy"):
+        raise ValueError(f"unknown rasteriser backend {backend!r}")
+    lo, hi, coef = _raster_setup(uv, faces, size)
+    if backend == "numpy" or len(faces) > np.iinfo(np.int32).max:
+        return _rasterise_numpy(lo, hi, coef, size)
+    if backend == "auto":
+        from .kernels import native_available
+
+        if not native_available():
+            return _rasterise_numpy(lo, hi, coef, size)
+    return _rasterise_native(lo, hi, coef, size)
+
+
+def _raster_setup(uv: np.ndarray, faces: np.ndarray, size: int):
+    """Per face: its texel box lo, hi (F, 2) as (x, y), grown by EDGE_MARGIN and clipped to the texture (hi < lo
+    for a degenerate face), and float32 coefficients (F, 12) = gx[3], gy[3], g0[3], ds[3]: vertex k's weight at
+    box-local texel (x, y) is w_k = gx_k * x + gy_k * y + g0_k (the signed area of the sub-triangle opposite it
+    over the face's), and w_k * ds_k the signed distance to the edge opposite vertex k, in texels."""
     p = uv[faces] * size - 0.5  # (F, 3, 2) in texel-centre coordinates
     lo = np.clip(np.floor(p.min(1) - EDGE_MARGIN), 0, size - 1).astype(np.int64)
     hi = np.clip(np.ceil(p.max(1) + EDGE_MARGIN), 0, size - 1).astype(np.int64)
     p -= lo[:, None, :]  # each face in its own box's coordinates: small numbers, so float32 is exact enough
-    # the weight of each vertex is linear in the texel position: w = gx * x + gy * y + g0 (the signed area of the
-    # sub-triangle opposite it over the face's); dist_scale turns a weight into a distance to that edge
     a, b, c = p[:, 0], p[:, 1], p[:, 2]
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
     ok = np.abs(area) > 1e-12
@@ -86,10 +103,38 @@ def rasterise(uv: np.ndarray, faces: np.ndarray, size: int):
     gx, gy = -d[..., 1] / area[:, None], d[..., 0] / area[:, None]
     g0 = (d[..., 1] * u[..., 0] - d[..., 0] * u[..., 1]) / area[:, None]
     dist_scale = np.abs(area)[:, None] / np.maximum(np.linalg.norm(d, axis=2), 1e-12)
-    gx, gy, g0, dist_scale = (x.astype(np.float32) for x in (gx, gy, g0, dist_scale))
-    # per face and texel row, the span of columns within EDGE_MARGIN of all three edges (w * dist_scale >= -margin
-    # for each, a bound on x per edge), so only texels that are kept get enumerated
-    nrows = np.where(ok, hi[:, 1] - lo[:, 1] + 1, 0)
+    coef = np.concatenate([gx, gy, g0, dist_scale], 1).astype(np.float32)
+    hi[~ok, 1] = lo[~ok, 1] - 1
+    return lo, hi, coef
+
+
+def _rasterise_native(lo: np.ndarray, hi: np.ndarray, coef: np.ndarray, size: int):
+    import ctypes
+
+    from .kernels import native
+
+    lib = native()
+    fn = lib.lrm_uv_rasterise
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes, fn.restype = [i64, vp, vp, vp, i64, ctypes.c_float, vp, vp, vp], ctypes.c_int
+    lo, hi, coef = (np.ascontiguousarray(x) for x in (lo, hi, coef))
+    best = np.zeros(size * size, np.uint64)
+    face = np.empty(size * size, np.int32)
+    weight = np.empty((size * size, 3), np.float32)
+    st = fn(len(coef), coef.ctypes.data, lo.ctypes.data, hi.ctypes.data, size, EDGE_MARGIN, best.ctypes.data,
+            face.ctypes.data, weight.ctypes.data)
+    if st != 0:
+        raise LrmError(f"lrm_uv_rasterise failed with status {st}")
+    del best
+    texel = np.flatnonzero(face >= 0)
+    return texel, face[texel].astype(np.int64), weight[texel]
+
+
+def _rasterise_numpy(lo: np.ndarray, hi: np.ndarray, coef: np.ndarray, size: int):
+    """The reference: per face and texel row, the span of columns within EDGE_MARGIN of all three edges
+    (w * ds >= -margin for each, a bound on x per edge), so only texels that are kept get enumerated."""
+    gx, gy, g0, dist_scale = coef[:, 0:3], coef[:, 3:6], coef[:, 6:9], coef[:, 9:12]
+    nrows = np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
     rf, ry = expand(nrows)
     ry = ry.astype(np.float32)
     need = -EDGE_MARGIN / dist_scale[rf] - gy[rf] * ry[:, None] - g0[rf]  # gx * x >= need, per edge

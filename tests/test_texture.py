@@ -46,18 +46,22 @@ def _bilinear(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
             + at(y0 + 1, x0 + 1) * fx * fy)
 
 
-def test_rasterise_covers_each_texel_once_with_exact_weights():
+RASTERISERS = pytest.mark.parametrize("raster", ["native", "numpy"])
+
+
+@RASTERISERS
+def test_rasterise_covers_each_texel_once_with_exact_weights(raster):
     # two triangles tiling the whole uv square: every texel exactly once, weights interpolate its centre
     uv = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     faces = np.array([[0, 1, 2], [0, 2, 3]])
     size = 37
-    texel, face, w = T.rasterise(uv, faces, size)
+    texel, face, w = T.rasterise(uv, faces, size, raster)
     assert np.array_equal(np.sort(texel), np.arange(size * size))
     centre = np.stack([texel % size + 0.5, texel // size + 0.5], 1) / size
     np.testing.assert_allclose(np.einsum("nk,nkd->nd", w, uv[faces[face]]), centre, atol=1e-6)
     # a texel on the diagonal goes to one face only; a small triangle covers the texels near it, not beyond
     small = np.array([[0.2, 0.2], [0.5, 0.2], [0.2, 0.5]])
-    texel, _, w = T.rasterise(small, np.array([[0, 1, 2]]), 100)
+    texel, _, w = T.rasterise(small, np.array([[0, 1, 2]]), 100, raster)
     r, c = texel // 100, texel % 100
     assert (w >= 0).all() and np.allclose(w.sum(1), 1)
     assert r.min() >= 19 and c.min() >= 19 and (r + c).max() <= 70  # the hypotenuse x + y = 0.7, plus the margin
@@ -67,7 +71,8 @@ def _cross2(u, v):
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def test_rasterise_matches_brute_force():
+@RASTERISERS
+def test_rasterise_matches_brute_force(raster):
     # every texel against every face: kept when within EDGE_MARGIN of all three edge lines of one (and inside its
     # box grown by the margin, which cuts the spikes the grown lines make at a sliver's sharp corners), given to
     # the face it is deepest in
@@ -77,7 +82,7 @@ def test_rasterise_matches_brute_force():
     uv[3:] = uv[3:].reshape(-1, 3, 2).mean(1, keepdims=True).repeat(3, 1).reshape(-1, 2) + \
         rng.normal(0, 0.06, (3 * n - 3, 2))  # small triangles, like a chart's
     faces = np.arange(3 * n).reshape(n, 3)
-    texel, face, w = T.rasterise(uv, faces, size)
+    texel, face, w = T.rasterise(uv, faces, size, raster)
     q = np.stack(np.meshgrid(np.arange(size), np.arange(size)), -1).reshape(-1, 2) + 0.5  # (x, y) texel centres
     p = uv[faces] * size  # (F, 3, 2)
     dist = np.full((size * size, n), -np.inf)
@@ -98,6 +103,26 @@ def test_rasterise_matches_brute_force():
     deep = np.sort(dist, 1)
     clear = deep[texel, -1] - deep[texel, -2] > 1e-4  # no near-tie between two faces
     np.testing.assert_array_equal(face[clear], dist[texel[clear]].argmax(1))
+
+
+def test_native_rasteriser_equals_the_numpy_reference(tiny):
+    # cuda/uv_raster.cu (CPU build) rounds every step as numpy does: same texels, faces and weights, bit for bit,
+    # on a real atlas and on overlapping, touching and degenerate faces (ties go to the lower face)
+    _, _, mesh = tiny
+    vmap, faces, uv = T.unwrap(mesh.vertices, mesh.faces, 256)
+    rng = np.random.default_rng(5)
+    soup = rng.uniform(0.1, 0.9, (300, 2))
+    soup[3:6] = soup[0:3]  # the same triangle twice: a tie on every texel
+    soup[6:9] = [[0.2, 0.2], [0.4, 0.4], [0.6, 0.6]]  # zero area
+    cases = [(uv, faces, 256), (uv, faces, 97), (soup, np.arange(300).reshape(100, 3), 64)]
+    for pts, tris, size in cases:
+        ref = T.rasterise(pts, tris, size, "numpy")
+        out = T.rasterise(pts, tris, size, "native")
+        assert len(ref[0]) > 0
+        for a, b in zip(ref, out):
+            np.testing.assert_array_equal(a, b)
+    texel, face, _ = T.rasterise(*cases[2][:2], 64, "native")
+    assert not np.isin(face, [1, 2]).any()  # the copy and the degenerate face never win
 
 
 def test_baked_texture_holds_the_field_colour(tiny):
