@@ -125,9 +125,13 @@ def test_native_rasteriser_equals_the_numpy_reference(tiny):
     assert not np.isin(face, [1, 2]).any()  # the copy and the degenerate face never win
 
 
-def test_baked_texture_holds_the_field_colour(tiny):
+def test_baked_texture_holds_the_field_colour(tiny, caplog, monkeypatch):
     rec, fld, mesh = tiny
     baked = T.bake_texture(mesh, fld, rec.field, 512)
+    assert not caplog.records
+    monkeypatch.setattr(T, "UNWRAP_WARN_FACES", mesh.num_faces - 1)  # a dense mesh: say unwrapping is slow
+    T.bake_texture(mesh, fld, rec.field, 64)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "--faces" in caplog.text
     assert baked.texture.shape == (512, 512, 3) and baked.vertex_colors is None
     assert baked.uv.shape == (baked.num_vertices, 2) and baked.num_faces == mesh.num_faces
     assert 0 <= baked.uv.min() and baked.uv.max() <= 1
