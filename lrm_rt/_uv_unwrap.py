@@ -15,6 +15,13 @@ def main(src: str, dst: str, size: int, padding: int) -> None:
         vertices, faces = z["vertices"], z["faces"]
     charts = xatlas.ChartOptions()
     charts.max_iterations = 1  # one pass of chart growing: ~2x faster, charts as usable for baking
+    # Charts of at most 1 % of the surface: xatlas's chart growing slows down with chart size, so this caps
+    # the time (lrm-tiny's chair, 2 cores: 33k faces 7.4 -> 1.4 s, 138k faces 63 -> 14 s), at some atlas
+    # utilisation on small meshes (33k faces: 0.82 -> 0.67 of the texels used; 138k: 0.83 either way)
+    corners = vertices[faces].astype(np.float64)
+    area = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1).sum()
+    if area > 0:
+        charts.max_chart_area = float(area / 100)
     pack = xatlas.PackOptions()
     pack.resolution = size
     pack.padding = padding
