@@ -181,7 +181,8 @@ def _rasterise_numpy(lo: np.ndarray, hi: np.ndarray, coef: np.ndarray, size: int
 
 def dilate(rgb: np.ndarray, filled: np.ndarray, steps: int) -> np.ndarray:
     """Grow the charts by `steps` texels (mean of filled 4-neighbours), so mipmaps and bilinear lookups at chart
-    borders read chart colours; the rest gets the mean colour instead of black."""
+    borders read chart colours; the rest gets the mean colour instead of black. (Left in numpy: a kernel for
+    the steps took 0.06 s against numpy's 0.3 s at 2048^2, but the arrays around it cost as much again.)"""
     h, w = filled.shape
     acc = np.zeros((h + 2, w + 2, 4), np.float32)  # rgb * filled, filled; a zero border for the shifted sums
     acc[1:-1, 1:-1, :3] = rgb * filled[..., None]
