@@ -49,6 +49,15 @@ int lrm_render_openlrm(const float* planes, int64_t C, int64_t H, int64_t W, con
 int lrm_uv_rasterise(int64_t n_faces, const float* coef, const int64_t* lo, const int64_t* hi, int64_t size,
                      float margin, unsigned long long* best, int32_t* face, float* weight);
 
+/* cuda/image_ops.cu. lrm_box_reduce: means of f x f blocks of an RGBA image (h, w, 4) into out (ceil(h / f),
+ * ceil(w / f), 4). On (h, w) masks of 0 / 1 bytes; -1: bad arguments, -3: out of memory:
+ * region = the pixels of candidate 8-connected to the image border; out = max (dilate) or min (erode) over the
+ * (2r + 1)^2 window, pixels outside the image ignored (out may be m). */
+int lrm_box_reduce(const uint8_t* in, int64_t h, int64_t w, int64_t f, uint8_t* out);
+int lrm_border_fill(const uint8_t* candidate, int64_t h, int64_t w, uint8_t* region);
+int lrm_mask_dilate(const uint8_t* m, int64_t h, int64_t w, int32_t r, uint8_t* out);
+int lrm_mask_erode(const uint8_t* m, int64_t h, int64_t w, int32_t r, uint8_t* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@ Reference pipelines reproduced bit-for-bit (see the fixtures README §3-§5, §9
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import math
@@ -320,13 +321,47 @@ def _border_seed(like: torch.Tensor) -> torch.Tensor:
     return seed
 
 
-def _border_connected(candidate: np.ndarray) -> np.ndarray:
-    """Pixels of ``candidate`` connected (8-neighbourhood) to the image border: a flood fill.
+def _native_masks(backend: str) -> bool:
+    """backend "native": cuda/mask_ops.cu's CPU build (a 12-megapixel photo's masks in ~0.2 s); "torch": the
+    reference (max-pool morphology, several seconds at that size); "auto": native when built."""
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"unknown mask backend {backend!r}")
+    if backend == "auto":
+        from .kernels import native_available
 
-    Done coarse-to-fine over a pyramid so a large image needs few iterations per level: a fill over
+        return native_available()
+    return backend == "native"
+
+
+def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
+    """lrm_border_fill / lrm_mask_dilate / lrm_mask_erode (cuda/mask_ops.cu) on a boolean (H, W) mask."""
+    from .kernels import native
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    out = np.empty_like(m)
+    fn = getattr(native(), name)
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [vp, i64, i64] + [ctypes.c_int32] * len(args) + [vp]
+    fn.restype = ctypes.c_int
+    st = fn(m.ctypes.data, m.shape[0], m.shape[1], *args, out.ctypes.data)
+    if st == -3:
+        raise MemoryError(f"no memory for the background mask of a {m.shape[1]}x{m.shape[0]} image")
+    if st != 0:
+        raise ValueError(f"{name} failed with status {st}")
+    return out.view(bool)
+
+
+def _border_connected(candidate: np.ndarray, backend: str = "auto") -> np.ndarray:
+    """Pixels of ``candidate`` connected (8-neighbourhood) to the image border: a flood fill."""
+    if _native_masks(backend):
+        return _mask_op("lrm_border_fill", candidate)
+    return _border_connected_torch(candidate)
+
+
+def _border_connected_torch(candidate: np.ndarray) -> np.ndarray:
+    """Coarse-to-fine over a pyramid so a large image needs few iterations per level: a fill over
     blocks that are entirely candidate is a subset of the true region, so growing from it at the next
-    finer level converges to exactly the same region, just faster.
-    """
+    finer level converges to exactly the same region, just faster."""
     allowed = torch.from_numpy(candidate.astype(np.float32))[None, None]
     h, w = candidate.shape
     k = 1
@@ -352,6 +387,7 @@ def remove_uniform_background(
     uniform_tolerance: float = 24.0,
     min_inlier_fraction: float = 0.85,
     edge_width: int = 2,
+    backend: str = "auto",
 ) -> Optional[np.ndarray]:
     """Alpha mask (H, W) uint8 separating the object from a near-uniform background, or None.
 
@@ -369,17 +405,25 @@ def remove_uniform_background(
     dist = _colour_distance(rgb, colour)
     lo = max(6.0, 1.5 * noise + 2.0)  # below: background noise (JPEG ringing, dithering)
     hi = lo + 40.0  # edge pixels between lo and hi are partial mixes of object and background
-    core = _border_connected(dist < lo)
-    core_t = torch.from_numpy(core.astype(np.float32))[None, None]
-    band = F.max_pool2d(core_t, 2 * edge_width + 1, stride=1, padding=edge_width)[0, 0].numpy() > 0.5
+    native = _native_masks(backend)
+    core = _border_connected(dist < lo, "native" if native else "torch")
+    if native:
+        band = _mask_op("lrm_mask_dilate", core, edge_width)
+    else:
+        core_t = torch.from_numpy(core.astype(np.float32))[None, None]
+        band = F.max_pool2d(core_t, 2 * edge_width + 1, stride=1, padding=edge_width)[0, 0].numpy() > 0.5
     ramp = np.clip((dist - lo) / (hi - lo), 0.0, 1.0)
     alpha = np.where(core, 0.0, np.where(band, ramp, 1.0)).astype(np.float32)
 
     # Clean-up: an opening (erode, dilate) of the solid foreground removes specks of noise; keep the
     # soft pixels that touch what survived (the object's own anti-aliased edge).
-    solid = torch.from_numpy((alpha >= 0.5).astype(np.float32))[None, None]
-    opened = _max3x3(-_max3x3(-solid))
-    near = _max3x3(_max3x3(opened))[0, 0].numpy() > 0.5
+    if native:
+        opened = _mask_op("lrm_mask_dilate", _mask_op("lrm_mask_erode", alpha >= 0.5, 1), 1)
+        near = _mask_op("lrm_mask_dilate", opened, 2)
+    else:
+        solid = torch.from_numpy((alpha >= 0.5).astype(np.float32))[None, None]
+        opened = _max3x3(-_max3x3(-solid))
+        near = _max3x3(_max3x3(opened))[0, 0].numpy() > 0.5
     alpha = np.where(near, alpha, 0.0)
     return np.rint(alpha * 255.0).astype(np.uint8)
 
@@ -704,14 +748,24 @@ class PreprocessResult:
     warnings: List[str] = field(default_factory=list)
 
 
-def box_reduce(rgba: np.ndarray, factor: int) -> np.ndarray:
+def box_reduce(rgba: np.ndarray, factor: int, backend: str = "auto") -> np.ndarray:
     """Average ``factor`` x ``factor`` blocks (partial blocks at the right and bottom edges average what they
     hold). Alpha is the rounded mean; colour is the alpha-weighted mean, so transparent pixels' colours do not
-    bleed into the object's edge. Integer arithmetic with round-half-up, defined so the C library
-    (src/preprocess.cpp) computes the same bytes."""
+    bleed into the object's edge. Integer arithmetic with round-half-up: cuda/image_ops.cu ("native", shared
+    with the C library) and this numpy reference ("torch" backend name, as for the masks) give the same bytes."""
     f = int(factor)
     h, w = rgba.shape[:2]
     out = np.empty((-(-h // f), -(-w // f), 4), np.uint8)
+    if _native_masks(backend):
+        from .kernels import native
+
+        src = np.ascontiguousarray(rgba, dtype=np.uint8)
+        fn = native().lrm_box_reduce
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        if fn(src.ctypes.data, h, w, f, out.ctypes.data) != 0:
+            raise ValueError(f"lrm_box_reduce failed on a {w}x{h} image with factor {f}")
+        return out
     tile = max(1, 1024 // f) * f  # tiles of whole blocks, about 1 Mpx: bounds the int64 temporaries
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):

@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <utility>
 
+#include "host_api.h"
 #include "internal.hpp"
 
 namespace lrm {
@@ -41,28 +43,13 @@ Box alpha_box(const Rgba& in) {
     return b;
 }
 
-// lrm_rt.preprocess.box_reduce: means of f x f blocks (partial blocks at the right and bottom edges average what
-// they hold); alpha the rounded mean, colour the alpha-weighted mean, integer arithmetic rounding half up, so both
-// sides compute the same bytes.
+// lrm_rt.preprocess.box_reduce: means of f x f blocks (cuda/image_ops.cu, shared with the Python package).
 Rgba box_reduce(const Rgba& in, int64_t f) {
     Rgba out;
     out.w = (in.w + f - 1) / f;
     out.h = (in.h + f - 1) / f;
-    out.px.assign((size_t)(out.w * out.h * 4), 0);
-    for (int64_t oy = 0; oy < out.h; ++oy)
-        for (int64_t ox = 0; ox < out.w; ++ox) {
-            int64_t n = 0, sa = 0, sc[3] = {0, 0, 0};
-            for (int64_t y = oy * f; y < std::min(in.h, oy * f + f); ++y)
-                for (int64_t x = ox * f; x < std::min(in.w, ox * f + f); ++x) {
-                    const uint8_t* q = &in.px[(size_t)((y * in.w + x) * 4)];
-                    for (int c = 0; c < 3; ++c) sc[c] += (int64_t)q[c] * q[3];
-                    sa += q[3];
-                    ++n;
-                }
-            uint8_t* o = &out.px[(size_t)((oy * out.w + ox) * 4)];
-            for (int c = 0; c < 3; ++c) o[c] = (uint8_t)(sa > 0 ? (sc[c] + sa / 2) / sa : 0);
-            o[3] = (uint8_t)((sa + n / 2) / n);
-        }
+    out.px.resize((size_t)(out.w * out.h * 4));
+    if (lrm_box_reduce(in.px.data(), in.h, in.w, f, out.px.data()) != 0) fail(LRM_ERR_IMAGE, "empty image");
     return out;
 }
 
@@ -132,29 +119,16 @@ inline float colour_distance(const uint8_t* px, const float colour[3]) {
     return std::sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2]);
 }
 
-// 8-bit mask ops with torch max-pool semantics: pixels outside the image never win.
+// 8-bit mask ops with torch max-pool semantics (cuda/mask_ops.cu, shared with the Python package).
 std::vector<uint8_t> dilate(const std::vector<uint8_t>& m, int64_t h, int64_t w, int r) {
-    std::vector<uint8_t> tmp(m.size()), out(m.size());
-    for (int64_t y = 0; y < h; ++y)
-        for (int64_t x = 0; x < w; ++x) {
-            uint8_t v = 0;
-            for (int64_t k = std::max<int64_t>(0, x - r); k <= std::min(w - 1, x + r) && !v; ++k) v = m[y * w + k];
-            tmp[y * w + x] = v;
-        }
-    for (int64_t y = 0; y < h; ++y)
-        for (int64_t x = 0; x < w; ++x) {
-            uint8_t v = 0;
-            for (int64_t k = std::max<int64_t>(0, y - r); k <= std::min(h - 1, y + r) && !v; ++k) v = tmp[k * w + x];
-            out[y * w + x] = v;
-        }
+    std::vector<uint8_t> out(m.size());
+    if (lrm_mask_dilate(m.data(), h, w, r, out.data()) != 0) throw std::bad_alloc();
     return out;
 }
 
 std::vector<uint8_t> erode(const std::vector<uint8_t>& m, int64_t h, int64_t w, int r) {
-    std::vector<uint8_t> inv(m.size());
-    for (size_t i = 0; i < m.size(); ++i) inv[i] = !m[i];
-    std::vector<uint8_t> out = dilate(inv, h, w, r);
-    for (uint8_t& v : out) v = !v;
+    std::vector<uint8_t> out(m.size());
+    if (lrm_mask_erode(m.data(), h, w, r, out.data()) != 0) throw std::bad_alloc();
     return out;
 }
 
@@ -214,24 +188,9 @@ bool remove_uniform_background(Rgba& img) {
     std::vector<float> dist((size_t)(h * w));
     for (int64_t i = 0; i < h * w; ++i) dist[(size_t)i] = colour_distance(&img.px[(size_t)(4 * i)], colour);
     // core: background candidates 8-connected to the border
-    std::vector<uint8_t> core((size_t)(h * w), 0);
-    std::vector<int64_t> stack;
-    auto push = [&](int64_t y, int64_t x) {
-        const size_t i = (size_t)(y * w + x);
-        if (!core[i] && dist[i] < flo) {
-            core[i] = 1;
-            stack.push_back((int64_t)i);
-        }
-    };
-    for (int64_t x = 0; x < w; ++x) push(0, x), push(h - 1, x);
-    for (int64_t y = 0; y < h; ++y) push(y, 0), push(y, w - 1);
-    while (!stack.empty()) {
-        const int64_t i = stack.back(), y = i / w, x = i % w;
-        stack.pop_back();
-        for (int64_t dy = -1; dy <= 1; ++dy)
-            for (int64_t dx = -1; dx <= 1; ++dx)
-                if (y + dy >= 0 && y + dy < h && x + dx >= 0 && x + dx < w) push(y + dy, x + dx);
-    }
+    std::vector<uint8_t> candidate((size_t)(h * w)), core((size_t)(h * w));
+    for (size_t i = 0; i < candidate.size(); ++i) candidate[i] = dist[i] < flo;
+    if (lrm_border_fill(candidate.data(), h, w, core.data()) != 0) throw std::bad_alloc();
     const std::vector<uint8_t> band = dilate(core, h, w, 2);
     std::vector<float> alpha((size_t)(h * w));
     std::vector<uint8_t> solid((size_t)(h * w));

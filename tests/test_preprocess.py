@@ -566,3 +566,45 @@ def test_real_inputs_both_families(path):
         if cfg.family == "triposr":
             h, w = res.display_rgb.shape[:2]
             assert h == w  # resize_foreground always yields a square
+
+
+# ---- cuda/image_ops.cu (CPU build) against the numpy / torch references, bit for bit
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_native_box_reduce_equals_the_reference():
+    rng = np.random.default_rng(1)
+    for shape, f in (((37, 53), 4), ((301, 200), 3), ((16, 16), 1), ((5, 9), 7)):  # partial blocks at the edges
+        a = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+        a[..., 3][rng.uniform(size=shape) < 0.3] = 0  # transparent pixels carry colours that must not bleed
+        np.testing.assert_array_equal(pp.box_reduce(a, f, "native"), pp.box_reduce(a, f, "torch"))
+
+
+def test_native_masks_equal_torch_max_pool():
+    rng = np.random.default_rng(2)
+    for p in (0.45, 0.6, 0.8):
+        m = rng.uniform(size=(131, 97)) < p
+        t = torch.from_numpy(m.astype(np.float32))[None, None]
+        for r in (1, 2):
+            grown = torch.nn.functional.max_pool2d(t, 2 * r + 1, 1, r)[0, 0].numpy() > 0.5
+            shrunk = -torch.nn.functional.max_pool2d(-t, 2 * r + 1, 1, r)[0, 0].numpy() > 0.5
+            np.testing.assert_array_equal(pp._mask_op("lrm_mask_dilate", m, r), grown)
+            np.testing.assert_array_equal(pp._mask_op("lrm_mask_erode", m, r), shrunk)
+        np.testing.assert_array_equal(pp._border_connected(m, "native"), pp._border_connected(m, "torch"))
+
+
+@pytest.mark.parametrize("name", ["chair.png", "mailbox.png", "catstatue_rgba.png"])
+def test_native_background_removal_equals_the_reference(name):
+    im = Image.open(EXAMPLES / name).convert("RGBA")
+    for bg, quality in (((255, 255, 255), None), ((128, 128, 128), 70), ((240, 240, 235), 90)):
+        canvas = Image.new("RGBA", im.size, bg + (255,))
+        canvas.alpha_composite(im)
+        if quality:  # JPEG ringing and chroma bleed around the object
+            buf = io.BytesIO()
+            canvas.convert("RGB").save(buf, "JPEG", quality=quality)
+            canvas = Image.open(buf).convert("RGBA")
+        rgba = np.array(canvas)
+        ref = pp.remove_uniform_background(rgba, backend="torch")
+        assert ref is not None and 0 < (ref > 0).mean() < 0.9
+        np.testing.assert_array_equal(pp.remove_uniform_background(rgba, backend="native"), ref)
