@@ -322,9 +322,9 @@ def _border_seed(like: torch.Tensor) -> torch.Tensor:
 
 
 def _native_masks(backend: str) -> bool:
-    """backend "native": cuda/mask_ops.cu's CPU build (a 12-megapixel photo's masks in ~0.2 s); "torch": the
-    reference (max-pool morphology, several seconds at that size); "auto": native when built."""
-    if backend not in ("auto", "native", "torch"):
+    """backend "native": cuda/image_ops.cu's CPU build (a 12-megapixel photo's masks in ~0.2 s); "reference":
+    numpy / torch (max-pool morphology: several seconds at that size); "auto": native when built."""
+    if backend not in ("auto", "native", "reference"):
         raise ValueError(f"unknown mask backend {backend!r}")
     if backend == "auto":
         from .kernels import native_available
@@ -334,7 +334,7 @@ def _native_masks(backend: str) -> bool:
 
 
 def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
-    """lrm_border_fill / lrm_mask_dilate / lrm_mask_erode (cuda/mask_ops.cu) on a boolean (H, W) mask."""
+    """lrm_border_fill / lrm_mask_dilate / lrm_mask_erode (cuda/image_ops.cu) on a boolean (H, W) mask."""
     from .kernels import native
 
     m = np.ascontiguousarray(mask, dtype=np.uint8)
@@ -406,7 +406,7 @@ def remove_uniform_background(
     lo = max(6.0, 1.5 * noise + 2.0)  # below: background noise (JPEG ringing, dithering)
     hi = lo + 40.0  # edge pixels between lo and hi are partial mixes of object and background
     native = _native_masks(backend)
-    core = _border_connected(dist < lo, "native" if native else "torch")
+    core = _border_connected(dist < lo, "native" if native else "reference")
     if native:
         band = _mask_op("lrm_mask_dilate", core, edge_width)
     else:
@@ -752,7 +752,7 @@ def box_reduce(rgba: np.ndarray, factor: int, backend: str = "auto") -> np.ndarr
     """Average ``factor`` x ``factor`` blocks (partial blocks at the right and bottom edges average what they
     hold). Alpha is the rounded mean; colour is the alpha-weighted mean, so transparent pixels' colours do not
     bleed into the object's edge. Integer arithmetic with round-half-up: cuda/image_ops.cu ("native", shared
-    with the C library) and this numpy reference ("torch" backend name, as for the masks) give the same bytes."""
+    with the C library) and this numpy reference give the same bytes."""
     f = int(factor)
     h, w = rgba.shape[:2]
     out = np.empty((-(-h // f), -(-w // f), 4), np.uint8)
