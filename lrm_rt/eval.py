@@ -163,10 +163,15 @@ def _crossings(tri: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return count
 
 
-def is_closed(vertices: np.ndarray, faces: np.ndarray) -> bool:
-    """Every edge shared by exactly two faces, vertices welded by position (UV seams split them in files)."""
+def _welded_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Faces over vertices merged by position (UV seams split them in files)."""
     _, weld = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
-    f = weld.reshape(-1)[np.asarray(faces, np.int64)]
+    return weld.reshape(-1)[np.asarray(faces, np.int64)]
+
+
+def is_closed(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    """Every edge shared by exactly two faces, vertices welded by position."""
+    f = _welded_faces(vertices, faces)
     edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
     _, uses = np.unique(edges, axis=0, return_counts=True)
     return bool(len(faces)) and bool((uses == 2).all())
@@ -176,8 +181,7 @@ def bounds_a_volume(vertices: np.ndarray, faces: np.ndarray) -> bool:
     """Closed and consistently oriented, pinches allowed: every edge (vertices welded by position) is crossed
     as often one way as the other, so the surface has no boundary and no face turned against its neighbours,
     though two sheets may meet along an edge (four faces), as after decimating a thin part."""
-    _, weld = np.unique(np.asarray(vertices), axis=0, return_inverse=True)
-    f = weld.reshape(-1)[np.asarray(faces, np.int64)]
+    f = _welded_faces(vertices, faces)
     e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
     if not len(faces) or (e[:, 0] == e[:, 1]).any():
         return False

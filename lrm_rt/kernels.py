@@ -105,6 +105,14 @@ def native() -> ctypes.CDLL:
         return _lib
 
 
+def native_entry(name: str, argtypes: list):
+    """An entry point of the CPU build that returns an int status, its C signature set (ctypes would otherwise
+    pass every Python int as a C int)."""
+    fn = getattr(native(), name)
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def native_available() -> bool:
     try:
         native()

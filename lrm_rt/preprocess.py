@@ -321,7 +321,7 @@ def _border_seed(like: torch.Tensor) -> torch.Tensor:
     return seed
 
 
-def _native_masks(backend: str) -> bool:
+def _use_native(backend: str) -> bool:
     """backend "native": cuda/image_ops.cu's CPU build (a 12-megapixel photo's masks in ~0.2 s); "reference":
     numpy / torch (max-pool morphology: several seconds at that size); "auto": native when built."""
     if backend not in ("auto", "native", "reference"):
@@ -335,14 +335,12 @@ def _native_masks(backend: str) -> bool:
 
 def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
     """lrm_border_fill / lrm_mask_dilate / lrm_mask_erode (cuda/image_ops.cu) on a boolean (H, W) mask."""
-    from .kernels import native
+    from .kernels import native_entry
 
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     out = np.empty_like(m)
-    fn = getattr(native(), name)
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [vp, i64, i64] + [ctypes.c_int32] * len(args) + [vp]
-    fn.restype = ctypes.c_int
+    fn = native_entry(name, [vp, i64, i64] + [ctypes.c_int32] * len(args) + [vp])
     st = fn(m.ctypes.data, m.shape[0], m.shape[1], *args, out.ctypes.data)
     if st == -3:
         raise MemoryError(f"no memory for the background mask of a {m.shape[1]}x{m.shape[0]} image")
@@ -353,7 +351,7 @@ def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
 
 def _border_connected(candidate: np.ndarray, backend: str = "auto") -> np.ndarray:
     """Pixels of ``candidate`` connected (8-neighbourhood) to the image border: a flood fill."""
-    if _native_masks(backend):
+    if _use_native(backend):
         return _mask_op("lrm_border_fill", candidate)
     return _border_connected_torch(candidate)
 
@@ -405,7 +403,7 @@ def remove_uniform_background(
     dist = _colour_distance(rgb, colour)
     lo = max(6.0, 1.5 * noise + 2.0)  # below: background noise (JPEG ringing, dithering)
     hi = lo + 40.0  # edge pixels between lo and hi are partial mixes of object and background
-    native = _native_masks(backend)
+    native = _use_native(backend)
     core = _border_connected(dist < lo, "native" if native else "reference")
     if native:
         band = _mask_op("lrm_mask_dilate", core, edge_width)
@@ -756,14 +754,12 @@ def box_reduce(rgba: np.ndarray, factor: int, backend: str = "auto") -> np.ndarr
     f = int(factor)
     h, w = rgba.shape[:2]
     out = np.empty((-(-h // f), -(-w // f), 4), np.uint8)
-    if _native_masks(backend):
-        from .kernels import native
+    if _use_native(backend):
+        from .kernels import native_entry
 
         src = np.ascontiguousarray(rgba, dtype=np.uint8)
-        fn = native().lrm_box_reduce
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        if fn(src.ctypes.data, h, w, f, out.ctypes.data) != 0:
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        if native_entry("lrm_box_reduce", [vp, i64, i64, i64, vp])(src.ctypes.data, h, w, f, out.ctypes.data) != 0:
             raise ValueError(f"lrm_box_reduce failed on a {w}x{h} image with factor {f}")
         return out
     tile = max(1, 1024 // f) * f  # tiles of whole blocks, about 1 Mpx: bounds the int64 temporaries

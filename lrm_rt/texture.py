@@ -116,12 +116,10 @@ def _raster_setup(uv: np.ndarray, faces: np.ndarray, size: int):
 def _rasterise_native(lo: np.ndarray, hi: np.ndarray, coef: np.ndarray, size: int):
     import ctypes
 
-    from .kernels import native
+    from .kernels import native_entry
 
-    lib = native()
-    fn = lib.lrm_uv_rasterise
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes, fn.restype = [i64, vp, vp, vp, i64, ctypes.c_float, vp, vp, vp], ctypes.c_int
+    fn = native_entry("lrm_uv_rasterise", [i64, vp, vp, vp, i64, ctypes.c_float, vp, vp, vp])
     lo, hi, coef = (np.ascontiguousarray(x) for x in (lo, hi, coef))
     best = np.zeros(size * size, np.uint64)
     face = np.empty(size * size, np.int32)
@@ -204,8 +202,8 @@ def bake_texture(mesh: Mesh, field_: TriplaneField, backend: FieldBackend, size:
     if mesh.num_faces == 0:
         raise LrmError("the mesh is empty: nothing to texture")
     if mesh.num_faces > UNWRAP_WARN_FACES:
-        log.warning("UV unwrapping %d faces can take a minute or more; simplify first (--faces / target_faces, e.g. 50000)",
-                    mesh.num_faces)
+        log.warning("UV unwrapping %d faces can take a minute or more; simplify first (--faces / target_faces, "
+                    "e.g. 50000)", mesh.num_faces)
     t0 = time.perf_counter()
     vmap, faces, uv = unwrap(mesh.vertices, mesh.faces, size)
     vertices = mesh.vertices[vmap]
