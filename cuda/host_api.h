@@ -54,6 +54,8 @@ int lrm_uv_rasterise(int64_t n_faces, const float* coef, const int64_t* lo, cons
  * region = the pixels of candidate 8-connected to the image border; out = max (dilate) or min (erode) over the
  * (2r + 1)^2 window, pixels outside the image ignored (out may be m). */
 int lrm_box_reduce(const uint8_t* in, int64_t h, int64_t w, int64_t f, uint8_t* out);
+/* out[i] = distance of pixel i's RGB (px + i * stride) to colour[3] (lrm_rt.preprocess._colour_distance). */
+int lrm_colour_distance(const uint8_t* px, int64_t n, int64_t stride, const float* colour, float* out);
 int lrm_border_fill(const uint8_t* candidate, int64_t h, int64_t w, uint8_t* region);
 int lrm_mask_dilate(const uint8_t* m, int64_t h, int64_t w, int32_t r, uint8_t* out);
 int lrm_mask_erode(const uint8_t* m, int64_t h, int64_t w, int32_t r, uint8_t* out);

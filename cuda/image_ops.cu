@@ -1,8 +1,9 @@
 // Image preprocessing shared by the Python package (ctypes) and the C library (src/preprocess.cpp), so both give
-// the same bytes from one copy: box reduction of large images, and the binary mask operations of the weight-free
-// removal of a uniform background (the 8-connected flood fill from the image border; square dilation / erosion
-// with torch max-pool semantics, pixels outside the image never winning). The flood fill is serial and the mask
-// operations memory-bound: both pipelines preprocess on the CPU, so they have host entry points only.
+// the same bytes from one copy: box reduction of large images, and the colour distances and binary mask
+// operations of the weight-free removal of a uniform background (the 8-connected flood fill from the image
+// border; square dilation / erosion with torch max-pool semantics, pixels outside the image never winning).
+// Kernels where the work is per pixel; the flood fill is serial and the mask operations memory-bound, and both
+// pipelines preprocess on the CPU, so those have host entry points only.
 #include "compat.cuh"
 
 // Means of f x f blocks of an (h, w, 4) RGBA image, one logical thread per output pixel (partial blocks at the
@@ -28,8 +29,35 @@ LRM_KERNEL void lrm_box_reduce_rows(int64_t n_out, const unsigned char* __restri
     }
 }
 
+// Distance of each pixel's RGB to a background colour (lrm_rt.preprocess._colour_distance), one logical thread
+// per pixel: (rgb - colour) @ YCbCr.T in float32 as numpy's matmul evaluates it (a product, then two fused
+// multiply-adds), chroma at half weight, squares summed left to right, square root. `stride`: bytes per pixel.
+LRM_KERNEL void lrm_colour_distance_px(int64_t n, const unsigned char* __restrict__ px, int64_t stride,
+                                       float c0, float c1, float c2, float* __restrict__ out) {
+    const float k[3][3] = {{0.299f, 0.587f, 0.114f}, {-0.168736f, -0.331264f, 0.5f}, {0.5f, -0.418688f, -0.081312f}};
+    LRM_FOR_EACH(i, n) {
+        const unsigned char* q = px + i * stride;
+        const float d[3] = {(float)q[0] - c0, (float)q[1] - c1, (float)q[2] - c2};
+        float s = 0.f;
+        for (int r = 0; r < 3; ++r) {
+            float acc = lrm_mul_rn(d[0], k[r][0]);
+            acc = fmaf(d[1], k[r][1], acc);
+            acc = fmaf(d[2], k[r][2], acc);
+            if (r) acc = acc * 0.5f;
+            s = r ? lrm_add_rn(s, lrm_mul_rn(acc, acc)) : lrm_mul_rn(acc, acc);
+        }
+        out[i] = sqrtf(s);
+    }
+}
+
 #if LRM_HOST_API && !LRM_CUDA
 #include "host_api.h"
+
+extern "C" int lrm_colour_distance(const uint8_t* px, int64_t n, int64_t stride, const float* colour, float* out) {
+    if (n < 0 || stride < 3) return -1;
+    lrm_colour_distance_px(n, px, stride, colour[0], colour[1], colour[2], out);
+    return 0;
+}
 
 extern "C" int lrm_box_reduce(const uint8_t* in, int64_t h, int64_t w, int64_t f, uint8_t* out) {
     if (h < 1 || w < 1 || f < 1) return -1;

@@ -102,24 +102,14 @@ Rgba resize_foreground(const Rgba& in, double ratio) {
 // background colour = median of the border, background = pixels near that colour connected to the border (8-neighbour
 // flood fill), a soft alpha ramp on colour distance in a 2-pixel band around it, specks removed by an opening.
 
-// RGB -> (Y, Cb, Cr) rows (BT.601) as float32 (the Python module's constants).
-const float kYCbCr[3][3] = {{0.299f, 0.587f, 0.114f}, {-0.168736f, -0.331264f, 0.5f}, {0.5f, -0.418688f, -0.081312f}};
-
-// _colour_distance: (rgb - colour) @ YCBCR.T in float32 (numpy's matmul: a fused multiply-add chain), chroma halved,
-// squares summed left to right, square root.
-inline float colour_distance(const uint8_t* px, const float colour[3]) {
-    const float d[3] = {(float)px[0] - colour[0], (float)px[1] - colour[1], (float)px[2] - colour[2]};
-    float q[3];
-    for (int r = 0; r < 3; ++r) {
-        float acc = d[0] * kYCbCr[r][0];
-        acc = std::fmaf(d[1], kYCbCr[r][1], acc);
-        acc = std::fmaf(d[2], kYCbCr[r][2], acc);
-        q[r] = r ? acc * 0.5f : acc;
-    }
-    return std::sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2]);
+// Colour distances and 8-bit mask ops with torch max-pool semantics: cuda/image_ops.cu, shared with the Python
+// package.
+std::vector<float> colour_distances(const uint8_t* px, int64_t n, int64_t stride, const float colour[3]) {
+    std::vector<float> out((size_t)n);
+    if (lrm_colour_distance(px, n, stride, colour, out.data()) != 0) throw std::bad_alloc();
+    return out;
 }
 
-// 8-bit mask ops with torch max-pool semantics (cuda/mask_ops.cu, shared with the Python package).
 std::vector<uint8_t> dilate(const std::vector<uint8_t>& m, int64_t h, int64_t w, int r) {
     std::vector<uint8_t> out(m.size());
     if (lrm_mask_dilate(m.data(), h, w, r, out.data()) != 0) throw std::bad_alloc();
@@ -175,18 +165,18 @@ bool remove_uniform_background(Rgba& img) {
             colour[c] = (lo + hi) / 2.0f;
         }
     }
+    std::vector<uint8_t> border_rgb;
+    border_rgb.reserve(border.size() * 3);
+    for (const uint8_t* p : border) border_rgb.insert(border_rgb.end(), p, p + 3);
     std::vector<float> inliers;
-    for (const uint8_t* p : border) {
-        const float d = colour_distance(p, colour);
+    for (const float d : colour_distances(border_rgb.data(), (int64_t)border.size(), 3, colour))
         if (d <= 24.0f) inliers.push_back(d);
-    }
     if ((double)inliers.size() / (double)border.size() < 0.85) return false;
     const double noise = inliers.empty() ? 0.0 : percentile(inliers, 0.95);
     const double lo = std::max(6.0, 1.5 * noise + 2.0), hi = lo + 40.0;
     const float flo = (float)lo, span = (float)(hi - lo);  // numpy 2: float32 array op Python float -> float32
 
-    std::vector<float> dist((size_t)(h * w));
-    for (int64_t i = 0; i < h * w; ++i) dist[(size_t)i] = colour_distance(&img.px[(size_t)(4 * i)], colour);
+    const std::vector<float> dist = colour_distances(img.px.data(), h * w, 4, colour);
     // core: background candidates 8-connected to the border
     std::vector<uint8_t> candidate((size_t)(h * w)), core((size_t)(h * w));
     for (size_t i = 0; i < candidate.size(); ++i) candidate[i] = dist[i] < flo;

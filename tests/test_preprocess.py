@@ -594,6 +594,16 @@ def test_native_masks_equal_torch_max_pool():
         np.testing.assert_array_equal(pp._border_connected(m, "native"), pp._border_connected(m, "reference"))
 
 
+def test_native_colour_distance_equals_the_reference():
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (67, 45, 4), dtype=np.uint8)
+    for colour in (np.array([255, 255, 255], np.float32), np.array([127.5, 128, 3.5], np.float32)):
+        ref = pp._colour_distance(rgba[..., :3], colour, "reference")
+        np.testing.assert_array_equal(pp._colour_distance(rgba[..., :3], colour, "native"), ref)  # RGBA: 4 apart
+        np.testing.assert_array_equal(pp._colour_distance(rgba[::-1, :, :3], colour, "native"), ref[::-1])
+        np.testing.assert_array_equal(pp._colour_distance(rgba[0, :, :3], colour, "native"), ref[0])
+
+
 @pytest.mark.parametrize("name", ["chair.png", "mailbox.png", "catstatue_rgba.png"])
 def test_native_background_removal_equals_the_reference(name):
     im = Image.open(EXAMPLES / name).convert("RGBA")
