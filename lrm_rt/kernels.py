@@ -113,6 +113,14 @@ def native_entry(name: str, argtypes: list):
     return fn
 
 
+def use_native(backend: str) -> bool:
+    """The choice between a kernel's CPU build and the Python reference it equals: "native", "reference", or
+    "auto" (native when the library builds here)."""
+    if backend not in ("auto", "native", "reference"):
+        raise ValueError(f"unknown kernel backend {backend!r} (auto, native or reference)")
+    return native_available() if backend == "auto" else backend == "native"
+
+
 def native_available() -> bool:
     try:
         native()

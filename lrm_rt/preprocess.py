@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lrm_rt.errors import ConfigError, ImageError
+from lrm_rt.kernels import use_native
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def _colour_distance(rgb: np.ndarray, colour: np.ndarray, backend: str = "auto")
     """Distance of each pixel to ``colour`` in luma/half-weighted-chroma space (0-255 scale). uint8 pixels go to
     cuda/image_ops.cu when built (shared with the C library; 12 MP in 0.05 s instead of 0.6 s); this numpy
     version is the reference (its matmul rounds as the kernel's product and two fused multiply-adds do)."""
-    if rgb.dtype == np.uint8 and _use_native(backend):
+    if rgb.dtype == np.uint8 and use_native(backend):
         from .kernels import native_entry
 
         pix = rgb.reshape(-1, 3)  # a view where it can be (the RGB of an RGBA image: 4 bytes apart)
@@ -336,18 +337,6 @@ def _border_seed(like: torch.Tensor) -> torch.Tensor:
     return seed
 
 
-def _use_native(backend: str) -> bool:
-    """backend "native": cuda/image_ops.cu's CPU build (a 12-megapixel photo's masks in ~0.2 s); "reference":
-    numpy / torch (max-pool morphology: several seconds at that size); "auto": native when built."""
-    if backend not in ("auto", "native", "reference"):
-        raise ValueError(f"unknown mask backend {backend!r}")
-    if backend == "auto":
-        from .kernels import native_available
-
-        return native_available()
-    return backend == "native"
-
-
 def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
     """lrm_border_fill / lrm_mask_dilate / lrm_mask_erode (cuda/image_ops.cu) on a boolean (H, W) mask."""
     from .kernels import native_entry
@@ -366,7 +355,7 @@ def _mask_op(name: str, mask: np.ndarray, *args: int) -> np.ndarray:
 
 def _border_connected(candidate: np.ndarray, backend: str = "auto") -> np.ndarray:
     """Pixels of ``candidate`` connected (8-neighbourhood) to the image border: a flood fill."""
-    if _use_native(backend):
+    if use_native(backend):
         return _mask_op("lrm_border_fill", candidate)
     return _border_connected_torch(candidate)
 
@@ -415,7 +404,7 @@ def remove_uniform_background(
     if est is None:
         return None
     colour, noise = est
-    native = _use_native(backend)
+    native = use_native(backend)
     dist = _colour_distance(rgb, colour, "native" if native else "reference")
     lo = max(6.0, 1.5 * noise + 2.0)  # below: background noise (JPEG ringing, dithering)
     hi = lo + 40.0  # edge pixels between lo and hi are partial mixes of object and background
@@ -769,7 +758,7 @@ def box_reduce(rgba: np.ndarray, factor: int, backend: str = "auto") -> np.ndarr
     f = int(factor)
     h, w = rgba.shape[:2]
     out = np.empty((-(-h // f), -(-w // f), 4), np.uint8)
-    if _use_native(backend):
+    if use_native(backend):
         from .kernels import native_entry
 
         src = np.ascontiguousarray(rgba, dtype=np.uint8)

@@ -76,18 +76,13 @@ def rasterise(uv: np.ndarray, faces: np.ndarray, size: int, backend: str = "auto
     """Texels covered by the faces in UV space (texel (r, c) has its centre at uv ((c + .5) / size, (r + .5) / size),
     row 0 at the top, as glTF samples). Returns (texel index r * size + c, ascending; face; barycentric weights
     (n, 3)); a texel within EDGE_MARGIN of several faces goes to the one it lies deepest inside (ties: the lower
-    face). backend: "native" (the CPU build of cuda/uv_raster.cu), "numpy" (the reference) or "auto"."""
-    if backend not in ("auto", "native", "numpy"):
-        raise ValueError(f"unknown rasteriser backend {backend!r}")
-    lo, hi, coef = _raster_setup(uv, faces, size)
-    if backend == "numpy" or len(faces) > np.iinfo(np.int32).max:
-        return _rasterise_numpy(lo, hi, coef, size)
-    if backend == "auto":
-        from .kernels import native_available
+    face). backend (kernels.use_native): the CPU build of cuda/uv_raster.cu or the numpy reference."""
+    from .kernels import use_native
 
-        if not native_available():
-            return _rasterise_numpy(lo, hi, coef, size)
-    return _rasterise_native(lo, hi, coef, size)
+    lo, hi, coef = _raster_setup(uv, faces, size)
+    if use_native(backend) and len(faces) <= np.iinfo(np.int32).max:
+        return _rasterise_native(lo, hi, coef, size)
+    return _rasterise_numpy(lo, hi, coef, size)
 
 
 def _raster_setup(uv: np.ndarray, faces: np.ndarray, size: int):

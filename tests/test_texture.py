@@ -46,7 +46,7 @@ def _bilinear(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
             + at(y0 + 1, x0 + 1) * fx * fy)
 
 
-RASTERISERS = pytest.mark.parametrize("raster", ["native", "numpy"])
+RASTERISERS = pytest.mark.parametrize("raster", ["native", "reference"])
 
 
 @RASTERISERS
@@ -116,7 +116,7 @@ def test_native_rasteriser_equals_the_numpy_reference(tiny):
     soup[6:9] = [[0.2, 0.2], [0.4, 0.4], [0.6, 0.6]]  # zero area
     cases = [(uv, faces, 256), (uv, faces, 97), (soup, np.arange(300).reshape(100, 3), 64)]
     for pts, tris, size in cases:
-        ref = T.rasterise(pts, tris, size, "numpy")
+        ref = T.rasterise(pts, tris, size, "reference")
         out = T.rasterise(pts, tris, size, "native")
         assert len(ref[0]) > 0
         for a, b in zip(ref, out):
