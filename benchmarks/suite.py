@@ -183,6 +183,10 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> Settings:
             _usage_error(f"{name} values must be >= {2 if name == '--resolutions' else 1}")
     if s.repeats < 1 or s.warmup < 1 or s.baseline_repeats < 1:
         _usage_error("--repeats, --baseline-repeats and --warmup must be >= 1 (the parity run is a warm-up)")
+    unknown = [m for m in s.models if not _is_model_spec(m)]
+    if unknown:  # caught here, before the suite runs and writes a results folder with nothing measured in it
+        _usage_error(f"--models: unknown model {unknown[0]!r}: not a release config, a built-in model, a model "
+                     f"directory or a repo id (release configs: {', '.join(RELEASE_MODELS)})")
     if s.device != "auto":  # the pipeline's own check; otherwise every model would fail the same way
         from lrm_rt.errors import ConfigError
         from lrm_rt.pipeline import check_device
@@ -192,6 +196,15 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> Settings:
         except ConfigError:
             _usage_error(f"--device must be auto, cpu or cuda, got {s.device!r}")
     return s
+
+
+def _is_model_spec(spec: str) -> bool:
+    """Whether ``spec`` is something ``resolve_model`` can try: a bench or release config, a built-in model,
+    an existing path (its contents are checked when it loads) or a repo id."""
+    from lrm_rt.config import NAMED_CONFIGS
+
+    return (spec in BENCH_CONFIGS or spec in NAMED_CONFIGS or spec in builtin_models()
+            or Path(spec).expanduser().exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None)
 
 
 def builtin_models() -> List[str]:
@@ -742,7 +755,7 @@ def _torch_net(precision: str) -> Callable:
             raise Unavailable(f"this CPU has no native {precision} arithmetic ({'/'.join(sorted(NATIVE_CPU_FLAGS[precision]))}); "
                               f"pass --network-backends torch-{precision} to run it anyway")
         model = ctx.src.load()
-        return TorchNetworkBackend(model.network, ctx.device, precision)
+        return TorchNetworkBackend(model.network, ctx.device, precision, in_place=True)  # loaded for it alone
 
     return make
 
@@ -1524,7 +1537,12 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
         "model_errors": runner.model_errors,
         "interrupted": interrupted,
     }
-    report.write_all(results, out, plots=settings.plots, log=log)
+    measured = any(r["status"] == "ok" for k in ("network", "extraction", "render", "end_to_end")
+                   for r in runner.rows[k])
+    if measured or not (out / "results.json").exists():
+        report.write_all(results, out, plots=settings.plots, log=log)
+    else:  # every model failed: an earlier run's results (committed ones, by default) are worth more than this
+        log(f"   nothing was measured: the results already in {out} are left as they were")
     return results
 
 
@@ -1543,9 +1561,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [r for r in rows if r["status"] in ("FAILING", "error")] + results["model_errors"]
     if bad:
         print(f"{len(bad)} configuration(s) FAILING or erroring: see results.md")
-    if not any(r["status"] == "ok" for r in rows):  # e.g. every model unloadable: nothing was measured
-        print(f"error: no configuration ran successfully ({len(bad)} FAILING or erroring): see results.md",
-              file=sys.stderr)
+    if not any(r["status"] == "ok" for r in rows):  # e.g. every model unloadable: nothing measured, nothing written
+        for e in results["model_errors"]:
+            print(f"  {e['model']}: {e['error']}", file=sys.stderr)
+        print(f"error: no configuration ran successfully ({len(bad)} FAILING or erroring)", file=sys.stderr)
         return 2
     return 1 if bad and settings.strict else 0
 

@@ -220,16 +220,19 @@ def test_targets_logic():
 def test_cli_entry(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "--quick" in r.stdout and "--baseline-max-resolution" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", "no-such-model,tiny-triposr", "--resolutions", "12",
-                        "--e2e-resolution", "12", "--batch", "1", "--repeats", "1", "--render-size", "8",
-                        "--network-backends", "torch-fp32", "--field-backends", "torch", "--no-plots",
-                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    unloadable = tmp_path / "unloadable"
+    unloadable.mkdir()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", f"{unloadable},tiny-triposr",
+                        "--resolutions", "12", "--e2e-resolution", "12", "--batch", "1", "--repeats", "1",
+                        "--render-size", "8", "--network-backends", "torch-fp32", "--field-backends", "torch",
+                        "--no-plots", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "Targets:" in r.stdout
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["command"].startswith("lrm-rt bench --models no-such-model,tiny-triposr")
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"].startswith(f"lrm-rt bench --models {unloadable},tiny-triposr")
     # a model that cannot be loaded is reported, the others still run
-    assert [e["model"] for e in data["model_errors"]] == ["no-such-model"]
+    assert [e["model"] for e in data["model_errors"]] == [str(unloadable)]
     assert [m["name"] for m in data["models"]] == ["tiny-triposr"] and data["end_to_end"]
 
 
@@ -268,13 +271,34 @@ def test_unusable_out_directory_exits_2(tmp_path, capsys):
 
 
 def test_nothing_measured_exits_2(tmp_path):
-    """Every model failing is not a benchmark result: exit 2 (partial failure stays 0, see test_cli_entry)."""
-    r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", "no-such-model,nor-this-one",
-                        "--quick", "--no-plots", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    """Every model failing is not a benchmark result: exit 2 (partial failure stays 0, see test_cli_entry), each
+    model's error on stderr; written down in a new results folder, while an earlier run's results are kept."""
+    empty, broken, out = tmp_path / "empty", tmp_path / "broken", tmp_path / "out"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+
+    def bench():
+        return subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", f"{empty},{broken}", "--quick",
+                               "--no-plots", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+
+    r = bench()
     assert r.returncode == 2, r.stderr + r.stdout
     assert "error: no configuration ran successfully" in r.stderr and "Traceback" not in r.stderr
-    data = json.loads((tmp_path / "results.json").read_text())  # the errors are still written down
-    assert [e["model"] for e in data["model_errors"]] == ["no-such-model", "nor-this-one"]
+    assert f"{empty}: " in r.stderr and f"{broken}: " in r.stderr, r.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert [e["model"] for e in data["model_errors"]] == [str(empty), str(broken)]
+    (out / "results.json").write_text('{"earlier": "run"}')
+    assert bench().returncode == 2
+    assert json.loads((out / "results.json").read_text()) == {"earlier": "run"}
+
+
+def test_unknown_model_is_a_usage_error(tmp_path):
+    """A misspelt name stops before anything runs or is written (it once replaced the committed results)."""
+    r = subprocess.run([sys.executable, "-m", "lrm_rt.cli", "bench", "--models", "lrm-tiny,no-such-model", "--quick",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "error: --models: unknown model 'no-such-model'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_interrupt_keeps_finished_rows(tmp_path):
