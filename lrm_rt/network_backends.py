@@ -5,6 +5,7 @@ TensorRT backends (from ``lrm-rt export``) implement the same interface.
 """
 from __future__ import annotations
 
+import copy
 import time
 from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Tuple
@@ -93,10 +94,30 @@ class NetworkBackend(ABC):
         return TriplaneField(triplane.float().contiguous(), self.weights, self.biases, self.config.field_spec)
 
 
+def _converted_copy(network: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``network`` on ``device`` in ``dtype`` (floating tensors only, as Module.to), as a copy when that changes
+    anything: each tensor is converted once, straight into the copy (no second full-precision copy on the way)."""
+    tensors = list(network.parameters()) + list(network.buffers())
+    def placed(t: torch.Tensor) -> bool:  # "cuda" names the current GPU
+        return t.device.type == device.type and device.index in (None, t.device.index)
+
+    if all(placed(t) and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return network
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device, dtype) if t.is_floating_point() else t.detach().to(device)
+
+    memo = {id(p): torch.nn.Parameter(convert(p), requires_grad=p.requires_grad) for p in network.parameters()}
+    memo.update({id(b): convert(b) for b in network.buffers()})
+    return copy.deepcopy(network, memo)
+
+
 class TorchNetworkBackend(NetworkBackend):
     name = "torch"
 
-    def __init__(self, network: LRMNetwork, device: str = "cpu", precision: str = "auto"):
+    def __init__(self, network: LRMNetwork, device: str = "cpu", precision: str = "auto", *, in_place: bool = False):
+        """``in_place``: convert ``network`` itself to the device and precision (for a network nobody else uses);
+        otherwise a network that needs converting is copied, so a model shared by several backends keeps its own."""
         precision = resolve_precision(precision, device, network.config.transformer_dim)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("--device cuda was requested but torch sees no CUDA GPU")
@@ -105,6 +126,8 @@ class TorchNetworkBackend(NetworkBackend):
         self.precision = precision
         self.dtype = DTYPES[precision]
         self.weights, self.biases = network.decoder_params()  # fp32 copies for the field
+        if not in_place:
+            network = _converted_copy(network, self.device, self.dtype)
         self.network = network.to(self.device, self.dtype).eval()
 
     @torch.no_grad()

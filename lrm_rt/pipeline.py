@@ -41,6 +41,11 @@ def check_device(device: str) -> str:
     return device
 
 
+def cuda_index(device: str) -> Optional[int]:
+    """N of "cuda:N"; None for "cuda" (the current GPU) or the CPU."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+
+
 def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
                       background_removal: str = "auto") -> PreprocessConfig:
     """The family's reference preprocessing for ``cfg`` (TripoSR run.py / OpenLRM infer_single)."""
@@ -64,7 +69,7 @@ def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:
             from .field.cuda import CudaFieldBackend
         except ImportError as exc:
             raise BackendError(f"CUDA field backend unavailable: {exc}") from None
-        return CudaFieldBackend()
+        return CudaFieldBackend(device=cuda_index(device))
     if name in ("native", "auto"):
         try:
             from .field.native import NativeFieldBackend
@@ -78,17 +83,20 @@ def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:
 
 
 def exported_network_backend(export_dir: Union[str, Path], name: str = "auto", device: str = "cpu",
-                             precision: str = "fp32", threads: Optional[int] = None) -> NetworkBackend:
-    """The backend that runs an export directory: ``onnxruntime`` (``auto``) or ``tensorrt``."""
+                             precision: Optional[str] = None, threads: Optional[int] = None) -> NetworkBackend:
+    """The backend that runs an export directory: ``onnxruntime`` (``auto``) or ``tensorrt``. ``precision``
+    None: the fp32 graphs in ONNX Runtime, the engines as built in TensorRT."""
     if name in ("auto", "onnxruntime"):
         from .onnx_backend import OnnxRuntimeNetworkBackend
 
         providers = "cuda" if device.startswith("cuda") else "cpu"
-        return OnnxRuntimeNetworkBackend(export_dir, providers=providers, threads=threads, precision=precision)
+        return OnnxRuntimeNetworkBackend(export_dir, providers=providers, threads=threads,
+                                         precision=precision or "fp32")
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTNetworkBackend
 
-        return TensorRTNetworkBackend(export_dir, device=device)
+        return TensorRTNetworkBackend(export_dir, device=device, device_id=cuda_index(device) or 0,
+                                      precision=precision or "auto")
     if name == "torch":
         raise ConfigError(f"{export_dir} is an export directory (ONNX graphs, no torch weights): use "
                           "--network-backend onnxruntime or tensorrt, or pass the original checkpoint")
@@ -114,11 +122,14 @@ class Reconstructor:
     >>> rec = Reconstructor("lrm-tiny")                      # doctest: +SKIP
     >>> result = rec.reconstruct("chair.png")                # doctest: +SKIP
     >>> rec.save(result, "out/", "chair", fmt="glb")         # doctest: +SKIP
+
+    ``precision`` None: fp32 for torch and ONNX Runtime, TensorRT's engines as they were built; "auto" as the
+    CLI's --precision (bf16 where it measures faster on this CPU).
     """
 
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, *, device: str = "cpu",
                  network_backend: Union[str, NetworkBackend] = "auto", field_backend_name: str = "auto",
-                 precision: str = "fp32", threads: Optional[int] = None, random_weights: bool = False):
+                 precision: Optional[str] = None, threads: Optional[int] = None, random_weights: bool = False):
         if not isinstance(model, (str, Path, LoadedModel)):
             raise ConfigError(f"model must be a name, a directory or a LoadedModel, got {type(model).__name__}")
         check_device(device)
@@ -134,7 +145,9 @@ class Reconstructor:
             if isinstance(network_backend, NetworkBackend):
                 self.network = network_backend
             elif network_backend in ("torch", "auto"):
-                self.network = TorchNetworkBackend(self.model.network, device, precision)
+                # a LoadedModel from the caller may be shared with other Reconstructors: left as it is
+                self.network = TorchNetworkBackend(self.model.network, device, precision or "fp32",
+                                                   in_place=not isinstance(model, LoadedModel))
             elif network_backend in ("onnxruntime", "tensorrt"):
                 raise ConfigError(f"--network-backend {network_backend} runs an export directory "
                                   f"(lrm-rt export --model M --out DIR, then --model DIR), not {model}")

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import BackendError
+from .errors import BackendError, ConfigError
 from .network_backends import NetworkBackend
 
 ENGINE_DIR = "tensorrt"
@@ -314,7 +314,9 @@ class TensorRTNetworkBackend(NetworkBackend):
 
     name = "tensorrt"
 
-    def __init__(self, export_dir: Union[str, Path], device: str = "cuda", device_id: int = 0):
+    def __init__(self, export_dir: Union[str, Path], device: str = "cuda", device_id: int = 0, precision: str = "auto"):
+        """``precision``: "auto" runs the engines as built; "fp32" / "fp16" must be the precision they were built
+        in (a TensorRT engine's precision is fixed when it is built)."""
         from .export import manifest as M
 
         self.export_dir = Path(export_dir)
@@ -323,6 +325,14 @@ class TensorRTNetworkBackend(NetworkBackend):
         info = self.manifest.get("tensorrt")
         if not info:
             raise BackendError(f"{self.export_dir} has no TensorRT engines; " + REBUILD_HINT.format(dir=self.export_dir))
+        built = str(info.get("precision", "fp32"))
+        if precision not in ("auto", built):
+            if precision not in ("fp32", "fp16"):
+                raise ConfigError(f"precision {precision!r} is not available with tensorrt (fp32, fp16)")
+            raise ConfigError(f"the TensorRT engines in {self.export_dir} were built in {built}, not {precision}: "
+                              f"drop --precision, or rebuild with lrm-rt export --tensorrt"
+                              f"{' --fp16' if precision == 'fp16' else ''}")
+        self.precision = built
         trt = require_tensorrt()
         cp = require_cupy()
         self.weights, self.biases = M.load_decoder(self.export_dir, self.manifest)

@@ -165,3 +165,19 @@ def test_bf16_backend_returns_fp32_triplane(fixtures_dir, triposr_io):
     assert triplane.dtype == torch.float32 and backend.weights[0].dtype == torch.float32
     rel = ((triplane - ref).abs().max() / ref.abs().max()).item()
     assert 0 < rel < 0.05  # bf16 really ran (not bit-exact) and stayed close
+
+
+def test_reconstructors_sharing_a_model_keep_their_precisions(fixtures_dir):
+    """A LoadedModel given to a Reconstructor is not converted under the caller: a bf16 Reconstructor built on
+    the same model afterwards leaves the fp32 one running fp32 (it once turned its weights into bf16 too)."""
+    d = fixtures_dir / "checkpoints" / "openlrm-tiny-1.1"
+    model = load_model(str(d))
+    fp32 = Reconstructor(model, network_backend="torch", precision="fp32")
+    before = fp32.reconstruct(str(d / "input.png"), mc_resolution=32).triplane
+    bf16 = Reconstructor(model, network_backend="torch", precision="bf16")
+    assert next(bf16.network.network.parameters()).dtype == torch.bfloat16
+    assert next(model.network.parameters()).dtype == torch.float32
+    assert fp32.network.network is model.network  # fp32 on the CPU needed no copy
+    torch.testing.assert_close(fp32.reconstruct(str(d / "input.png"), mc_resolution=32).triplane, before,
+                               rtol=0, atol=0)
+    bf16.reconstruct(str(d / "input.png"), mc_resolution=32)

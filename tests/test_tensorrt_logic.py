@@ -10,7 +10,7 @@ import pytest
 
 from lrm_rt import tensorrt_backend as T
 from lrm_rt.config import NAMED_CONFIGS
-from lrm_rt.errors import BackendError
+from lrm_rt.errors import BackendError, ConfigError
 from lrm_rt.export.onnx_export import graph_specs
 
 
@@ -284,7 +284,13 @@ def test_build_and_load_with_fake_tensorrt(tiny_export, tmp_path, monkeypatch):
 
     write_manifest(d, man)
     backend = T.TensorRTNetworkBackend(d)
-    assert backend.max_batch == 4 and backend.config == man["_config"]
+    assert backend.max_batch == 4 and backend.config == man["_config"] and backend.precision == "fp16"
+    assert T.TensorRTNetworkBackend(d, precision="fp16").precision == "fp16"
+    # an engine's precision is fixed at build time: asking for another is refused, naming the rebuild
+    with pytest.raises(ConfigError, match="built in fp16, not fp32: drop --precision, or rebuild"):
+        T.TensorRTNetworkBackend(d, precision="fp32")
+    with pytest.raises(ConfigError, match="not available with tensorrt"):
+        T.TensorRTNetworkBackend(d, precision="bf16")
 
     # Same engines on another GPU / TensorRT version, or after the ONNX changed: refuse, name the fix.
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(b"Orin", (8, 7)))
@@ -299,3 +305,21 @@ def test_build_and_load_with_fake_tensorrt(tiny_export, tmp_path, monkeypatch):
     write_manifest(d, man)
     with pytest.raises(BackendError, match="ONNX sha256"):
         T.TensorRTNetworkBackend(d)
+
+
+def test_gpu_index_and_precision_reach_the_gpu_backends(monkeypatch, tmp_path):
+    """--device cuda:N runs the field and the TensorRT engines on GPU N too (they once took GPU 0 / CuPy's
+    current one), and the Python default precision leaves TensorRT engines as built."""
+    import lrm_rt.field.cuda as C
+    from lrm_rt.pipeline import exported_network_backend, field_backend
+
+    seen = {}
+    monkeypatch.setattr(C, "CudaFieldBackend", lambda device=None: seen.setdefault("field", device))
+    monkeypatch.setattr(T, "TensorRTNetworkBackend", lambda d, **kw: seen.setdefault("trt", kw))
+    field_backend("auto", "cuda:1")
+    exported_network_backend(tmp_path, "tensorrt", "cuda:2")
+    assert seen == {"field": 1, "trt": {"device": "cuda:2", "device_id": 2, "precision": "auto"}}
+    seen.clear()
+    field_backend("cuda", "cuda")
+    exported_network_backend(tmp_path, "tensorrt", "cuda", precision="fp16")
+    assert seen == {"field": None, "trt": {"device": "cuda", "device_id": 0, "precision": "fp16"}}
