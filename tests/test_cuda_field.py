@@ -175,6 +175,31 @@ def test_emulated_random_decoders_match_torch_reference(seed):
     torch.testing.assert_close(be.query(field, pts, raw_density=True)[0], raw_ref, atol=ATOL, rtol=RTOL)
 
 
+def test_device_copy_is_not_reused_for_a_new_field():
+    """The device copy of a field is cached by id and address: a field freed after its request must not hand its
+    id and memory to the next request's field while the cache still answers for them (it once answered a new
+    image with the previous triplane). Fields live only during their request, as in Reconstructor.reconstruct."""
+    import gc
+    import weakref
+
+    from lrm_rt.field.native import NativeFieldBackend
+
+    g = torch.Generator().manual_seed(0)
+    c, h = 8, 16
+    ws = [torch.randn(16, 3 * c, generator=g), torch.randn(4, 16, generator=g)]
+    bs = [torch.randn(16, generator=g), torch.randn(4, generator=g)]
+    pts = torch.rand(200, 3, generator=g) * 1.6 - 0.8
+    backend, native = emulated(), NativeFieldBackend(threads=1)
+    for seed in range(40):
+        planes = torch.randn(3, c, h, h, generator=torch.Generator().manual_seed(seed))
+        field = TriplaneField(planes, ws, bs, TRIPOSR_FIELD)
+        torch.testing.assert_close(backend.query(field, pts)[0], native.query(field, pts)[0], rtol=1e-4, atol=1e-5)
+        alive = weakref.ref(field)
+        del field, planes
+        gc.collect()
+        assert alive() is not None  # held by the cache, so no new object can take its id or address
+
+
 def test_emulated_half_conversion_covers_subnormals_and_signs(triposr_field, triposr_io):
     planes = triposr_field.planes.clone()
     planes[0, :, :4, :4] = 3.0e-6  # subnormal in half precision

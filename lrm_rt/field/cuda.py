@@ -227,6 +227,7 @@ class CudaFieldBackend(FieldBackend):
         self.stage_weights = stage_weights
         self.last_grid_stats: dict = {}
         self._cache_key = None
+        self._cache_owner = None
         self._cache: Optional[_DeviceField] = None
 
     # -- helpers
@@ -235,7 +236,9 @@ class CudaFieldBackend(FieldBackend):
         key = (id(field), self.plane_dtype, tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
         if key != self._cache_key:
             self._cache = _DeviceField(self.rt, field, self.plane_dtype)
-            self._cache_key = key
+            # The key names objects by id and address, so they are kept alive with it: a freed field's id and
+            # memory would otherwise be reused by the next request's, which would be answered from this copy.
+            self._cache_key, self._cache_owner = key, (field, tensors)
         return self._cache
 
     def _smem_floats(self, dev: _DeviceField) -> int:
