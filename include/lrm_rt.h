@@ -71,7 +71,7 @@ typedef struct lrm_params {
                                available processor is used (OpenMP would end the process if the
                                OS refused a thread). A nonzero value also sets LibTorch's
                                (process-wide) intra-op thread count */
-    int32_t mc_resolution;  /* marching-cubes grid side (>= 2); 0 = the model's default */
+    int32_t mc_resolution;  /* marching-cubes grid side in [2, 4096]; 0 = the model's default */
     float mc_threshold;     /* density iso-level; NaN = the model's default */
     int32_t vertex_colors;  /* nonzero: decode a colour per vertex */
     int32_t device;         /* lrm_device; LRM_DEVICE_CUDA needs a CUDA build and a cuda export */

@@ -36,8 +36,9 @@ struct MeshDeleter {
 struct ImageDeleter {
     void operator()(lrm_image* p) const noexcept { lrm_image_free(p); }
 };
-inline void check(lrm_status status, const lrm_context* ctx = nullptr) {
-    if (status != LRM_OK) throw Error(status, lrm_last_error(ctx));
+// The calling thread's own message (lrm_last_error(NULL)): a shared context's last error may be another thread's.
+inline void check(lrm_status status) {
+    if (status != LRM_OK) throw Error(status, lrm_last_error(nullptr));
 }
 }  // namespace detail
 
@@ -118,7 +119,7 @@ public:
     lrm_context* get() const noexcept { return p_.get(); }
 
 private:
-    void check(lrm_status s) const { detail::check(s, p_.get()); }
+    void check(lrm_status s) const { detail::check(s); }
     std::unique_ptr<lrm_context, detail::ContextDeleter> p_;
 };
 

@@ -66,14 +66,19 @@ void require(bool ok, const std::string& msg) {
     if (!ok) lrm::fail(LRM_ERR_INVALID_ARGUMENT, msg);
 }
 
+void check_struct_size(size_t size) {
+    require(size == sizeof(lrm_params), "lrm_params.struct_size is " + std::to_string(size) + ", expected " +
+                                            std::to_string(sizeof(lrm_params)) +
+                                            ": initialise params with lrm_default_params()");
+}
+
 void check_params(const lrm_params& p) {
-    require(p.struct_size == sizeof(lrm_params),
-            "lrm_params.struct_size is " + std::to_string(p.struct_size) + ", expected " +
-                std::to_string(sizeof(lrm_params)) + ": initialise params with lrm_default_params()");
+    check_struct_size(p.struct_size);
     require(p.threads >= 0 && p.threads <= kMaxThreads, "threads must be in [0, " + std::to_string(kMaxThreads) +
                                                              "] (0 = all cores), got " + std::to_string(p.threads));
-    require(p.mc_resolution == 0 || (p.mc_resolution >= 2 && p.mc_resolution <= 2048),
-            "mc_resolution must be 0 (model default) or in [2, 2048], got " + std::to_string(p.mc_resolution));
+    require(p.mc_resolution == 0 || (p.mc_resolution >= 2 && p.mc_resolution <= lrm::kMaxMcResolution),
+            "mc_resolution must be 0 (model default) or in [2, " + std::to_string(lrm::kMaxMcResolution) + "], got " +
+                std::to_string(p.mc_resolution));
     require(std::isnan(p.mc_threshold) || std::isfinite(p.mc_threshold), "mc_threshold must be finite or NaN (default)");
     require(p.device == LRM_DEVICE_CPU || p.device == LRM_DEVICE_CUDA, "device must be LRM_DEVICE_CPU or LRM_DEVICE_CUDA");
     require(p.device_index >= 0, "device_index must be >= 0");
@@ -192,6 +197,9 @@ lrm_status lrm_create(const char* export_dir, const lrm_params* params, lrm_cont
         require(out != nullptr, "out (lrm_context**) is NULL");
         require(export_dir != nullptr, "export_dir is NULL");
         require(export_dir[0] != '\0', "export_dir is empty");
+        // struct_size (the first member) is checked before the rest is read: a smaller struct from another
+        // header version must not be read past its end.
+        if (params) check_struct_size(params->struct_size);
         const lrm_params p = params ? *params : lrm_default_params();
         check_params(p);
         const double t0 = lrm::now_seconds();

@@ -45,6 +45,8 @@ constexpr int64_t kMaxImagePixels = 8192LL * 8192LL;
 constexpr uint64_t kMaxImageFileBytes = 1ULL << 30;  // as lrm_rt.preprocess.MAX_IMAGE_FILE_BYTES
 // Images (and framed canvases) with a longer side are box-reduced first (lrm_rt.preprocess.MAX_WORK_SIDE).
 constexpr int64_t kMaxWorkSide = 4096;
+// The largest marching-cubes grid side (lrm_params and a manifest's default): the Python CLI's --mc-resolution bound.
+constexpr int kMaxMcResolution = 4096;
 // Smallest TripoSR framing ratio accepted (lrm_rt.preprocess.MIN_FOREGROUND_RATIO): the object spans this share
 // of the framed canvas's side.
 constexpr double kMinForegroundRatio = 0.05;

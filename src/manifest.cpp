@@ -12,8 +12,6 @@ namespace {
 
 constexpr const char* kFormat = "lrm_rt-export";
 constexpr int kFormatVersion = 1;
-// The largest default grid a manifest may name: the Python CLI's --mc-resolution bound.
-constexpr int kMaxManifestMcResolution = 4096;
 constexpr const char* kReexport = "; re-export it with: lrm-rt export --model M --out DIR --aoti";
 
 [[noreturn]] void bad(const std::string& dir, const std::string& what) {
@@ -185,8 +183,8 @@ ModelInfo read_export_dir(const std::string& dir) {
         if (!(bg >= 0.0 && bg <= 1.0)) bad(dir, "config.background must be in [0, 1], got " + number_text(bg));
     m.mc_resolution = integer(cfg["mc_resolution"], dir, "config.mc_resolution");
     m.mc_threshold = num(cfg["mc_threshold"], dir, "config.mc_threshold");
-    if (m.mc_resolution < 2 || m.mc_resolution > kMaxManifestMcResolution)
-        bad(dir, "config.mc_resolution must be in [2, " + std::to_string(kMaxManifestMcResolution) + "], got " +
+    if (m.mc_resolution < 2 || m.mc_resolution > kMaxMcResolution)
+        bad(dir, "config.mc_resolution must be in [2, " + std::to_string(kMaxMcResolution) + "], got " +
                      std::to_string(m.mc_resolution));
     if (!std::isfinite(m.mc_threshold)) bad(dir, "config.mc_threshold is not a finite number");
 

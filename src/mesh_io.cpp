@@ -1,14 +1,17 @@
 // Mesh writers: binary PLY, OBJ with vertex colours, glTF 2.0 binary (GLB) with COLOR_0. Each file is written to
 // a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <string>
 
 #include "internal.hpp"
@@ -157,8 +160,19 @@ void write_atomic(const std::string& path, const std::string& data) {
     // file. Checked through symbolic links; a link to a regular file is itself replaced, its target left as it was.
     if (path_exists(path) && !is_file(path))
         fail(LRM_ERR_IO, "output path exists and is not a regular file (a device, FIFO or socket): " + path);
-    std::string tmpl = path + ".tmpXXXXXX";
-    const int fd = ::mkstemp(&tmpl[0]);
+    // A new file opened with mode 0666 gets the usual permissions (umask applied by the kernel); mkstemp would make
+    // it 0600, and reading the umask to widen that afterwards (umask(0); umask(m)) races with other threads.
+    static std::atomic<unsigned> counter{0};
+    static const unsigned salt = std::random_device{}();
+    std::string tmpl;
+    int fd = -1;
+    for (int attempt = 0; fd < 0 && attempt < 100; ++attempt) {
+        char suffix[48];
+        std::snprintf(suffix, sizeof suffix, ".tmp%ld.%x.%u", (long)::getpid(), salt, counter.fetch_add(1));
+        tmpl = path + suffix;
+        fd = ::open(tmpl.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
     if (fd < 0) fail(LRM_ERR_IO, "cannot create a file in " + dir + " (" + std::strerror(errno) + ")");
     size_t done = 0;
     while (done < data.size()) {
@@ -172,10 +186,6 @@ void write_atomic(const std::string& path, const std::string& data) {
         }
         done += (size_t)n;
     }
-    // mkstemp creates 0600 files; give the mesh the usual permissions (umask applied).
-    const mode_t mask = ::umask(0);
-    ::umask(mask);
-    ::fchmod(fd, 0666 & ~mask);
     if (::close(fd) != 0 || ::rename(tmpl.c_str(), path.c_str()) != 0) {
         const int e = errno;
         ::unlink(tmpl.c_str());

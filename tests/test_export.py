@@ -296,3 +296,27 @@ def test_aoti_device_is_checked_up_front(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA GPU"):
         check_aoti_device("cuda")
+
+
+def test_chmod_as_open_never_sets_the_umask(tmp_path, monkeypatch):
+    """The mode is read from a probe file, not by setting the process umask (umask(0); umask(m) races with
+    other threads' file creation, which would get mode 0666). No probe file is left behind."""
+    import os
+
+    from lrm_rt.files import chmod_as_open
+
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x")
+    os.chmod(f, 0o600)
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        chmod_as_open(f)
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

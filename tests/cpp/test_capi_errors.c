@@ -202,6 +202,13 @@ static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const
     p = lrm_default_params();
     p.mc_resolution = 1;
     expect("create(mc_resolution 1)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p.mc_resolution = 4097;
+    expect_msg("create(mc_resolution 4097)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL,
+               "[2, 4096]");
+    p.mc_resolution = 4096; /* the largest, as the Python CLI's and a manifest's (the grid is sized later) */
+    expect("create(mc_resolution 4096)", lrm_create(export_dir, &p, &out_ctx), LRM_OK, NULL);
+    lrm_free(out_ctx);
+    out_ctx = NULL;
     p = lrm_default_params();
     p.threads = -1;
     expect("create(threads -1)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
@@ -323,7 +330,19 @@ static void writer_checks(lrm_context* ctx, const char* image_path, const char* 
     expect("mesh_write(path is a directory)", lrm_mesh_write(mesh, work, LRM_MESH_PLY), LRM_ERR_IO, NULL);
     expect("mesh_write(empty path)", lrm_mesh_write(mesh, "", LRM_MESH_PLY), LRM_ERR_INVALID_ARGUMENT, NULL);
     snprintf(path, sizeof path, "%s/mesh.ply", work);
-    expect("mesh_write(good)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_OK, NULL);
+    {   /* the file gets 0666 & ~umask, and the process umask is left as it was (the writer never sets it) */
+        const mode_t old_mask = umask(027);
+        struct stat st;
+        memset(&st, 0, sizeof st);
+        expect("mesh_write(good)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_OK, NULL);
+        const mode_t after = umask(old_mask);
+        ++checks;
+        if (stat(path, &st) != 0 || (st.st_mode & 0777) != 0640 || after != 027) {
+            fprintf(stderr, "FAIL mesh_write: mode %o (want 640), umask afterwards %o (want 27)\n",
+                    (unsigned)(st.st_mode & 0777), (unsigned)after);
+            ++failures;
+        }
+    }
     lrm_mesh_free(mesh);
 }
 
