@@ -6,7 +6,8 @@
     GET /health -> 200, JSON with the model and backends
 
 Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same one-line messages as the CLI),
-411 / 413 for a missing or too large body, 404 for other paths, 503 when memory runs out, 500 otherwise. One
+411 / 413 for a missing or too large body, 404 for other paths, 503 when memory runs or would run out, 500
+otherwise. One
 reconstruction runs at a time (requests queue), so memory stays that of one. Standard library only; it binds
 to localhost unless told otherwise, and has no authentication: put it behind a proxy to expose it.
 """
@@ -23,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from .cli import finite, int_in
-from .errors import ConfigError, LrmError, is_out_of_memory
+from .errors import ConfigError, LrmError, ResourceError, is_out_of_memory
 from .mesh import FORMATS, mesh_bytes
 from .pipeline import Reconstructor
 from .preprocess import MAX_IMAGE_FILE_BYTES, decode_image
@@ -152,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(length))
         try:
             data, fmt, timings, warnings = self.server.reconstruct(body, parse_parameters(url.query))
+        except ResourceError as e:  # the request is valid, this machine lacks the memory for it (checked up front)
+            self._json(503, {"error": str(e)})
         except LrmError as e:
             self._json(400, {"error": str(e)})
         except Exception as e:  # noqa: BLE001 (a server answers every request)

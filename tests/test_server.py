@@ -107,6 +107,10 @@ def test_missing_length_and_internal_errors(server, monkeypatch, capsys):
     assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
     conn.close()
 
+    # a valid request this machine has not the memory for (a 4096^3 grid: 275 GB), refused before allocating
+    status, _, text = _request(server, "POST", "/reconstruct?mc_resolution=4096", CHAIR)
+    assert status == 503 and "lower the resolution" in json.loads(text)["error"], text
+
     def boom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
     monkeypatch.setattr(server.reconstructor, "reconstruct", boom)
