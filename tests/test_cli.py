@@ -120,6 +120,7 @@ def _main_rc(argv):
     (["--device", "foo"], "unknown device"),
     (["--device", "meta"], "unknown device"),
     (["--mc-resolution", "1"], "--mc-resolution"),
+    (["--mc-threshold", "nan"], "--mc-threshold"),
     (["--out", ""], "--out"),
 ])
 def test_bad_options_are_refused_with_one_line(fixtures_dir, tmp_path, capsys, extra, pattern):
