@@ -117,6 +117,10 @@ LRM_API const char* lrm_build_features(void);
  * ctx != NULL: the message of the last failed call on that context, from any thread.
  * Never NULL ("" when there was no error). Valid until the next lrm_* call on this thread. */
 LRM_API const char* lrm_last_error(const lrm_context* ctx);
+/* Problems this thread's last lrm_reconstruct_* or lrm_preprocess_rgba call met in the image without stopping
+ * (e.g. "background is not uniform: the whole image is used as foreground"), one per line; "" when there were
+ * none (also when that call failed before preprocessing). Never NULL. Valid until this thread's next such call. */
+LRM_API const char* lrm_last_warnings(void);
 
 /* ---- context ---------------------------------------------------------------------------------- */
 LRM_API lrm_params lrm_default_params(void);

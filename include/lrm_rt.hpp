@@ -116,6 +116,8 @@ public:
                                   static_cast<int64_t>(out.size())));
         return out;
     }
+    // Problems the calling thread's last reconstruct / preprocess met in its image without stopping, one a line.
+    static std::string last_warnings() { return lrm_last_warnings(); }
     lrm_context* get() const noexcept { return p_.get(); }
 
 private:

@@ -33,6 +33,12 @@ namespace {
 
 thread_local std::string t_last_error;  // the last failure on this thread
 thread_local std::string t_returned;    // storage behind lrm_last_error(ctx)'s pointer
+thread_local std::string t_warnings;    // preprocessing warnings of this thread's last call that preprocessed
+
+void keep_warnings(const std::vector<std::string>& warnings) {
+    t_warnings.clear();
+    for (const std::string& w : warnings) t_warnings += (t_warnings.empty() ? "" : "\n") + w;
+}
 
 lrm_status record(lrm_context* ctx, lrm_status st, const std::string& msg) {
     t_last_error = msg;
@@ -116,6 +122,7 @@ lrm_mesh* reconstruct(lrm_context* ctx, const uint8_t* pixels, int32_t width, in
     lrm_timings& t = mesh->data.timings;
     const double t0 = lrm::now_seconds();
     lrm::Preprocessed pre = lrm::preprocess(m, pixels, width, height, stride);
+    keep_warnings(pre.warnings);
     const double t1 = lrm::now_seconds();
     t.preprocess = t1 - t0;
     std::vector<float> triplane = ctx->net->run(pre.pixels.data(), m.camera.empty() ? nullptr : m.camera.data());
@@ -171,6 +178,8 @@ const char* lrm_build_features(void) {
 #endif
            ",png,pnm";
 }
+
+const char* lrm_last_warnings(void) { return t_warnings.c_str(); }
 
 const char* lrm_last_error(const lrm_context* ctx) {
     if (!ctx) return t_last_error.c_str();
@@ -244,6 +253,7 @@ lrm_status lrm_reconstruct_rgba(lrm_context* ctx, const uint8_t* pixels, int32_t
                                 int64_t stride_bytes, lrm_mesh** out) {
     if (out) *out = nullptr;
     return guarded(ctx, [&] {
+        t_warnings.clear();
         require(ctx != nullptr, "ctx is NULL");
         require(out != nullptr, "out (lrm_mesh**) is NULL");
         check_pixels(pixels, width, height, stride_bytes);
@@ -254,6 +264,7 @@ lrm_status lrm_reconstruct_rgba(lrm_context* ctx, const uint8_t* pixels, int32_t
 lrm_status lrm_reconstruct_file(lrm_context* ctx, const char* image_path, lrm_mesh** out) {
     if (out) *out = nullptr;
     return guarded(ctx, [&] {
+        t_warnings.clear();
         require(ctx != nullptr, "ctx is NULL");
         require(out != nullptr, "out (lrm_mesh**) is NULL");
         require(image_path != nullptr, "image_path is NULL");
@@ -266,6 +277,7 @@ lrm_status lrm_reconstruct_file(lrm_context* ctx, const char* image_path, lrm_me
 lrm_status lrm_preprocess_rgba(lrm_context* ctx, const uint8_t* pixels, int32_t width, int32_t height,
                                int64_t stride_bytes, float* out, int64_t out_count) {
     return guarded(ctx, [&] {
+        t_warnings.clear();
         require(ctx != nullptr, "ctx is NULL");
         require(out != nullptr, "out (float*) is NULL");
         check_pixels(pixels, width, height, stride_bytes);
@@ -273,6 +285,7 @@ lrm_status lrm_preprocess_rgba(lrm_context* ctx, const uint8_t* pixels, int32_t 
         require(out_count == need, "out_count is " + std::to_string(out_count) + ", the encoder input needs 3 * " +
                                        std::to_string(S) + " * " + std::to_string(S) + " = " + std::to_string(need));
         const lrm::Preprocessed pre = lrm::preprocess(ctx->model, pixels, width, height, stride_bytes);
+        keep_warnings(pre.warnings);
         std::copy(pre.pixels.begin(), pre.pixels.end(), out);
     });
 }

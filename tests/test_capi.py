@@ -61,6 +61,8 @@ def lib(build_dir):
     vp, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.lrm_last_error.restype = ctypes.c_char_p
     lib.lrm_last_error.argtypes = [vp]
+    lib.lrm_last_warnings.restype = ctypes.c_char_p
+    lib.lrm_last_warnings.argtypes = []
     lib.lrm_create.argtypes = [ctypes.c_char_p, vp, ctypes.POINTER(vp)]
     lib.lrm_free.argtypes = [vp]
     lib.lrm_preprocess_rgba.argtypes = [vp, vp, i32, i32, i64, vp, i64]
@@ -180,8 +182,18 @@ def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir,
             rgba = np.ascontiguousarray(rgba)
             st = lib.lrm_preprocess_rgba(ctx.ptr, rgba.ctypes.data, w, h, 4 * w, out.ctypes.data, out.size)
             assert st == LRM_OK, lib.lrm_last_error(ctx.ptr).decode()
-            ref = preprocess(rgba, preprocess_config(cfg)).pixel_values.numpy().reshape(-1)
+            pre = preprocess(rgba, preprocess_config(cfg))
+            ref = pre.pixel_values.numpy().reshape(-1)
             assert np.abs(out - ref).max() <= 1e-5, (rgba.shape, np.abs(out - ref).max())
+            # the same problems reported (in their own words): an ignored alpha channel, a background kept
+            c_warnings = lib.lrm_last_warnings().decode()
+            for kind in ("alpha channel is opaque almost everywhere", "background is not uniform"):
+                assert (kind in c_warnings) == any(kind in w for w in pre.warnings), (rgba.shape, c_warnings,
+                                                                                     pre.warnings)
+            assert bool(c_warnings) == bool(pre.warnings), (c_warnings, pre.warnings)
+        assert lib.lrm_last_warnings() != b""  # the last image (noise, opaque) had its background kept
+        assert lib.lrm_preprocess_rgba(ctx.ptr, None, 4, 4, 16, out.ctypes.data, out.size) != LRM_OK
+        assert lib.lrm_last_warnings() == b""  # a later call's, not the earlier image's
     finally:
         ctx.close()
 

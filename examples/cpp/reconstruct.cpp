@@ -56,6 +56,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s (%s %s), network %s, loaded in %.0f ms\n", info.name, info.family, info.version,
                      info.network_backend, info.load_seconds * 1e3);
         lrm::Mesh mesh = ctx.reconstruct_file(argv[2]);
+        const std::string warnings = lrm::Context::last_warnings();
+        if (!warnings.empty()) std::fprintf(stderr, "warning: %s\n", warnings.c_str());
         mesh.write(argv[3]);
         const lrm_timings t = mesh.timings();
         std::fprintf(stderr, "mesh: %lld vertices, %lld faces -> %s\n", (long long)mesh.vertex_count(),
