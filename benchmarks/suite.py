@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CI smoke run: {DEFAULT_MODEL} (or a tiny TripoSR-shaped config), grids 32/64, batch 1, 1 repeat")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any path is FAILING or errors")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<machine>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default benchmarks/results/<machine>, with --quick <machine>-quick)")
     return p
 
 
@@ -1483,6 +1484,12 @@ def evaluate_targets(rows, fits, machine: Dict[str, Any], models: Optional[List[
 
 # ------------------------------------------------------------------------------------------- entry
 
+def default_out(slug: str, quick: bool) -> Path:
+    """results/<machine>, the committed tables; a --quick smoke run goes to results/<machine>-quick (git-ignored)
+    so that it never replaces a full run's results."""
+    return BENCH_DIR / "results" / (f"{slug}-quick" if quick else slug)
+
+
 def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] = None,
               extra_field: Optional[Dict[str, FieldEntry]] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run everything, write results.json / results.md / plots; returns the results dict."""
@@ -1492,7 +1499,7 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
         torch.set_num_threads(settings.threads)
     runner = Runner(settings, extra_network, extra_field, log)
     machine = machine_info(runner.device)
-    out = Path(settings.out) if settings.out else BENCH_DIR / "results" / machine["slug"]
+    out = Path(settings.out) if settings.out else default_out(machine["slug"], settings.quick)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -317,3 +317,8 @@ def test_interrupt_keeps_finished_rows(tmp_path):
     assert {r["model"] for r in results["extraction"]} == {"tiny-triposr"}
     assert json.loads((tmp_path / "results.json").read_text())["interrupted"] == "lrm-tiny"
     assert "**Interrupted** during lrm-tiny" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_runs_never_replace_the_full_results():
+    assert S.default_out("cpu-x", quick=False) == S.BENCH_DIR / "results" / "cpu-x"
+    assert S.default_out("cpu-x", quick=True) == S.BENCH_DIR / "results" / "cpu-x-quick"
