@@ -237,11 +237,19 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+# Extensions of files --out may name by mistake (other mesh / scene / image formats): refused rather than made a folder.
+OTHER_FILE_FORMATS = {"stl", "gltf", "fbx", "usd", "usda", "usdc", "usdz", "3mf", "dae", "off", "x3d", "wrl", "vrml",
+                      "abc", "blend", "3ds", "png", "jpg", "jpeg", "webp"}
+
+
 def _output_target(args):
     """(directory, fixed mesh name or None, format) from --out / --format / the number of images."""
     out = Path(args.out)
     suffix = out.suffix.lower().lstrip(".")
-    if suffix in MESH_FORMATS and not out.is_dir():
+    if suffix in OTHER_FILE_FORMATS and not _is_dir(out):  # meant as a file, not as a folder named "x.stl"
+        raise LrmError(f"--out {args.out}: cannot write .{suffix} files; mesh formats are "
+                       f"{', '.join('.' + f for f in MESH_FORMATS)} (or pass an output directory)")
+    if suffix in MESH_FORMATS and not _is_dir(out):
         if len(args.images) != 1:
             raise LrmError(f"--out {args.out} names one mesh file but {len(args.images)} images were given: "
                            "pass an output directory")
@@ -251,13 +259,20 @@ def _output_target(args):
     return out, None, args.format or "glb"
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long: _prepare_out_dir says so
+        return False
+
+
 def _prepare_out_dir(out: Path) -> List[Path]:
     """Create the output directory up front, so an unwritable one fails before minutes of work; returns the
     directories it created, deepest first."""
-    if out.exists() and not out.is_dir():
-        raise LrmError(f"--out {out} exists and is not a directory")
-    created = [d for d in [out, *out.parents] if not d.exists()]
     try:
+        if out.exists() and not out.is_dir():
+            raise LrmError(f"--out {out} exists and is not a directory")
+        created = [d for d in [out, *out.parents] if not d.exists()]
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LrmError(f"cannot create output directory {out}: {e.strerror or e}") from None

@@ -138,10 +138,20 @@ def test_output_path_problems_fail_before_any_work(fixtures_dir, tmp_path, capsy
     monkeypatch.setattr(Reconstructor, "reconstruct", lambda *a, **k: pytest.fail("reconstructed anyway"))
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for out, pattern in [(afile, "exists and is not a directory"), (afile / "sub", "cannot create output directory")]:
+    cases = [(afile, "exists and is not a directory"), (afile / "sub", "cannot create output directory"),
+             (tmp_path / "mesh.stl", "cannot write .stl files; mesh formats are .glb, .obj, .ply"),  # not a folder
+             (tmp_path / "MESH.GLTF", "cannot write .gltf files"),
+             (tmp_path / ("a" * 300), "cannot create output directory")]  # name too long: no raw OSError
+    for out, pattern in cases:
         rc = main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(out), "--quiet"])
         err = capsys.readouterr().err
-        assert rc == 2 and pattern in err, err
+        assert rc == 2 and pattern in err and "Errno" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    (tmp_path / "v1.stl").mkdir()  # an existing folder is a folder, whatever its name
+    monkeypatch.undo()
+    assert main(["reconstruct", str(d / "input.png"), "--model", str(d), "--out", str(tmp_path / "v1.stl"),
+                 "--mc-resolution", "16", "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "v1.stl").iterdir()] == ["input.glb"]
 
 
 def test_out_may_name_the_mesh_file(fixtures_dir, tmp_path, capsys):
