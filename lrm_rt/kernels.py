@@ -89,10 +89,14 @@ def native_library_path() -> Path:
     if built is not None and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
         return built
     cache = Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
-    cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"lrm_native-{_sources_digest(src)}-py{sys.version_info[0]}.so"
-    if not out.exists():
-        _compile(src, out)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        out = cache / f"lrm_native-{_sources_digest(src)}-py{sys.version_info[0]}.so"
+        if not out.exists():
+            _compile(src, out)
+    except OSError as e:  # e.g. a read-only or missing home directory (a service account)
+        raise BackendError(f"cannot build the native kernels into the cache {cache} ({e.strerror or e}): set "
+                           "LRM_RT_CACHE to a writable folder") from None
     return out
 
 
@@ -101,7 +105,11 @@ def native() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            _lib = ctypes.CDLL(str(native_library_path()))
+            path = native_library_path()
+            try:
+                _lib = ctypes.CDLL(str(path))
+            except OSError as e:
+                raise BackendError(f"cannot load the native kernels {path}: {e}") from None
         return _lib
 
 

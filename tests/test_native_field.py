@@ -314,3 +314,26 @@ def test_bad_options(backend, triposr_field):
                           triposr_field.spec)
     with pytest.raises(ConfigError, match="needs 12 -> 4"):
         backend.query(wrong, torch.zeros(4, 3))
+
+
+def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, monkeypatch):
+    """A checkout whose in-tree build is stale rebuilds into the cache; a cache that cannot be created (read-only
+    home, a file in the way) names the cache and LRM_RT_CACHE, and the "auto" field backend uses torch instead
+    (it once failed every default run with a bare FileNotFoundError)."""
+    import lrm_rt.field.native as N
+    from lrm_rt import kernels
+    from lrm_rt.errors import BackendError
+    from lrm_rt.field.torch_ref import TorchFieldBackend
+    from lrm_rt.pipeline import field_backend
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("LRM_RT_CACHE", str(tmp_path / "afile" / "cache"))
+    monkeypatch.setattr(kernels, "_built_library", lambda: None)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(N, "_lib_cache", None)
+    with pytest.raises(BackendError, match=r"cannot build the native kernels into the cache .*afile.*LRM_RT_CACHE"):
+        kernels.native_library_path()
+    assert not kernels.native_available()
+    assert isinstance(field_backend("auto"), TorchFieldBackend)
+    with pytest.raises(BackendError, match="native field backend unavailable: cannot build"):
+        field_backend("native")
