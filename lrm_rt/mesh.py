@@ -38,6 +38,7 @@ class Mesh:
     timings: Dict[str, float] = field(default_factory=dict)
     uv: Optional[np.ndarray] = None  # (V, 2) float32, texel (r, c) centred at ((c + .5) / W, (r + .5) / H)
     texture: Optional[np.ndarray] = None  # (H, W, 3) uint8 base colour, row 0 at the top (lrm_rt.texture)
+    empty_reason: str = ""  # why marching cubes found no surface, when it found none (extract_mesh)
 
     @property
     def num_vertices(self) -> int:
@@ -70,7 +71,25 @@ def extract_mesh(field_: TriplaneField, backend: FieldBackend, resolution: int, 
     t["marching_cubes"] = time.perf_counter() - t0
     verts = grid_to_world(np.asarray(verts, dtype=np.float64), resolution, field_.spec.radius)
     mesh = Mesh(verts, np.asarray(faces, dtype=np.int64), None, t)
+    if mesh.num_faces == 0:
+        mesh.empty_reason = empty_mesh_reason(grid, threshold)
     return colour_vertices(mesh, field_, backend) if vertex_colors else mesh
+
+
+def empty_mesh_reason(grid, threshold: float) -> str:
+    """Why a grid has no surface at ``threshold``: which way to move the level (the CLI's --mc-threshold)."""
+    hi, lo = float(grid.max()), float(grid.min())
+    if hi < threshold:
+        return (f"the density stays below the level {threshold:g} everywhere (highest {hi:.4g}): lower the "
+                f"marching-cubes threshold")
+    if lo >= threshold:
+        return (f"the density is above the level {threshold:g} everywhere in the box (lowest {lo:.4g}): raise "
+                f"the marching-cubes threshold")
+    return f"no surface at the level {threshold:g}"
+
+
+def empty_mesh_error(mesh: Mesh) -> LrmError:
+    return LrmError(f"the mesh is empty: {mesh.empty_reason or 'no surface at this threshold'}")
 
 
 def colour_vertices(mesh: Mesh, field_: TriplaneField, backend: FieldBackend) -> Mesh:
@@ -245,7 +264,7 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
     if fmt not in FORMATS:
         raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
     if mesh.num_faces == 0:
-        raise LrmError("the mesh is empty: no surface at this threshold (try a lower --mc-threshold)")
+        raise empty_mesh_error(mesh)
     if mesh.texture is not None and fmt == "obj":
         mtl, png = _obj_sidecars(path)
         obj_text, mtl_text = textured_obj(mesh, mtl.name, png.name, orientation)

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .cli import finite, int_in
 from .errors import ConfigError, LrmError, ResourceError, is_out_of_memory
-from .mesh import FORMATS, mesh_bytes
+from .mesh import FORMATS, empty_mesh_error, mesh_bytes
 from .pipeline import Reconstructor
 from .preprocess import MAX_IMAGE_FILE_BYTES, decode_image
 from .texture import MAX_SIZE as MAX_TEXTURE, MIN_SIZE as MIN_TEXTURE
@@ -90,8 +90,10 @@ class ReconstructionServer(ThreadingHTTPServer):
                                   vertex_colors=params.get("vertex_colors", "1") == "1",
                                   target_faces=params.get("faces", 0),  # type: ignore[arg-type]
                                   texture_size=params.get("texture", 0))  # type: ignore[arg-type]
-        if res.mesh is None or res.mesh.num_faces == 0:
-            raise LrmError("the mesh is empty: no surface at this threshold (try a lower mc_threshold)")
+        if res.mesh is None:
+            raise LrmError("no mesh was made")
+        if res.mesh.num_faces == 0:
+            raise empty_mesh_error(res.mesh)
         fmt = str(params.get("format", "glb"))
         data = mesh_bytes(res.mesh, fmt, params.get("orientation", "native"))  # type: ignore[arg-type]
         return data, fmt, {**res.timings, "preprocess": decode_and_preprocess}, res.warnings

@@ -114,6 +114,7 @@ struct MeshData {
     std::vector<int32_t> faces;   // F * 3
     std::vector<float> colors;    // V * 3 or empty
     lrm_timings timings{};
+    std::string empty_reason;  // why marching cubes found no surface, when it found none
 };
 
 void check_finite(const std::vector<float>& triplane);

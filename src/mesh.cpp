@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <new>
@@ -137,6 +138,19 @@ void extract_mesh_cpu(const ModelInfo& m, const float* triplane, int resolution,
     std::vector<int64_t> faces((size_t)(nf * 3));
     if (lrm_mc_plan_emit(plan, grid_verts.data(), faces.data()) != 0) fail(LRM_ERR_INTERNAL, "marching cubes emit failed");
     keep.reset();
+    if (nf == 0) {  // which way the level should move (as lrm_rt.mesh.empty_mesh_reason)
+        const auto mm = std::minmax_element(grid.begin(), grid.end());
+        char msg[200];
+        if (*mm.second < threshold)
+            std::snprintf(msg, sizeof msg, "the density stays below the level %g everywhere (highest %.4g): lower "
+                          "mc_threshold", (double)threshold, (double)*mm.second);
+        else if (*mm.first >= threshold)
+            std::snprintf(msg, sizeof msg, "the density is above the level %g everywhere in the box (lowest %.4g): "
+                          "raise mc_threshold", (double)threshold, (double)*mm.first);
+        else
+            std::snprintf(msg, sizeof msg, "no surface at the level %g", (double)threshold);
+        out.empty_reason = msg;
+    }
     grid.clear();
     grid.shrink_to_fit();
     // grid index units -> world, in double as lrm_rt.mesh.grid_to_world does (numpy float64)

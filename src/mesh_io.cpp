@@ -199,7 +199,8 @@ void write_mesh(const MeshData& mesh, const std::string& path, lrm_mesh_format f
     if (!little_endian()) fail(LRM_ERR_UNSUPPORTED, "mesh writers need a little-endian host");
     if (format == LRM_MESH_AUTO) format = format_from_path(path);
     if (mesh.faces.empty())
-        fail(LRM_ERR_EMPTY_MESH, "the mesh is empty: no surface at this threshold (try a lower mc_threshold)");
+        fail(LRM_ERR_EMPTY_MESH, "the mesh is empty: " +
+                                     (mesh.empty_reason.empty() ? "no surface at this threshold" : mesh.empty_reason));
     switch (format) {
         case LRM_MESH_PLY: write_atomic(path, ply(mesh)); break;
         case LRM_MESH_OBJ: write_atomic(path, obj(mesh)); break;

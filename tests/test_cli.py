@@ -223,3 +223,15 @@ def test_python_api_validates_its_arguments(fixtures_dir, tmp_path):
     with pytest.raises(ConfigError, match="plain file name"):
         rec.save(res, tmp_path, "../escape")
     assert not (tmp_path.parent / "escape.glb").exists()
+
+
+@pytest.mark.parametrize("level,advice", [("1e9", "the density stays below the level 1e+09 everywhere (highest"),
+                                          ("0", "the density is above the level 0 everywhere in the box (lowest")])
+def test_empty_mesh_says_which_way_to_move_the_level(fixtures_dir, tmp_path, capsys, level, advice):
+    d = fixtures_dir / "checkpoints" / "openlrm-tiny-1.1"
+    for extra in ([], ["--texture", "64"], ["--faces", "100"]):
+        rc = _main_rc(["reconstruct", str(d / "input.png"), "--model", str(d), f"--mc-threshold={level}",
+                       "--mc-resolution", "16", "--out", str(tmp_path / "o"), "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"error: the mesh is empty: {advice}" in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "o").exists()

@@ -362,7 +362,19 @@ static void empty_mesh_check(const char* export_dir, const char* image_path, con
         ++failures;
     }
     snprintf(path, sizeof path, "%s/empty.glb", work);
-    expect("mesh_write(empty mesh)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_EMPTY_MESH, NULL);
+    expect_msg("mesh_write(empty mesh)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_EMPTY_MESH, NULL,
+               "stays below the level 1e+30 everywhere");
+    lrm_mesh_free(mesh);
+    lrm_free(ctx);
+    /* a level under the whole field (densities are >= 0): the advice is the other way */
+    mesh = NULL;
+    ctx = NULL;
+    p.mc_threshold = -1.0f;
+    expect("create(threshold below the field)", lrm_create(export_dir, &p, &ctx), LRM_OK, NULL);
+    if (!ctx) return;
+    expect("reconstruct(threshold below the field)", lrm_reconstruct_file(ctx, image_path, &mesh), LRM_OK, ctx);
+    expect_msg("mesh_write(empty mesh, low level)", lrm_mesh_write(mesh, path, LRM_MESH_AUTO), LRM_ERR_EMPTY_MESH,
+               NULL, "raise mc_threshold");
     lrm_mesh_free(mesh);
     lrm_free(ctx);
 }
