@@ -148,7 +148,7 @@ def cmd_eval(args) -> int:
 
     from . import eval as E
 
-    images = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+    images = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".tga", ".ppm", ".pgm", ".pam"}
     kinds = {Path(args.pred).suffix.lower() in images, Path(args.gt).suffix.lower() in images}
     if len(kinds) != 1:
         raise LrmError("eval compares two meshes or two images, not one of each")
@@ -162,10 +162,15 @@ def cmd_eval(args) -> int:
         if prgb.shape != grgb.shape:
             raise LrmError(f"image sizes differ: {prgb.shape[:2]} vs {grgb.shape[:2]}")
         out = E.image_metrics(prgb, grgb, pa, ga)
+        for path, alpha in ((args.pred, pa), (args.gt, ga)):
+            if alpha is None:
+                _log(args, f"silhouette_iou left out: {path} has no alpha channel")
     else:
         out = E.metrics_dict(E.mesh_metrics(E.load_mesh(args.pred), E.load_mesh(args.gt), tau=args.tau,
                                             n_points=args.points, normalize=args.normalize))
-    print(json.dumps(out, indent=1))
+    # JSON has no infinity: identical images' PSNR is written "inf" (float("inf") reads it back)
+    print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in out.items()},
+                     indent=1))
     return 0
 
 

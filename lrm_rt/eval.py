@@ -332,17 +332,19 @@ def image_metrics(pred_rgb: np.ndarray, gt_rgb: np.ndarray, pred_alpha: Optional
     return out
 
 
-def load_image01(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
-    """RGB composited on white and alpha, as floats in [0, 1]."""
+def load_image01(path: Union[str, Path]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """RGB composited on white and alpha, as floats in [0, 1]; alpha None for an image without one (an opaque
+    render says nothing about the silhouette)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
             x = np.asarray(im.convert("RGBA"), np.float64) / 255.0
     except Exception as exc:  # not an image, truncated data, decompression bomb: one line, naming the file
         raise ImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     a = x[..., 3:]
-    return x[..., :3] * a + (1 - a), a[..., 0]
+    return x[..., :3] * a + (1 - a), (a[..., 0] if has_alpha else None)
 
 
 def metrics_dict(m: MeshMetrics) -> Dict[str, float]:

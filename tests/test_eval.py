@@ -103,3 +103,29 @@ def test_cli_bad_options_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "error: " in err and opt[0] in err and "Traceback" not in err
     assert issubclass(E.MeshError, LrmError)
+
+
+def test_image_eval_output_is_json_and_silhouette_needs_both_alphas(tmp_path, capsys):
+    """Identical images: PSNR "inf" (JSON has no Infinity). An opaque render (the RGB novel views the CLI writes)
+    has no silhouette: the IoU is left out and said so, not computed against an all-ones alpha. GIF and TIFF are
+    images too."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((32, 32)) < 0.5, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "gt.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "view.png")
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "view.tif")
+    Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "view.gif")
+    assert main(["eval", str(tmp_path / "gt.png"), str(tmp_path / "gt.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["psnr"] == "inf" and out["silhouette_iou"] == 1.0 and out["ssim"] == pytest.approx(1.0)
+    for view in ("view.png", "view.tif", "view.gif"):
+        assert main(["eval", str(tmp_path / view), str(tmp_path / "gt.png")]) == 0
+        captured = capsys.readouterr()
+        out = json.loads(captured.out)
+        assert "silhouette_iou" not in out and math.isfinite(out["psnr"]), (view, out)
+        assert f"silhouette_iou left out: {tmp_path / view} has no alpha channel" in captured.err
