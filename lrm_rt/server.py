@@ -62,7 +62,8 @@ def parse_parameters(query: str) -> Dict[str, object]:
         except ArgumentTypeError as e:
             raise ConfigError(f"parameter {key}={values[0]!r}: {e}") from None
     if params.get("texture") and params.get("format", "glb") != "glb":
-        raise ConfigError("a textured mesh is served as glb (as obj it would be three files)")
+        raise ConfigError(f"a textured mesh is served as glb only, not {params['format']} (obj would be three "
+                          f"files, ply holds no texture image)")
     return params
 
 
