@@ -71,7 +71,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="network precision. auto (default): the fastest verified path -- bf16 on CPUs with "
                         "native bf16 where a short probe measures it faster (mesh within 1%% Chamfer of fp32, "
-                        "see export/README.md), fp32 elsewhere; "
+                        "tests/test_precision.py), fp32 elsewhere; "
                         "fp32: exact reference parity; fp16 with an export directory runs its fp16 graphs")
     p.add_argument("--orientation", default="native", choices=["native", "y_up"],
                    help="native: the model's z-up frame, as the reference writes it; y_up: rotated for glTF")
@@ -183,6 +183,8 @@ def cmd_reconstruct(args) -> int:
     from .pipeline import DEFAULT_MODEL, Reconstructor
 
     model = args.model or DEFAULT_MODEL
+    if args.render_size is not None and not args.render_views:
+        raise LrmError("--render-size sets the size of the novel views: add --render-views N (none are rendered)")
     out_dir, out_name, fmt = _output_target(args)
     # missing optional packages fail before minutes of work, not after
     if args.texture:

@@ -177,7 +177,7 @@ def _vertex_rgba(mesh: Mesh) -> Optional[np.ndarray]:
     return np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
 
 
-def _png_bytes(rgb: np.ndarray) -> bytes:
+def png_bytes(rgb: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
@@ -211,7 +211,7 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
         uv = np.ascontiguousarray(mesh.uv, dtype="<f4")
         blocks.append((uv.tobytes(), {"componentType": 5126, "type": "VEC2", "count": len(uv)}, 34962))
         attributes["TEXCOORD_0"] = 2
-        blocks.append((_png_bytes(mesh.texture), None, None))
+        blocks.append((png_bytes(mesh.texture), None, None))
     views, accessors, chunks, offset = [], [], [], 0
     for i, (data, accessor, target) in enumerate(blocks):
         view = {"buffer": 0, "byteOffset": offset, "byteLength": len(data)}
@@ -268,13 +268,13 @@ def export_mesh(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None,
     if mesh.texture is not None and fmt == "obj":
         mtl, png = _obj_sidecars(path)
         obj_text, mtl_text = textured_obj(mesh, mtl.name, png.name, orientation)
-        _write_atomic(png, _png_bytes(mesh.texture))
-        _write_atomic(mtl, mtl_text)
-        _write_atomic(path, obj_text)  # last: once it exists, the files it names do too
+        write_atomic(png, png_bytes(mesh.texture))
+        write_atomic(mtl, mtl_text)
+        write_atomic(path, obj_text)  # last: once it exists, the files it names do too
         return path
     if mesh.texture is not None and fmt not in TEXTURED_FORMATS:
         raise ConfigError(f"a textured mesh is written as {' or '.join(TEXTURED_FORMATS)}, not {fmt}")
-    _write_atomic(path, mesh_bytes(mesh, fmt, orientation))
+    write_atomic(path, mesh_bytes(mesh, fmt, orientation))
     return path
 
 
@@ -296,7 +296,7 @@ def mesh_files(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None) -> List
     return [path]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():

@@ -20,7 +20,7 @@ from .errors import BackendError, ConfigError, LrmError, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
-                   require_simplifier, simplify)
+                   png_bytes, require_simplifier, simplify, write_atomic)
 from .network_backends import NetworkBackend, TorchNetworkBackend
 from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
 from .texture import bake_texture, check_texture_size, require_xatlas
@@ -249,9 +249,6 @@ class Reconstructor:
             written += mesh_files(result.mesh, path, fmt)
         for k, img in enumerate(result.views):
             p = out / f"{name}_view{k:03d}.png"
-            try:
-                Image.fromarray(img).save(p)
-            except OSError as e:
-                raise LrmError(f"cannot write {p}: {e.strerror or e}") from None
+            write_atomic(p, png_bytes(img))  # as the mesh: no half-written file on failure
             written.append(p)
         return written

@@ -121,6 +121,7 @@ def _main_rc(argv):
     (["--device", "meta"], "unknown device"),
     (["--mc-resolution", "1"], "--mc-resolution"),
     (["--mc-threshold", "nan"], "--mc-threshold"),
+    (["--render-size", "64"], "add --render-views N"),
     (["--out", ""], "--out"),
 ])
 def test_bad_options_are_refused_with_one_line(fixtures_dir, tmp_path, capsys, extra, pattern):
