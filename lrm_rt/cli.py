@@ -28,6 +28,17 @@ def int_in(lo: int, hi: int = 1 << 30):
     return parse
 
 
+def _texture_size(text: str) -> int:
+    """--texture's optional SIZE; an image path after a bare --texture was taken for it, so say where it goes."""
+    try:
+        return int_in(64, 8192)(text)
+    except argparse.ArgumentTypeError as e:
+        if not text.lstrip("+-").isdigit():
+            raise argparse.ArgumentTypeError(f"{e}: a bare --texture takes the next word as its SIZE, so put it "
+                                             f"after the images (or write --texture 1024)") from None
+        raise
+
+
 def finite(text: str) -> float:
     try:
         v = float(text)
@@ -82,7 +93,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--faces", type=int_in(4, 1 << 30), default=None, metavar="N",
                    help="simplify the mesh to about N faces (quadric decimation; colours queried at the new "
                         "vertices); needs fast-simplification")
-    p.add_argument("--texture", type=int_in(64, 8192), nargs="?", const=1024, default=None, metavar="SIZE",
+    p.add_argument("--texture", type=_texture_size, nargs="?", const=1024, default=None, metavar="SIZE",
                    help="bake a SIZE x SIZE UV texture (default 1024) instead of vertex colours; glb or obj "
                         "(obj: + .mtl + _texture.png); needs xatlas")
     p.add_argument("--threads", type=int_in(1, 1024), default=None)

@@ -122,6 +122,8 @@ def _main_rc(argv):
     (["--mc-resolution", "1"], "--mc-resolution"),
     (["--mc-threshold", "nan"], "--mc-threshold"),
     (["--render-size", "64"], "add --render-views N"),
+    (["--texture", "examples/chair.png"], "put it after the images"),
+    (["--texture", "32"], "--texture: must be in [64, 8192], got 32"),
     (["--out", ""], "--out"),
 ])
 def test_bad_options_are_refused_with_one_line(fixtures_dir, tmp_path, capsys, extra, pattern):
