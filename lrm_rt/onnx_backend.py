@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import BackendError, CheckpointError, ConfigError
+from .errors import BackendError, CheckpointError, ConfigError, is_out_of_memory
 from .export import manifest as M
 from .models.network import default_source_camera
 from .network_backends import NetworkBackend
@@ -95,12 +95,19 @@ class OnnxRuntimeNetworkBackend(NetworkBackend):
         self.precision = "fp32" if precision == "auto" else precision
         self.weights, self.biases = M.load_decoder(self.export_dir, self.manifest)
         self.sessions = {}
+        from .export.onnx_export import graph_specs
+
+        specs = graph_specs(self.config)
         for g in ("encoder", "transformer"):
-            path = self.export_dir / graphs[g]["file"]
+            path = self.export_dir / str(graphs[g].get("file"))
             if not path.is_file():
                 raise CheckpointError(f"export directory {self.export_dir} is incomplete: missing {path.name}")
+            M.verified_file(self.export_dir, graphs[g])
+            if graphs[g].get("external_data"):
+                M.verified_file(self.export_dir, graphs[g], "external_data", "external_data_sha256")
             sess = make_session(path, providers, threads)
             _check_io(sess, graphs[g], path)
+            _check_io(sess, specs[g], path, "the manifest's model config implies")  # config edited after export
             self.sessions[g] = sess
         self.providers = self.sessions["encoder"].get_providers()
 
@@ -116,24 +123,35 @@ class OnnxRuntimeNetworkBackend(NetworkBackend):
                 camera = default_source_camera(cfg.source_cam_dist, x.shape[0])
             feeds["camera"] = np.ascontiguousarray(camera.detach().cpu().float().numpy())
         t0 = time.perf_counter()
-        tokens = self.sessions["encoder"].run(None, {"pixels": x})[0]
+        tokens = self._run("encoder", {"pixels": x})
         t1 = time.perf_counter()
-        triplane = self.sessions["transformer"].run(None, {"tokens": tokens, **feeds})[0]
+        triplane = self._run("transformer", {"tokens": tokens, **feeds})
         t2 = time.perf_counter()
         return torch.from_numpy(np.asarray(triplane, dtype=np.float32)), {"encoder": t1 - t0, "transformer": t2 - t1}
 
 
-def _check_io(sess, info, path: Path) -> None:
-    """The graph's input/output names must be the manifest's (guards against mixed-up files)."""
+    def _run(self, graph: str, feeds: Dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return self.sessions[graph].run(None, feeds)[0]
+        except Exception as exc:  # ORT's own errors (shapes, memory) as one line naming the graph
+            if is_out_of_memory(exc):  # the CLI and server report these as out of memory
+                raise
+            raise BackendError(f"ONNX Runtime failed running the {graph} graph of {self.export_dir}: "
+                               f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from None
+
+
+def _check_io(sess, info, path: Path, source: str = "the manifest lists") -> None:
+    """The graph's input/output names and fixed sizes must be what ``source`` says (guards against mixed-up
+    files and edited configs)."""
     want_in = [i["name"] for i in info.get("inputs", [])]
     want_out = [o["name"] for o in info.get("outputs", [])]
     got_in = [i.name for i in sess.get_inputs()]
     got_out = [o.name for o in sess.get_outputs()]
     if (want_in and got_in != want_in) or (want_out and got_out != want_out):
-        raise CheckpointError(f"{path} has inputs {got_in} / outputs {got_out}, but the manifest lists "
+        raise CheckpointError(f"{path} has inputs {got_in} / outputs {got_out}, but {source} "
                               f"{want_in} / {want_out}; the export directory is inconsistent, re-export it")
     for spec, arg in zip(info.get("inputs", []) + info.get("outputs", []), sess.get_inputs() + sess.get_outputs()):
         fixed = [(a, b) for a, b in zip(spec["shape"], arg.shape) if isinstance(a, int) and isinstance(b, int)]
         if len(spec["shape"]) != len(arg.shape) or any(a != b for a, b in fixed):
-            raise CheckpointError(f"{path}: {arg.name} has shape {arg.shape}, the manifest says {spec['shape']}; "
+            raise CheckpointError(f"{path}: {arg.name} has shape {arg.shape}, but {source} {spec['shape']}; "
                                   "the export directory is inconsistent, re-export it")

@@ -345,7 +345,13 @@ class TensorRTNetworkBackend(NetworkBackend):
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
             for graph in ("encoder", "transformer"):
-                path = self.export_dir / info["engines"][graph]["file"]
+                path = self.export_dir / str(info["engines"][graph]["file"])
+                if self.export_dir.resolve() not in path.resolve().parents:
+                    raise BackendError(f"the manifest names an engine outside {self.export_dir}: {path}; "
+                                       + REBUILD_HINT.format(dir=self.export_dir))
+                if path.is_file() and M.sha256_file(path) != info["engines"][graph].get("sha256"):
+                    raise BackendError(f"{path} is not the engine this export built (sha256 differs from the "
+                                       "manifest's); " + REBUILD_HINT.format(dir=self.export_dir))
                 meta = read_engine_metadata(path, self.export_dir)
                 expected = {**ident, "graph": graph, "onnx_sha256": self.manifest["graphs"][graph]["sha256"]}
                 check_engine_metadata(meta, expected, path, self.export_dir)

@@ -5,6 +5,7 @@ directories give one clear error.
 Tolerance 1e-4 max abs (fp32), as tests/test_network.py: the fixtures' fp32 rounding scale is ~1e-6.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,17 @@ def _broken(exports, tmp_path, how):
     elif how == "no_manifest":
         man_path.unlink()
         return d
+    elif how in ("swapped_encoder", "swapped_decoder"):  # a file copied in from another export
+        name = "encoder.onnx" if how == "swapped_encoder" else "decoder.safetensors"
+        shutil.copy(exports["openlrm-tiny-1.0"] / name, d / name)
+    elif how == "null_graph_file":
+        man["graphs"]["encoder"]["file"] = None
+    elif how == "escaping_path":
+        man["graphs"]["encoder"]["file"] = f"../{exports['openlrm-tiny-1.0'].name}/encoder.onnx"
+    elif how == "edited_input_size":  # the config no longer matches the graphs it came with
+        man["config"]["input_size"] = 112
+    elif how == "edited_decoder_hidden":
+        man["config"]["decoder_hidden"] += 1
     man_path.write_text(json.dumps(man))
     return d
 
@@ -175,13 +187,19 @@ def _broken(exports, tmp_path, how):
 @pytest.mark.parametrize("how,pattern", [
     ("missing_graph", "incomplete: missing transformer.onnx"),
     ("format_version", "format version 99"),
-    ("other_model_version", "inconsistent"),
+    ("other_model_version", "decoder.safetensors is not the file this export wrote"),
     ("inconsistent_version", "inconsistent"),
     ("no_manifest", "no manifest.json"),
+    ("swapped_encoder", "encoder.onnx is not the file this export wrote"),
+    ("swapped_decoder", "decoder.safetensors is not the file this export wrote"),
+    ("null_graph_file", "graphs.encoder.file must name a file in the export directory, got None"),
+    ("escaping_path", "graphs.encoder.file must name a file in the export directory"),
+    ("edited_input_size", "the manifest's model config implies"),
+    ("edited_decoder_hidden", "decoder widths [24, 64, 64, 64, 4] do not match the manifest's config [24, 65,"),
 ])
 def test_bad_export_dir_errors(exports, tmp_path, fixtures_dir, how, pattern):
     d = _broken(exports, tmp_path, how)
-    with pytest.raises(CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=re.escape(pattern)):
         OnnxRuntimeNetworkBackend(d, providers="cpu")
     # Through the CLI: one error line, no traceback, nothing written.
     r = _cli("reconstruct", str(fixtures_dir / "checkpoints" / "openlrm-tiny-1.1" / "input.png"), "--model", str(d),
@@ -320,3 +338,26 @@ def test_chmod_as_open_never_sets_the_umask(tmp_path, monkeypatch):
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_onnxruntime_run_errors_are_one_line(exports):
+    backend = OnnxRuntimeNetworkBackend(exports["openlrm-tiny-1.1"], providers="cpu")
+    with pytest.raises(BackendError, match="ONNX Runtime failed running the encoder graph of") as exc:
+        backend._run("encoder", {"pixels": np.zeros((1, 3, 5, 5), np.float32)})
+    assert "\n" not in str(exc.value)
+
+
+def test_reexport_removes_the_earlier_exports_optional_files(fixtures_dir, tmp_path):
+    """An earlier export's fp16 graphs, AOTInductor package and TensorRT engines belong to its weights: a
+    re-export into the directory removes them (the timing cache stays), so none can run next to the new graphs."""
+    d = tmp_path / "x"
+    ck = fixtures_dir / "checkpoints"
+    assert main(["export", "--model", str(ck / "openlrm-tiny-1.1"), "--out", str(d), "--fp16", "--quiet"]) == 0
+    (d / "network.pt2").write_bytes(b"old package")
+    (d / "tensorrt").mkdir()
+    for name in ("encoder.fp16.plan", "encoder.fp16.plan.json", "timing.cache"):
+        (d / "tensorrt" / name).write_bytes(b"old")
+    assert main(["export", "--model", str(ck / "openlrm-tiny-1.0"), "--out", str(d), "--quiet"]) == 0
+    assert not list(d.glob("*.fp16.onnx")) and not (d / "network.pt2").exists()
+    assert [p.name for p in (d / "tensorrt").iterdir()] == ["timing.cache"]
+    assert OnnxRuntimeNetworkBackend(d, providers="cpu").config.version == "1.0"

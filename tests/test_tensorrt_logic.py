@@ -292,6 +292,14 @@ def test_build_and_load_with_fake_tensorrt(tiny_export, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not available with tensorrt"):
         T.TensorRTNetworkBackend(d, precision="bf16")
 
+    # An engine file replaced without its metadata (e.g. copied from another export): refused by its hash.
+    plan = d / info["engines"]["encoder"]["file"]
+    good = plan.read_bytes()
+    plan.write_bytes(good + b"x")
+    with pytest.raises(BackendError, match="is not the engine this export built"):
+        T.TensorRTNetworkBackend(d)
+    plan.write_bytes(good)
+
     # Same engines on another GPU / TensorRT version, or after the ONNX changed: refuse, name the fix.
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(b"Orin", (8, 7)))
     with pytest.raises(BackendError, match="GPU 'NVIDIA H100' != 'Orin'.*rebuild with lrm-rt export --tensorrt"):

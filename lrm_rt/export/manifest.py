@@ -150,20 +150,48 @@ def read_manifest(export_dir: Union[str, Path], require: Tuple[str, ...] = ("enc
     if (cfg.family, cfg.version) != (man.get("family"), man.get("version")):
         raise CheckpointError(f"{path}: manifest says {man.get('family')} {man.get('version')} but its config is "
                               f"{cfg.family} {cfg.version}; the directory is inconsistent, re-export it")
-    files = [man.get("decoder", {}).get("file", DECODER_NAME)]
+    files = [_file_name(path, man.get("decoder", {}).get("file", DECODER_NAME), "decoder.file")]
     for g in require:
         info = man.get("graphs", {}).get(g)
-        if info is None:
+        if not isinstance(info, dict):
             raise CheckpointError(f"{path}: no '{g}' graph listed; re-export with lrm-rt export")
-        files.append(info["file"])
+        files.append(_file_name(path, info.get("file"), f"graphs.{g}.file"))
         if info.get("external_data"):
-            files.append(info["external_data"])
+            files.append(_file_name(path, info["external_data"], f"graphs.{g}.external_data"))
     missing = [f for f in files if not (d / f).is_file()]
     if missing:
         raise CheckpointError(f"export directory {d} is incomplete: missing {', '.join(missing)}; "
                               "re-export with lrm-rt export")
     man["_config"] = cfg
     return man
+
+
+def _file_name(manifest_path: Path, name: Any, key: str) -> str:
+    """A file the manifest names: a plain name inside the export directory (never a path leading out of it)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{manifest_path}: {key} must name a file in the export directory, got {name!r}; "
+                              "re-export with lrm-rt export")
+    return name
+
+
+def verified_file(export_dir: Union[str, Path], info: Mapping[str, Any], key: str = "file",
+                  sha_key: str = "sha256") -> Path:
+    """The file ``info[key]`` of an export directory, after checking its content against the sha256 the export
+    recorded: a graph or weight file copied in from another export would otherwise run as this model."""
+    d = Path(export_dir)
+    name = _file_name(d / MANIFEST_NAME, info.get(key), key)
+    path = d / name
+    want = info.get(sha_key)
+    if not isinstance(want, str):
+        raise CheckpointError(f"{d / MANIFEST_NAME} records no {sha_key} for {name}; re-export with lrm-rt export")
+    try:
+        got = sha256_file(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if got != want:
+        raise CheckpointError(f"{path} is not the file this export wrote (sha256 {got[:12]}... != recorded "
+                              f"{want[:12]}...): the directory was changed after export; re-export with lrm-rt export")
+    return path
 
 
 def manifest_config(man: Mapping[str, Any]) -> ModelConfig:
@@ -186,7 +214,7 @@ def load_decoder(export_dir: Union[str, Path], man: Mapping[str, Any]) -> Tuple[
     from safetensors.torch import load_file
 
     info = man.get("decoder", {})
-    path = Path(export_dir) / info.get("file", DECODER_NAME)
+    path = verified_file(export_dir, info)
     try:
         sd = load_file(str(path))
     except Exception as exc:
@@ -198,6 +226,10 @@ def load_decoder(export_dir: Union[str, Path], man: Mapping[str, Any]) -> Tuple[
     except KeyError as exc:
         raise CheckpointError(f"{path} lacks decoder tensor {exc}; re-export with lrm-rt export") from None
     cfg = manifest_config(man)
-    if n != cfg.decoder_linear_layers or weights[0].shape[1] != cfg.decoder_in or weights[-1].shape[0] != 4:
-        raise CheckpointError(f"{path}: decoder shapes do not match the manifest's config; re-export")
+    want = [cfg.decoder_in] + [cfg.decoder_hidden] * (cfg.decoder_linear_layers - 1) + [4]
+    got = [weights[0].shape[1]] + [w.shape[0] for w in weights] if weights else []
+    chained = all(w.dim() == 2 and b.shape == (w.shape[0],) for w, b in zip(weights, biases)) and \
+        all(weights[i + 1].shape[1] == weights[i].shape[0] for i in range(len(weights) - 1))
+    if n != cfg.decoder_linear_layers or not chained or got != want:
+        raise CheckpointError(f"{path}: decoder widths {got} do not match the manifest's config {want}; re-export")
     return weights, biases

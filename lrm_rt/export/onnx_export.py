@@ -231,6 +231,11 @@ def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # The manifest is written last: an interrupted export leaves a directory no backend will load.
     (out / M.MANIFEST_NAME).unlink(missing_ok=True)
+    # An earlier export's optional artifacts (fp16 graphs, AOTInductor package, TensorRT engines) belong to its
+    # weights: removed, so none can outlive them next to this export's files. The TensorRT timing cache stays.
+    for pattern in ("*.fp16.onnx", "*.fp16.onnx.data", "network.pt2", "tensorrt/*.plan", "tensorrt/*.plan.json"):
+        for stale in out.glob(pattern):
+            stale.unlink()
 
 
 def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET, fp16: bool = False,
