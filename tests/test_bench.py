@@ -164,7 +164,9 @@ def test_baseline_cap_is_extrapolated_and_labelled(tmp_path):
     assert base["status"] == "extrapolated" and "power law" in base["reason"]
     fast = _rows(results, "extraction", field_backend="torch-copy", resolution=28)[0]
     assert fast["status"] == "ok" and fast.get("speedup_note") == "baseline extrapolated"
-    assert [c["check"] for c in fast["parity"]["checks"]] == ["grid_sign_mismatch_sampled"]
+    assert [c["check"] for c in fast["parity"]["checks"]] == [
+        "grid_sign_mismatch_sampled", "chamfer_voxels_vs_pymcubes_mc", "hausdorff_voxels_vs_pymcubes_mc",
+        "face_count_diff_vs_pymcubes_mc", "area_rel_diff_vs_pymcubes_mc", "volume_rel_diff_vs_pymcubes_mc"]
     e2e = _rows(results, "end_to_end", field_backend="torch")[0]
     assert e2e["status"] == "extrapolated"
     assert "extrapolated" in (tmp_path / "results.md").read_text()
@@ -322,3 +324,31 @@ def test_interrupt_keeps_finished_rows(tmp_path):
 def test_quick_runs_never_replace_the_full_results():
     assert S.default_out("cpu-x", quick=False) == S.BENCH_DIR / "results" / "cpu-x"
     assert S.default_out("cpu-x", quick=True) == S.BENCH_DIR / "results" / "cpu-x-quick"
+
+
+def test_parity_gate_sees_connectivity_and_winding(fixtures_dir):
+    """The vertex Chamfer alone passed a mesh with its faces wound inside out or scrambled over the same vertices;
+    the area and signed-volume checks refuse both, and the reference-MC check (no baseline mesh) does too."""
+    import trimesh
+
+    from lrm_rt.mesh import Mesh, grid_to_world
+
+    r = 24
+    a = np.linspace(-1, 1, r)
+    grid = 0.6 - np.sqrt(sum(c ** 2 for c in np.meshgrid(a, a, a, indexing="ij"))).astype(np.float32)
+    v, f = S.marching_cubes(grid, 0.0, "native")
+    good = Mesh(grid_to_world(np.asarray(v, np.float64), r, 1.0), f, None)
+    voxel = 2 / (r - 1)
+    tol = S.TOLERANCES["same_triplane"]
+    assert S.parity_result(S.mesh_checks(good, good, voxel, tol))["passed"]
+    area, volume = S.area_and_volume(good)
+    sphere = trimesh.Trimesh(good.vertices, good.faces, process=False)
+    assert area == pytest.approx(sphere.area) and volume == pytest.approx(sphere.volume) and volume > 0
+    rng = np.random.default_rng(0)
+    inside_out = Mesh(good.vertices, good.faces[:, ::-1].copy(), None)
+    scrambled = Mesh(good.vertices, rng.integers(0, len(good.vertices), good.faces.shape), None)
+    for bad in (inside_out, scrambled):
+        checks = S.mesh_checks(bad, good, voxel, tol)
+        assert {c["check"] for c in checks if not c["ok"]} & {"area_rel_diff", "volume_rel_diff"}, checks
+        assert not S.parity_result(S.reference_mc_checks(bad, grid, 0.0, "cuda", 1.0, voxel))["passed"]
+    assert S.parity_result(S.reference_mc_checks(good, grid, 0.0, "cuda", 1.0, voxel))["passed"]
