@@ -175,6 +175,13 @@ def test_emulated_random_decoders_match_torch_reference(seed):
     torch.testing.assert_close(be.query(field, pts, raw_density=True)[0], raw_ref, atol=ATOL, rtol=RTOL)
 
 
+def test_emulated_non_finite_query_points_are_refused(triposr_field):
+    pts = torch.zeros(4, 3)
+    pts[2, 1] = float("-inf")
+    with pytest.raises(FieldError, match="NaN/inf"):
+        emulated().query(triposr_field, pts)
+
+
 def test_device_copy_is_not_reused_for_a_new_field():
     """The device copy of a field is cached by id and address: a field freed after its request must not hand its
     id and memory to the next request's field while the cache still answers for them (it once answered a new

@@ -337,3 +337,15 @@ def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, 
     assert isinstance(field_backend("auto"), TorchFieldBackend)
     with pytest.raises(BackendError, match="native field backend unavailable: cannot build"):
         field_backend("native")
+
+
+def test_non_finite_query_points_are_refused(backend, triposr_field):
+    """The kernels clamp points into the box, so a NaN or inf point would decode as a finite density (the torch
+    reference gives NaN): a FieldError names them instead."""
+    pts = torch.zeros(5, 3)
+    pts[1, 0] = float("nan")
+    pts[3, 2] = float("inf")
+    with pytest.raises(FieldError, match="query points hold 2 NaN/inf coordinates"):
+        backend.query(triposr_field, pts)
+    with pytest.raises(FieldError, match="NaN/inf"):
+        backend.query_density(triposr_field, pts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,7 +31,7 @@ from .native import (
     pack_decoder,
     render_kernel_options,
 )
-from .spec import TriplaneField
+from .spec import TriplaneField, check_finite_points
 
 PLANE_DTYPES = ("float32", "float16")
 RAY_BLOCK = 64  # render kernels: a thread does a whole ray, so small blocks spread few rays over every SM
@@ -228,18 +229,20 @@ class CudaFieldBackend(FieldBackend):
         self.last_grid_stats: dict = {}
         self._cache_key = None
         self._cache_owner = None
+        self._cache_lock = threading.Lock()
         self._cache: Optional[_DeviceField] = None
 
     # -- helpers
     def _prepare(self, field: TriplaneField) -> _DeviceField:
         tensors = [field.planes, *field.weights, *field.biases]
         key = (id(field), self.plane_dtype, tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
-        if key != self._cache_key:
-            self._cache = _DeviceField(self.rt, field, self.plane_dtype)
-            # The key names objects by id and address, so they are kept alive with it: a freed field's id and
-            # memory would otherwise be reused by the next request's, which would be answered from this copy.
-            self._cache_key, self._cache_owner = key, (field, tensors)
-        return self._cache
+        with self._cache_lock:  # threads sharing this backend: key and copy are replaced together
+            if key != self._cache_key:
+                self._cache = _DeviceField(self.rt, field, self.plane_dtype)
+                # The key names objects by id and address, so they are kept alive with it: a freed field's id and
+                # memory would otherwise be reused by the next request's, which would be answered from this copy.
+                self._cache_key, self._cache_owner = key, (field, tensors)
+            return self._cache
 
     def _smem_floats(self, dev: _DeviceField) -> int:
         fits = 4 * dev.n_params <= self.rt.smem_limit_bytes()
@@ -267,6 +270,7 @@ class CudaFieldBackend(FieldBackend):
         with rt.stream():
             pts, kind = rt.from_input(points)
             pts = pts.reshape(-1, 3)
+            check_finite_points(bool(xp.isfinite(pts).all()))
             n = int(pts.shape[0])
             dev = self._prepare(field)
             density = xp.empty((n,), dtype=xp.float32)

@@ -8,6 +8,7 @@ The helpers at the top (flags, decoder packing, memory checks) are shared with t
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -17,7 +18,7 @@ import torch
 from ..errors import BackendError, ConfigError, ResourceError
 from .base import FieldBackend
 from .memory import available_host_memory, check_grid_memory  # noqa: F401  (re-exported)
-from .spec import FieldSpec, TriplaneField, check_finite_planes
+from .spec import FieldSpec, TriplaneField, check_finite_planes, check_finite_points
 
 # Flag bits: keep in sync with cuda/field.cuh.
 FLAG_THIRD_ZY = 1
@@ -256,7 +257,8 @@ class NativeFieldBackend(FieldBackend):
 
     def _set_threads(self) -> ctypes.CDLL:
         lib = _lib()
-        lib.lrm_field_set_num_threads(int(self.threads or torch.get_num_threads()))
+        # never more threads than processors: libgomp ends the process when it cannot create one
+        lib.lrm_field_set_num_threads(min(int(self.threads or torch.get_num_threads()), os.cpu_count() or 1))
         return lib
 
     @staticmethod
@@ -277,6 +279,8 @@ class NativeFieldBackend(FieldBackend):
 
     def _query(self, field, points, raw_density, want_rgb):
         pts = _cpu_f32(points, "points").reshape(-1, 3)
+        ok = torch.isfinite(pts)
+        check_finite_points(bool(ok.all()), int((~ok).sum()))
         n = pts.shape[0]
         density = torch.empty(n, dtype=torch.float32)
         rgb = torch.empty((n, 3), dtype=torch.float32) if want_rgb else None

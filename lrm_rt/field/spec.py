@@ -62,6 +62,14 @@ class TriplaneField:
         return int(self.planes.shape[1])
 
 
+def check_finite_points(finite: bool, n_bad=None) -> None:
+    """The kernels clamp query points into the box, so NaN/inf points would decode as finite values (the torch
+    reference gives NaN): refuse them. ``finite``: whether every coordinate is finite."""
+    if not finite:
+        raise FieldError(f"query points hold {int(n_bad)} NaN/inf coordinates" if n_bad is not None
+                         else "query points hold NaN/inf coordinates")
+
+
 def check_finite_planes(planes: torch.Tensor) -> None:
     """NaN/inf in a triplane would give a silently wrong grid or mesh: refuse it with a clear error."""
     if not bool(torch.isfinite(planes).all()):
