@@ -186,6 +186,7 @@ LRM_KERNEL void lrm_c2f_dilate(int64_t n, int64_t nc, int axis, int radius, cons
 #include <omp.h>
 
 #include <cstdlib>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -251,8 +252,8 @@ struct Net {
     }
 };
 
-static int build_net(Net& net, const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
-                     const int32_t* dims, int32_t n_layers, int32_t flags, float radius, float density_bias) {
+static int build_net_impl(Net& net, const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
+                          const int32_t* dims, int32_t n_layers, int32_t flags, float radius, float density_bias) {
     if (!planes || !params || !dims || n_layers < 1 || C < 1 || H < 1 || W < 1 || !(radius > 0.f))
         return LRM_FIELD_EINVAL;
     if (dims[0] != 3 * C || dims[n_layers] != 4) return LRM_FIELD_EINVAL;
@@ -302,6 +303,16 @@ static int build_net(Net& net, const float* planes, int64_t C, int64_t H, int64_
                 dst[((pl * H + y) * W + x) * C + c] = planes[(pl * C + c) * HW + y * W + x];
     }
     return LRM_FIELD_OK;
+}
+
+// The entry points are extern "C": no exception may leave them (the layer vectors can throw bad_alloc).
+static int build_net(Net& net, const float* planes, int64_t C, int64_t H, int64_t W, const float* params,
+                     const int32_t* dims, int32_t n_layers, int32_t flags, float radius, float density_bias) {
+    try {
+        return build_net_impl(net, planes, C, H, W, params, dims, n_layers, flags, radius, density_bias);
+    } catch (const std::bad_alloc&) {
+        return LRM_FIELD_ENOMEM;
+    }
 }
 
 // out[MR rows][NB*VL cols] = in[MR rows][0..I) . wt[0..I)[cols] + b[cols]
@@ -507,14 +518,15 @@ static int64_t eval_level(const Net& net, const float* axis, int64_t R, int64_t 
 #pragma omp parallel reduction(+ : evaluated)
     {
         Worker wk(net, grid);
-        std::vector<unsigned char> rowmask(nc);
-        if (!wk.ok()) {
+        // nothrow: a bad_alloc thrown inside an OpenMP region would end the process
+        std::unique_ptr<unsigned char[]> rowmask(new (std::nothrow) unsigned char[nc > 0 ? nc : 1]);
+        if (!wk.ok() || !rowmask) {
 #pragma omp atomic write
             failed = true;
         }
 #pragma omp for schedule(dynamic, 4)
         for (int64_t r = 0; r < m2 * m2; ++r) {
-            if (!wk.ok()) continue;
+            if (!wk.ok() || !rowmask) continue;
             const int64_t x = lrm_lattice_node(R, s2, r / m2), y = lrm_lattice_node(R, s2, r % m2);
             const bool xy_old = lrm_on_lattice(R, s, x) && lrm_on_lattice(R, s, y);
             // OR of the (up to 4) mask rows of the cells around this (x, y) line.
