@@ -59,13 +59,15 @@ E2E_STAGES = ["preprocess", "encoder", "transformer", *EXTRACTION_STAGES, "expor
 TOLERANCES = {
     "triplane_rel": {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2},
     # area / volume: relative differences of the surface area and the signed enclosed volume, which the vertex
-    # Chamfer cannot see (faces over the right vertices but wrongly connected, or wound inside out)
-    "same_triplane": {"chamfer_vox": 0.01, "face_rel": 0.002, "face_abs": 8, "color": 0.02, "area_rel": 0.002,
-                      "volume_rel": 0.002},
-    "e2e_fp32": {"chamfer_vox": 0.05, "face_rel": 0.005, "face_abs": 16, "color": 0.03, "area_rel": 0.005,
-                 "volume_rel": 0.005},
-    "e2e_reduced": {"chamfer_vox": 0.25, "face_rel": 0.02, "face_abs": 32, "color": 0.08, "area_rel": 0.02,
-                    "volume_rel": 0.02},
+    # Chamfer cannot see (faces over the right vertices but wrongly connected, or wound inside out). Two correct
+    # marching cubes may triangulate the same cells differently (the native kernel and PyMCubes do, for half the
+    # faces): 0.13 % / 0.19 % apart at 64^3 on lrm-tiny's chair, ~1/R smaller on finer grids; hence 1 %.
+    "same_triplane": {"chamfer_vox": 0.01, "face_rel": 0.002, "face_abs": 8, "color": 0.02, "area_rel": 0.01,
+                      "volume_rel": 0.01},
+    "e2e_fp32": {"chamfer_vox": 0.05, "face_rel": 0.005, "face_abs": 16, "color": 0.03, "area_rel": 0.01,
+                 "volume_rel": 0.01},
+    "e2e_reduced": {"chamfer_vox": 0.25, "face_rel": 0.02, "face_abs": 32, "color": 0.08, "area_rel": 0.03,
+                    "volume_rel": 0.03},
     "render_max_abs": 0.02,
     "grid_sign_mismatch": 0,  # cells on the wrong side of the level, ignoring values within rounding of it
 }
