@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,11 @@ def colour_vertices(mesh: Mesh, field_: TriplaneField, backend: FieldBackend) ->
     return mesh
 
 
+# fast-simplification keeps its mesh in global state and releases the GIL: two threads simplifying at once
+# get each other's meshes (seen: 27 of 40 results swapped), so one simplification runs at a time.
+_SIMPLIFY_LOCK = threading.Lock()
+
+
 def require_simplifier() -> None:
     if importlib.util.find_spec("fast_simplification") is None:
         raise LrmError("mesh simplification needs fast-simplification: pip install fast-simplification "
@@ -119,8 +125,9 @@ def simplify(mesh: Mesh, target_faces: int) -> Mesh:
     import fast_simplification
 
     t0 = time.perf_counter()
-    verts, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
-                                                target_count=int(target_faces))
+    with _SIMPLIFY_LOCK:
+        verts, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
+                                                    target_count=int(target_faces))
     verts, faces = _drop_unused_vertices(np.asarray(verts, np.float32), _cancel_double_faces(faces))
     timings = dict(mesh.timings, simplify=time.perf_counter() - t0)
     return Mesh(verts, faces, None, timings)

@@ -7,9 +7,10 @@
 
 Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same one-line messages as the CLI),
 411 / 413 for a missing or too large body, 404 for other paths, 503 when memory runs or would run out, 500
-otherwise. One
-reconstruction runs at a time (requests queue), so memory stays that of one. Standard library only; it binds
-to localhost unless told otherwise, and has no authentication: put it behind a proxy to expose it.
+otherwise. One request at a time is decoded and reconstructed (the others queue), so the working memory is that of
+one; a queued request holds only its compressed body (at most ``max_body`` bytes). A client that stalls for
+``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and has no
+authentication: put it behind a proxy to expose it.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def parse_parameters(query: str) -> Dict[str, object]:
     return params
 
 
+SOCKET_TIMEOUT_S = 120
+
 class ReconstructionServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -80,11 +83,13 @@ class ReconstructionServer(ThreadingHTTPServer):
 
     def reconstruct(self, image: bytes, params: Dict[str, object]) -> Tuple[bytes, str, Dict[str, float], list]:
         """(mesh file bytes, format, seconds per stage, preprocessing warnings)"""
-        t0 = time.perf_counter()
-        rgba = decode_image(image, "<request body>")
-        with self.lock:
+        with self.lock:  # decoding too: a decoded image can be 1000x its compressed body
+            t0 = time.perf_counter()
+            rgba = decode_image(image, "<request body>")
+            del image
             rec = self.reconstructor
             pre = rec.preprocess(rgba, params.get("foreground_ratio"))  # type: ignore[arg-type]
+            del rgba
             decode_and_preprocess = time.perf_counter() - t0
             res = rec.reconstruct(pre, mc_resolution=params.get("mc_resolution"),  # type: ignore[arg-type]
                                   mc_threshold=params.get("mc_threshold"),  # type: ignore[arg-type]
@@ -103,6 +108,7 @@ class ReconstructionServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ReconstructionServer
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S  # a client that stalls mid-request or never reads its answer is dropped
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         if not self.server.quiet:
@@ -143,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
             self.close_connection = True
             self._json(411, {"error": "POST the image file as the body, with a Content-Length"})
             return

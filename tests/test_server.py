@@ -107,6 +107,13 @@ def test_missing_length_and_internal_errors(server, monkeypatch, capsys):
     resp = conn.getresponse()
     assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
     conn.close()
+    conn = http.client.HTTPConnection(*server.server_address, timeout=60)  # "²".isdigit() is True, int("²") fails
+    conn.putrequest("POST", "/reconstruct")
+    conn.putheader("Content-Length", "\u00b2")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 411, resp.status
+    conn.close()
 
     # a valid request this machine has not the memory for (a 4096^3 grid: 275 GB), refused before allocating
     status, _, text = _request(server, "POST", "/reconstruct?mc_resolution=4096", CHAIR)
@@ -142,3 +149,20 @@ def test_concurrent_requests_are_served_one_at_a_time(server, monkeypatch):
     for t in threads:
         t.join()
     assert results == [200, 200, 200] and peak[0] == 1
+
+
+def test_images_are_decoded_one_at_a_time(server, monkeypatch):
+    """A decoded image can be 1000x its compressed body (an 8000^2 PNG of 1 MB: 256 MB), so decoding happens
+    under the reconstruction lock: queued requests hold only their bodies."""
+    import lrm_rt.server as srv
+
+    held = []
+    real = srv.decode_image
+
+    def decode(*a, **k):
+        held.append(server.lock.locked())
+        return real(*a, **k)
+
+    monkeypatch.setattr(srv, "decode_image", decode)
+    status, _, _ = _request(server, "POST", "/reconstruct?mc_resolution=16", CHAIR)
+    assert status == 200 and held == [True]

@@ -221,6 +221,20 @@ def test_simplify_keeps_a_closed_surface_close_to_the_original(tiny):
         simplify(mesh, 3)
 
 
+def test_simplify_from_two_threads_keeps_each_mesh():
+    """fast-simplification keeps global state without the GIL: two threads once got each other's meshes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    meshes = [Mesh(np.asarray(m.vertices, np.float32), np.asarray(m.faces, np.int64)) for m in
+              (trimesh.creation.icosphere(5), trimesh.creation.capsule(1.0, 0.5, count=[96, 96]))]
+    serial = [simplify(m, 2000) for m in meshes]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(10):
+            for got, want in zip(pool.map(lambda m: simplify(m, 2000), meshes), serial):
+                np.testing.assert_array_equal(got.vertices, want.vertices)
+                np.testing.assert_array_equal(got.faces, want.faces)
+
+
 def test_simplify_cancels_doubled_faces():
     from lrm_rt.mesh import _cancel_double_faces
 
