@@ -15,7 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .config import HF_REPOS, NAMED_CONFIGS, ModelConfig, named_config, openlrm_config, triposr_config
+from .config import (HF_REPOS, IMAGENET_MEAN, IMAGENET_STD, NAMED_CONFIGS, ModelConfig, named_config, openlrm_config,
+                     triposr_config)
 from .errors import CheckpointError, ConfigError
 from .models.dinov2 import strip_dinov2_extra_keys
 from .models.network import LRMNetwork
@@ -107,6 +108,25 @@ def _vit_config(name: str, directory: Path) -> ViTConfig:
                           f"in {directory}")
 
 
+def _v10_image_norm(encoder_name: str, directory: Path):
+    """OpenLRM v1.0's (mean, std): its encoder's image processor. facebook/dino-vitb16: None (the config's default,
+    0.5 / 0.5); a ViT configured by a local file: a ``preprocessor_config.json`` in the model directory, else ImageNet
+    statistics, the normalisation DINO was trained with (and the one the tiny test checkpoint was made with)."""
+    if encoder_name in ("facebook/dino-vitb16", "dino-vitb16"):
+        return None
+    proc = directory / "preprocessor_config.json"
+    if not proc.is_file():
+        return IMAGENET_MEAN, IMAGENET_STD
+    data = read_json(proc)
+    try:
+        mean, std = tuple(float(v) for v in data["image_mean"]), tuple(float(v) for v in data["image_std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{proc}: no usable image_mean / image_std ({exc})") from None
+    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+        raise CheckpointError(f"{proc}: image_mean / image_std must be 3 values each (std > 0)")
+    return mean, std
+
+
 # ---------------------------------------------------------------------------------------------------
 # layouts
 
@@ -141,8 +161,10 @@ def read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
             raise CheckpointError(f"{d / 'model.pth'} is not an OpenLRM v1.0 checkpoint (no 'weights'/'kwargs')")
         kwargs = obj["kwargs"]
         model_kw = kwargs.get("model", {})
-        vit = _vit_config(str(model_kw.get("encoder_model_name", "facebook/dino-vitb16")), d)
-        cfg = openlrm_config(model_kw, "1.0", name, infer=kwargs.get("infer"), vit=vit)
+        enc_name = str(model_kw.get("encoder_model_name", "facebook/dino-vitb16"))
+        vit = _vit_config(enc_name, d)
+        cfg = openlrm_config(model_kw, "1.0", name, infer=kwargs.get("infer"), vit=vit,
+                             image_norm=_v10_image_norm(enc_name, d))
         return cfg, dict(obj["weights"])
     if (d / "config.json").is_file():
         cfg_json = read_json(d / "config.json")

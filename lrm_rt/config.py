@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DINO_VITB16_MEAN = (0.5, 0.5, 0.5)  # facebook/dino-vitb16's image processor (OpenLRM v1.0's normalisation)
+DINO_VITB16_STD = (0.5, 0.5, 0.5)
 
 EncoderConfig = Union[ViTConfig, Dinov2Config]
 
@@ -138,8 +140,11 @@ _V11_INFER = {512: (224, 192), 768: (336, 288), 1024: (448, 384)}
 
 
 def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], name: str,
-                   infer: Optional[Mapping[str, Any]] = None, vit: Optional[ViTConfig] = None) -> ModelConfig:
-    """From OpenLRM's model kwargs (v1.1 config.json, v1.0 model.pth['kwargs']['model'])."""
+                   infer: Optional[Mapping[str, Any]] = None, vit: Optional[ViTConfig] = None,
+                   image_norm: Optional[Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = None
+                   ) -> ModelConfig:
+    """From OpenLRM's model kwargs (v1.1 config.json, v1.0 model.pth['kwargs']['model']). ``image_norm``: v1.0's
+    (mean, std), its encoder's image-processor values (default: facebook/dino-vitb16's)."""
     where = f"OpenLRM {version} {'config.json' if version == '1.1' else 'model.pth kwargs'} of {name}"
     iwhere = f"OpenLRM {version} {'infer.yaml' if version == '1.1' else 'model.pth infer kwargs'} of {name}"
     infer = dict(infer or {})
@@ -161,8 +166,9 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
                             "trained at other settings needs its infer.yaml beside config.json", name, dim)
         else:
             encoder = dataclasses.replace(vit or DINO_VITB16, with_pooler=False)
-            # facebook/dino-vitb16's image processor normalises with ImageNet statistics.
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            # v1.0 normalises with its encoder's image processor: facebook/dino-vitb16's maps [0, 1] to [-1, 1]
+            # (mean = std = 0.5, the ViTImageProcessor defaults its hub config keeps)
+            mean, std = image_norm or (DINO_VITB16_MEAN, DINO_VITB16_STD)
             size, render = 512, 384  # only used without a checkpoint: real ones carry kwargs.infer
         size = _int(iwhere, "source_size", infer.get("source_size", size))
         return ModelConfig(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lrm_rt.config import DINO_VITB16_MEAN, DINO_VITB16_STD  # facebook/dino-vitb16's processor (OpenLRM v1.0)
 from lrm_rt.errors import ConfigError, ImageError
 from lrm_rt.kernels import use_native
 
@@ -66,8 +67,6 @@ MIN_TRANSPARENT_SHARE = 1e-4
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DINO_VITB16_MEAN = (0.5, 0.5, 0.5)  # facebook/dino-vitb16 preprocessor (real OpenLRM v1.0)
-DINO_VITB16_STD = (0.5, 0.5, 0.5)
 
 PathLike = Union[str, Path]
 

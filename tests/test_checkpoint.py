@@ -169,3 +169,26 @@ def test_missing_infer_settings_of_a_non_release_size_warn(caplog):
     with caplog.at_level("WARNING", logger="lrm_rt.config"):
         openlrm_config(kwargs, "1.1", "lrm-tiny", infer={"source_size": 112})
     assert caplog.text == ""
+
+
+def test_openlrm_v10_normalisation_is_its_encoders(ckpts, tmp_path):
+    """v1.0 normalises with its encoder's image processor: facebook/dino-vitb16's maps [0, 1] to [-1, 1] (mean =
+    std = 0.5; every v1.0 release), a locally configured ViT takes a preprocessor_config.json beside the checkpoint,
+    else ImageNet statistics (the tiny test checkpoint's)."""
+    import json
+
+    from lrm_rt.config import named_config
+
+    for name in ("openlrm-small-obj-1.0", "openlrm-base-obj-1.0", "openlrm-large-obj-1.0"):
+        cfg = named_config(name)
+        assert (cfg.image_mean, cfg.image_std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), name
+    cfg, _ = read_checkpoint_dir(ckpts / "openlrm-tiny-1.0")
+    assert (cfg.image_mean, cfg.image_std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    d = tmp_path / "v10"
+    shutil.copytree(ckpts / "openlrm-tiny-1.0", d)
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6], "image_std": [0.3] * 3}))
+    cfg, _ = read_checkpoint_dir(d)
+    assert (cfg.image_mean, cfg.image_std) == ((0.4, 0.5, 0.6), (0.3, 0.3, 0.3))
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5], "image_std": [0.3] * 3}))
+    with pytest.raises(CheckpointError, match="3 values each"):
+        read_checkpoint_dir(d)
