@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -17,7 +18,7 @@ import torch
 
 from .config import (HF_REPOS, IMAGENET_MEAN, IMAGENET_STD, NAMED_CONFIGS, ModelConfig, named_config, openlrm_config,
                      triposr_config)
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ResourceError, is_out_of_memory
 from .models.dinov2 import strip_dinov2_extra_keys
 from .models.network import LRMNetwork
 from .models.vit import DINO_VITB16, ViTConfig, remap_hf_vit_keys
@@ -35,6 +36,17 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------------
 # files
 
+def load_error_text(exc: BaseException) -> str:
+    """One line for a failed checkpoint load. torch's refusal of a pickle that is more than weights opens with
+    boilerplate (and terminal colour codes); the line that names what the pickle wanted is the one to show."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    named = [ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "GLOBAL" in ln]
+    if named:
+        return (f"refused by weights_only=True (the pickle holds more than tensors, never run): {named[0]}"[:400])
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else f"{type(exc).__name__} (truncated or not a checkpoint file)"
+
+
 def read_state_dict(path: Path) -> StateDict:
     """Tensors of a safetensors or torch pickle file; pickles are loaded with ``weights_only=True``."""
     if not path.is_file():
@@ -44,9 +56,11 @@ def read_state_dict(path: Path) -> StateDict:
             from safetensors.torch import load_file
 
             return dict(load_file(str(path)))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated / corrupt files raise many different types
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_error_text(exc)}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -139,6 +153,19 @@ def _first_existing(directory: Path, *names: str) -> Optional[Path]:
 
 def read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
     """Config and raw state dict of a model directory in one of the published layouts."""
+    try:
+        return _read_checkpoint_dir(directory)
+    except MALFORMED as exc:  # a value of the wrong type or size deep in a config: name the directory, not the line
+        raise CheckpointError(f"{directory}: malformed model config or checkpoint contents "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
+# What a config of the wrong shape raises in the code that reads it (a list where a mapping belongs, a null, a zero
+# size, a self-referencing ${...}); LrmError subclasses pass through.
+MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, RecursionError)
+
+
+def _read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"model directory not found: {d}")
@@ -155,8 +182,7 @@ def read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
         try:
             obj = torch.load(str(d / "model.pth"), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {d / 'model.pth'}: {type(exc).__name__}: {exc}"
-                                  .splitlines()[0]) from None
+            raise CheckpointError(f"cannot read checkpoint {d / 'model.pth'}: {load_error_text(exc)}") from None
         if not isinstance(obj, Mapping) or "weights" not in obj or "kwargs" not in obj:
             raise CheckpointError(f"{d / 'model.pth'} is not an OpenLRM v1.0 checkpoint (no 'weights'/'kwargs')")
         kwargs = obj["kwargs"]
@@ -241,7 +267,17 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 def build_network(cfg: ModelConfig, sd: Optional[StateDict], where: str = "checkpoint") -> LRMNetwork:
     """Instantiate the network and load ``sd`` strictly (``None`` leaves the random initialisation)."""
-    net = LRMNetwork(cfg)
+    try:
+        net = LRMNetwork(cfg)
+    except MALFORMED as exc:  # sizes no network can have (a zero head count, ...)
+        raise CheckpointError(f"{where}: its config describes no buildable network ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise ResourceError(f"{where}: out of memory building the network its config describes (transformer "
+                            f"{cfg.transformer_layers} layers x {cfg.transformer_dim} wide): check the config's "
+                            "sizes") from None
     if sd is not None:
         expected = net.state_dict()
         sd = normalise_state_dict(sd, cfg, expected)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
@@ -75,16 +76,33 @@ def _require(cfg: Mapping[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
-def _int(where: str, key: str, value: Any, minimum: int = 1) -> int:
-    """A size from a config file, checked here: zero or negative ones only fail later, deep in torch."""
+# Far above every released model (16 layers, 1024 wide, 1025 tokens); a config beyond it would only allocate
+# until memory runs out (a billion layers took 35 s and 5.5 GB before failing).
+MAX_CONFIG_SIZE = 1 << 16
+
+
+def _int(where: str, key: str, value: Any, minimum: int = 1, maximum: int = MAX_CONFIG_SIZE) -> int:
+    """A size from a config file, checked here: zero, negative or absurd ones only fail later, deep in torch."""
     try:
         n = int(value)
-        ok = n == float(value) and n >= minimum
+        ok = not isinstance(value, bool) and n == float(value) and minimum <= n <= maximum
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return n
+
+
+def _finite(where: str, key: str, value: Any, positive: bool = False) -> float:
+    """A real number from a config file: finite (and > 0 with ``positive``), else a ConfigError naming it."""
+    try:
+        x = float(value)
+        ok = not isinstance(value, bool) and math.isfinite(x) and (x > 0 or not positive)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return x
 
 
 def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
@@ -111,6 +129,10 @@ def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
             raise ConfigError(f"{where}: only exp density and SiLU decoders are supported")
         if ren.get("feature_reduction", "concat") != "concat":
             raise ConfigError(f"{where}: only feature_reduction 'concat' is supported")
+        # the field kernels hard-code TripoSR's exp(raw - 1) density and sigmoid colour
+        if ren.get("density_bias", -1.0) != -1.0 or ren.get("color_activation", "sigmoid") != "sigmoid":
+            raise ConfigError(f"{where}: renderer.density_bias {ren.get('density_bias')!r} / color_activation "
+                              f"{ren.get('color_activation')!r} are not supported (only -1.0 / sigmoid)")
         return ModelConfig(
             name=name, family="triposr", version="triposr",
             encoder=vit or DINO_VITB16,
@@ -183,13 +205,14 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             decoder_in=3 * triplane_dim, decoder_hidden=64, decoder_linear_layers=4,
             samples_per_ray=_int(where, "rendering_samples_per_ray", kwargs.get("rendering_samples_per_ray", 96)),
             mc_resolution=_int(iwhere, "mesh_size", infer.get("mesh_size", 384), minimum=2),
-            mc_threshold=float(infer.get("mesh_thres", 3.0)),
+            mc_threshold=_finite(iwhere, "mesh_thres", infer.get("mesh_thres", 3.0)),
             render_size=_int(iwhere, "render_size", infer.get("render_size", render)),
             # OpenLRM's releases feed the image as framed; a model trained on one framing (lrm-tiny) says
             # in infer.yaml how much of the frame its objects filled, and inputs are framed to that.
-            foreground_ratio=None if infer.get("foreground_ratio") is None else float(infer["foreground_ratio"]),
+            foreground_ratio=(None if infer.get("foreground_ratio") is None
+                              else _finite(iwhere, "foreground_ratio", infer["foreground_ratio"], positive=True)),
             background=1.0,
-            source_cam_dist=float(infer.get("source_cam_dist", 2.0)),
+            source_cam_dist=_finite(iwhere, "source_cam_dist", infer.get("source_cam_dist", 2.0), positive=True),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: invalid or missing value ({exc})") from None

@@ -88,7 +88,8 @@ def test_pickle_with_code_is_refused(ckpts, tmp_path):
             return (print, ("owned",))
 
     torch.save({"x": Evil()}, d / "model.ckpt")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    # the message names what the pickle wanted, not torch's "re-run with weights_only=False" boilerplate
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*refused by weights_only=True.*GLOBAL"):
         load_model(str(d))
 
 
@@ -143,6 +144,11 @@ def _set_config(d, layout, key, value):
     ("triposr-tiny", "tokenizer.num_channels", 48, r"num_channels 48 must be a multiple of 32"),
     ("triposr-tiny", "post_processor.out_channels", 0, r"post_processor.out_channels .* got 0"),
     ("triposr-tiny", "decoder.in_channels", 25, r"decoder.in_channels 25 must be 3 x post_processor.out_channels"),
+    ("triposr-tiny", "backbone.num_layers", 10 ** 9, r"backbone.num_layers must be an integer in \[1, 65536\]"),
+    ("triposr-tiny", "backbone.num_layers", True, r"backbone.num_layers .* got True"),
+    ("openlrm-tiny-1.1", "transformer_dim", 1 << 20, r"transformer_dim must be an integer in \[1, 65536\]"),
+    ("triposr-tiny", "renderer.density_bias", 0.0, r"renderer.density_bias 0.0 .* not supported"),
+    ("triposr-tiny", "renderer.color_activation", "exp", r"color_activation 'exp' are not supported"),
 ])
 def test_bad_architecture_sizes_are_config_errors(ckpts, tmp_path, layout, key, value, pattern):
     """Zero / negative / indivisible sizes: a ConfigError naming the file and field, not a crash in torch."""
@@ -192,3 +198,42 @@ def test_openlrm_v10_normalisation_is_its_encoders(ckpts, tmp_path):
     (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5], "image_std": [0.3] * 3}))
     with pytest.raises(CheckpointError, match="3 values each"):
         read_checkpoint_dir(d)
+
+
+@pytest.mark.parametrize("layout, key, value", [
+    ("openlrm-tiny-1.0", "kwargs", ["not", "a", "mapping"]),
+    ("triposr-tiny", "renderer", None),
+    ("triposr-tiny", "image_tokenizer", "a string"),
+])
+def test_malformed_configs_are_one_checkpoint_error(ckpts, tmp_path, layout, key, value):
+    """A section of the wrong type (a list, a null, a string) is a CheckpointError naming the directory, not an
+    AttributeError from the line that reads it."""
+    import yaml
+
+    d = _copy(ckpts / layout, tmp_path)
+    if layout == "openlrm-tiny-1.0":
+        obj = torch.load(d / "model.pth", weights_only=True)
+        obj[key] = value
+        torch.save(obj, d / "model.pth")
+    else:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg[key] = value
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=f"{d.name}: malformed model config or checkpoint contents"):
+        load_model(str(d))
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("mesh_thres", "abc", "infer.yaml of .*: mesh_thres must be a finite number, got 'abc'"),
+    ("source_cam_dist", -2.0, "source_cam_dist must be a finite positive number, got -2.0"),
+    ("source_cam_dist", float("inf"), "source_cam_dist must be a finite positive number, got inf"),
+])
+def test_bad_infer_settings_name_infer_yaml(ckpts, tmp_path, key, value, pattern):
+    import yaml
+
+    d = _copy(ckpts / "openlrm-tiny-1.1", tmp_path)
+    infer = yaml.safe_load((d / "infer.yaml").read_text()) if (d / "infer.yaml").is_file() else {}
+    infer[key] = value
+    (d / "infer.yaml").write_text(yaml.safe_dump(infer))
+    with pytest.raises(ConfigError, match=pattern):
+        load_model(str(d))
