@@ -161,11 +161,15 @@ class Reconstructor:
                    background_removal: str = "auto") -> PreprocessResult:
         cfg = preprocess_config(self.config, foreground_ratio, background_removal)
         if isinstance(image, np.ndarray):
+            if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
+                image = image_to_rgba(Image.fromarray(image.reshape(image.shape[:2]) if image.ndim == 3 and
+                                                      image.shape[2] == 1 else image))  # grey / RGB: opaque RGBA
             return preprocess(image, cfg)
         if isinstance(image, Image.Image):
             return preprocess(image_to_rgba(image), cfg)
         if not isinstance(image, (str, Path)):
-            raise ConfigError(f"image must be a file path, a PIL image or an (H, W, 4) uint8 RGBA array, "
+            raise ConfigError(f"image must be a file path, a PIL image or an (H, W, 4) RGBA / (H, W, 3) RGB / (H, W) "
+                              f"grey uint8 array, "
                               f"got {type(image).__name__}")
         return preprocess(load_image(image), cfg, source=str(image))
 
@@ -216,7 +220,10 @@ class Reconstructor:
             views = self.render(fld, render_views, render_size or min(cfg.render_size, 256))
             timings["render"] = time.perf_counter() - t0
         source = str(image) if isinstance(image, (str, Path)) else "<array>"
-        return Reconstruction(source, mesh, triplane, views, pre.display_rgb, timings, list(pre.warnings))
+        warnings = list(pre.warnings)
+        if mesh is not None and mesh.num_faces == 0:  # save() refuses it; say why already here
+            warnings.append(f"the mesh is empty: {mesh.empty_reason or 'no surface at this threshold'}")
+        return Reconstruction(source, mesh, triplane, views, pre.display_rgb, timings, warnings)
 
     def render(self, fld, n_views: int, size: int) -> List[np.ndarray]:
         """Novel views on an orbit around the object (the family's default video cameras)."""
@@ -242,6 +249,9 @@ class Reconstructor:
         """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths."""
         if not name or name in (".", "..") or "/" in name or "\\" in name:  # os.sep / altsep are one of these
             raise ConfigError(f"output name must be a plain file name (no directories), got {name!r}")
+        fmt = str(fmt).lower()  # type: ignore[assignment]
+        if name.lower().endswith(f".{fmt}") and len(name) > len(fmt) + 1:  # "chair.glb" means chair + .glb
+            name = name[:-len(fmt) - 1]
         out = Path(out_dir)
         written: List[Path] = []
         if result.mesh is not None:

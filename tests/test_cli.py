@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 from lrm_rt.cli import main
@@ -238,3 +239,22 @@ def test_empty_mesh_says_which_way_to_move_the_level(fixtures_dir, tmp_path, cap
         err = capsys.readouterr().err
         assert rc == 2 and f"error: the mesh is empty: {advice}" in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_python_api_takes_rgb_and_grey_arrays_and_plain_names(fixtures_dir, tmp_path):
+    """A numpy RGB or grey image works like the same PIL image; save(name="chair.glb", fmt="GLB") writes chair.glb;
+    an empty mesh says why in the result's warnings, before save refuses it."""
+    from PIL import Image
+
+    from lrm_rt.pipeline import Reconstructor
+
+    d = fixtures_dir / "checkpoints" / "openlrm-tiny-1.1"
+    rec = Reconstructor(str(d))
+    rgb = np.asarray(Image.open(d / "input.png").convert("RGB"))
+    for arr, pil in ((rgb, Image.fromarray(rgb)), (rgb[..., 0], Image.fromarray(rgb[..., 0]))):
+        a = rec.preprocess(arr).pixel_values
+        assert torch.equal(a, rec.preprocess(pil).pixel_values)
+    res = rec.reconstruct(rgb, mc_resolution=16)
+    assert [p.name for p in rec.save(res, tmp_path, "chair.glb", fmt="GLB")] == ["chair.glb"]
+    empty = rec.reconstruct(rgb, mc_resolution=16, mc_threshold=1e9)
+    assert empty.mesh.num_faces == 0 and any("the mesh is empty: the density stays below" in w for w in empty.warnings)
