@@ -6,11 +6,11 @@
     GET /health -> 200, JSON with the model and backends
 
 Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same one-line messages as the CLI),
-411 / 413 for a missing or too large body, 404 for other paths, 503 when memory runs or would run out, 500
-otherwise. One request at a time is decoded and reconstructed (the others queue), so the working memory is that of
-one; a queued request holds only its compressed body (at most ``max_body`` bytes). A client that stalls for
-``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and has no
-authentication: put it behind a proxy to expose it.
+411 / 413 for a missing or too large body, 404 / 405 for other paths / methods, 503 when memory runs or would
+run out, 500 otherwise. One request at a time is decoded and reconstructed (the others queue), so the working
+memory is that of one; a queued request holds only its compressed body (at most ``max_body`` bytes). A client that
+stalls for ``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and
+has no authentication: put it behind a proxy to expose it.
 """
 from __future__ import annotations
 
@@ -145,6 +145,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"status": "ok", "model": rec.config.name, "family": rec.config.family,
                          "version": rec.config.version, "network_backend": rec.network.name,
                          "field_backend": rec.field.name})
+
+    def _not_allowed(self) -> None:
+        """Other methods: a JSON 405 naming the two that exist (http.server would answer 501 with an HTML page).
+        A body the client sent is not read, so the connection closes."""
+        self.close_connection = True
+        self.send_response(405)
+        body = json.dumps({"error": f"method {self.command} not allowed (GET /health, POST /reconstruct)"}).encode()
+        self.send_header("Allow", "GET, POST")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body) + 1))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(body + b"\n")
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)

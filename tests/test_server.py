@@ -166,3 +166,15 @@ def test_images_are_decoded_one_at_a_time(server, monkeypatch):
     monkeypatch.setattr(srv, "decode_image", decode)
     status, _, _ = _request(server, "POST", "/reconstruct?mc_resolution=16", CHAIR)
     assert status == 200 and held == [True]
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD"])
+def test_other_methods_get_a_json_405(server, method):
+    conn = http.client.HTTPConnection(*server.server_address, timeout=60)
+    conn.request(method, "/reconstruct", body=b"x" if method != "HEAD" else None)
+    resp = conn.getresponse()
+    body = resp.read()
+    assert resp.status == 405 and resp.getheader("Allow") == "GET, POST"
+    if method != "HEAD":
+        assert "not allowed" in json.loads(body)["error"]
+    conn.close()
