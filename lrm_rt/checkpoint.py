@@ -12,7 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -174,7 +174,7 @@ def _read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
         cfg_yaml = read_yaml(d / "config.yaml")
         vit_name = cfg_yaml.get("image_tokenizer", {}).get("pretrained_model_name_or_path", "facebook/dino-vitb16")
         cfg = triposr_config(cfg_yaml, name, _vit_config(str(vit_name), d))
-        weights = _first_existing(d, "model.ckpt", "model.safetensors")
+        weights = _first_existing(d, "model.safetensors", "model.ckpt")  # no pickle when both are there
         if weights is None:
             raise CheckpointError(f"{d}: TripoSR config.yaml found but no model.ckpt or model.safetensors")
         return cfg, read_state_dict(weights)
@@ -297,6 +297,24 @@ def random_network(cfg: ModelConfig, seed: int = 0) -> LRMNetwork:
     return net.eval()
 
 
+# The weight file the loader would read, by preference: repos that ship two formats of the same weights (OpenLRM
+# v1.1: model.safetensors and pytorch_model.bin) need only one downloaded.
+HUB_WEIGHT_PREFERENCE = ("model.safetensors", "model.ckpt", "model.pth", "pytorch_model.bin")
+
+
+def _hub_weight_patterns(repo_id: str) -> List[str]:
+    """The one weight file of ``repo_id`` to fetch; every weight pattern when the listing fails (offline, with the
+    files in the local cache)."""
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = set(list_repo_files(repo_id))
+    except Exception:  # noqa: BLE001 (no network: let snapshot_download use the cache)
+        files = set()
+    chosen = next((n for n in HUB_WEIGHT_PREFERENCE if n in files), None)
+    return [chosen] if chosen else ["*.ckpt", "*.pth", "*.safetensors", "*.bin"]
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -304,8 +322,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id!r} is a Hugging Face repo id, but huggingface_hub is not installed "
                               "(pip install huggingface_hub) -- or pass a local model directory") from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.yaml", "*.ckpt", "*.pth",
-                                                               "*.safetensors", "*.bin"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.yaml", *_hub_weight_patterns(repo_id)]))
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot download {repo_id!r} from the Hugging Face hub ({first}); without network "

@@ -237,3 +237,37 @@ def test_bad_infer_settings_name_infer_yaml(ckpts, tmp_path, key, value, pattern
     (d / "infer.yaml").write_text(yaml.safe_dump(infer))
     with pytest.raises(ConfigError, match=pattern):
         load_model(str(d))
+
+
+def test_hub_download_fetches_one_weight_file(ckpts, tmp_path, monkeypatch):
+    """An OpenLRM v1.1 repo ships model.safetensors and pytorch_model.bin: only the one the loader reads is fetched
+    (every weight pattern when the listing fails, so an offline cache still serves); TripoSR prefers safetensors."""
+    import sys
+    import types
+
+    d = _copy(ckpts / "openlrm-tiny-1.1", tmp_path)
+    calls = []
+    hub = types.ModuleType("huggingface_hub")
+    hub.list_repo_files = lambda repo: ["config.json", "infer.yaml", "model.safetensors", "pytorch_model.bin"]
+    hub.snapshot_download = lambda repo, allow_patterns: calls.append(allow_patterns) or str(d)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert load_model("someone/openlrm-like").config.version == "1.1"
+    assert calls[-1] == ["*.json", "*.yaml", "model.safetensors"]
+
+    def offline(repo):
+        raise OSError("no network")
+
+    hub.list_repo_files = offline
+    load_model("someone/openlrm-like")
+    assert calls[-1] == ["*.json", "*.yaml", "*.ckpt", "*.pth", "*.safetensors", "*.bin"]
+
+
+def test_triposr_prefers_safetensors_to_the_pickle(ckpts, tmp_path):
+    from safetensors.torch import save_file
+
+    from lrm_rt.checkpoint import read_state_dict
+
+    d = _copy(ckpts / "triposr-tiny", tmp_path)
+    save_file({k: v.contiguous() for k, v in read_state_dict(d / "model.ckpt").items()}, str(d / "model.safetensors"))
+    (d / "model.ckpt").write_bytes(b"not read")
+    assert load_model(str(d)).config.family == "triposr"
