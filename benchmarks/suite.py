@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -1529,6 +1529,14 @@ def evaluate_targets(rows, fits, machine: Dict[str, Any], models: Optional[List[
 
 # ------------------------------------------------------------------------------------------- entry
 
+ROW_KINDS = ("network", "extraction", "render", "end_to_end")
+
+
+def any_measured(rows: Mapping[str, Any]) -> bool:
+    """Whether any row of ``rows`` (the runner's rows or a results dict) passed its gate and was timed."""
+    return any(r["status"] == "ok" for k in ROW_KINDS for r in rows[k])
+
+
 def default_out(slug: str, quick: bool) -> Path:
     """results/<machine>, the committed tables; a --quick smoke run goes to results/<machine>-quick (git-ignored)
     so that it never replaces a full run's results."""
@@ -1589,9 +1597,7 @@ def run_suite(settings: Settings, extra_network: Optional[Dict[str, NetEntry]] =
         "model_errors": runner.model_errors,
         "interrupted": interrupted,
     }
-    measured = any(r["status"] == "ok" for k in ("network", "extraction", "render", "end_to_end")
-                   for r in runner.rows[k])
-    if measured or not (out / "results.json").exists():
+    if any_measured(runner.rows) or not (out / "results.json").exists():
         report.write_all(results, out, plots=settings.plots, log=log)
     else:  # every model failed: an earlier run's results (committed ones, by default) are worth more than this
         log(f"   nothing was measured: the results already in {out} are left as they were")
@@ -1609,11 +1615,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.targets_text(results))
     if results["interrupted"]:
         return 130
-    rows = [r for k in ("network", "extraction", "render", "end_to_end") for r in results[k]]
+    rows = [r for k in ROW_KINDS for r in results[k]]
     bad = [r for r in rows if r["status"] in ("FAILING", "error")] + results["model_errors"]
     if bad:
         print(f"{len(bad)} configuration(s) FAILING or erroring: see results.md")
-    if not any(r["status"] == "ok" for r in rows):  # e.g. every model unloadable: nothing measured, nothing written
+    if not any_measured(results):  # e.g. every model unloadable: nothing measured, nothing written
         for e in results["model_errors"]:
             print(f"  {e['model']}: {e['error']}", file=sys.stderr)
         print(f"error: no configuration ran successfully ({len(bad)} FAILING or erroring)", file=sys.stderr)

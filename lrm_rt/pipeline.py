@@ -20,7 +20,7 @@ from .errors import BackendError, ConfigError, LrmError, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
-                   png_bytes, require_simplifier, simplify, write_atomic)
+                   empty_mesh_error, png_bytes, require_simplifier, simplify, write_atomic)
 from .network_backends import NetworkBackend, TorchNetworkBackend
 from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
 from .texture import bake_texture, check_texture_size, require_xatlas
@@ -222,7 +222,7 @@ class Reconstructor:
         source = str(image) if isinstance(image, (str, Path)) else "<array>"
         warnings = list(pre.warnings)
         if mesh is not None and mesh.num_faces == 0:  # save() refuses it; say why already here
-            warnings.append(f"the mesh is empty: {mesh.empty_reason or 'no surface at this threshold'}")
+            warnings.append(str(empty_mesh_error(mesh)))
         return Reconstruction(source, mesh, triplane, views, pre.display_rgb, timings, warnings)
 
     def render(self, fld, n_views: int, size: int) -> List[np.ndarray]:

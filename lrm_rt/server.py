@@ -123,10 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:  # say so, or an HTTP/1.1 client sends its next request into a closed socket
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD answer is the headers alone
+            self.wfile.write(body)
 
-    def _json(self, status: int, doc: dict) -> None:
-        self._send(status, json.dumps(doc).encode() + b"\n", "application/json")
+    def _json(self, status: int, doc: dict, headers: Optional[Dict[str, str]] = None) -> None:
+        self._send(status, json.dumps(doc).encode() + b"\n", "application/json", headers)
 
     def _refuse(self, length: int, status: int, error: str) -> None:
         """Answer without using the body. Read (and drop) it first when it is not huge: closing a connection with
@@ -150,15 +151,8 @@ class _Handler(BaseHTTPRequestHandler):
         """Other methods: a JSON 405 naming the two that exist (http.server would answer 501 with an HTML page).
         A body the client sent is not read, so the connection closes."""
         self.close_connection = True
-        self.send_response(405)
-        body = json.dumps({"error": f"method {self.command} not allowed (GET /health, POST /reconstruct)"}).encode()
-        self.send_header("Allow", "GET, POST")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body) + 1))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":  # a HEAD answer has headers only
-            self.wfile.write(body + b"\n")
+        self._json(405, {"error": f"method {self.command} not allowed (GET /health, POST /reconstruct)"},
+                   {"Allow": "GET, POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815
 
