@@ -12,6 +12,7 @@ extern "C" {
 
 /* cuda/triplane_field.cu: planes (3, C, H, W) float32; params = each layer's weight (out, in) then bias;
  * dims = [in0, out0, in1, out1, ...]; flags = LRM_FIELD_* bits (field.cuh). */
+int32_t lrm_field_simd_lanes(void); /* float lanes of the vector code this build chose: 16, 8 or 4 */
 void lrm_field_set_num_threads(int32_t n);
 int32_t lrm_field_get_num_threads(void);
 int lrm_field_query(const float* planes, int64_t C, int64_t H, int64_t W, const float* params, const int32_t* dims,

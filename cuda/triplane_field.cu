@@ -577,6 +577,8 @@ static int64_t eval_level(const Net& net, const float* axis, int64_t R, int64_t 
 
 extern "C" {
 
+int32_t lrm_field_simd_lanes(void) { return lrm_field_cpu::VL; }
+
 void lrm_field_set_num_threads(int32_t n) {
     if (n > 0) omp_set_num_threads(n);
 }

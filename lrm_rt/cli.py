@@ -361,10 +361,10 @@ def cmd_info(args) -> int:
             print(f"{mod}: {getattr(m, '__version__', 'available')}")
         except Exception:
             print(f"{mod}: not installed")
-    from .kernels import native_available
+    from .kernels import native_available, simd_lanes
 
-    print(f"field backends: torch, native {'yes' if native_available() else 'no (build failed)'}, "
-          f"cuda {'yes' if cuda else 'no'}")
+    native = f"yes ({simd_lanes()} float lanes)" if native_available() else "no (build failed)"
+    print(f"field backends: torch, native {native}, cuda {'yes' if cuda else 'no'}")
     print("network backends: torch, onnxruntime (export dirs), tensorrt (export dirs, needs tensorrt + cupy)")
     builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
     print(f"built-in models: {', '.join(builtin) or 'none'}")

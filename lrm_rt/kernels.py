@@ -82,7 +82,13 @@ def _built_library() -> Optional[Path]:
 
 
 def native_library_path() -> Path:
-    """Path of an up-to-date CPU build, compiling one into the cache when needed."""
+    """Path of an up-to-date CPU build, compiling one into the cache when needed; LRM_RT_NATIVE_LIB names a
+    prebuilt one instead (a portable build shipped with an application, or another target's in the tests)."""
+    chosen = os.environ.get("LRM_RT_NATIVE_LIB")
+    if chosen:
+        if not Path(chosen).is_file():
+            raise BackendError(f"LRM_RT_NATIVE_LIB={chosen} is not a file")
+        return Path(chosen)
     src = cuda_source_dir()
     built = _built_library()
     newest_src = max(p.stat().st_mtime for p in _kernel_files(src))
@@ -111,6 +117,13 @@ def native() -> ctypes.CDLL:
             except OSError as e:
                 raise BackendError(f"cannot load the native kernels {path}: {e}") from None
         return _lib
+
+
+def simd_lanes() -> int:
+    """float32 lanes of the CPU build's vector code: 16 (AVX-512), 8 (AVX/AVX2) or 4 (SSE, NEON)."""
+    fn = native().lrm_field_simd_lanes
+    fn.argtypes, fn.restype = [], ctypes.c_int32
+    return int(fn())
 
 
 def native_entry(name: str, argtypes: list):

@@ -327,6 +327,7 @@ def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, 
     from lrm_rt.pipeline import field_backend
 
     (tmp_path / "afile").write_text("x")
+    monkeypatch.delenv("LRM_RT_NATIVE_LIB", raising=False)  # set when test_kernel_targets runs this file
     monkeypatch.setenv("LRM_RT_CACHE", str(tmp_path / "afile" / "cache"))
     monkeypatch.setattr(kernels, "_built_library", lambda: None)
     monkeypatch.setattr(kernels, "_lib", None)
