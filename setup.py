@@ -19,21 +19,36 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 
-def _native_compile_command(out: Path) -> list:
+def _build_module():
     # Loaded by path: importing the lrm_rt package here would need its runtime dependencies.
     spec = importlib.util.spec_from_file_location("_lrm_build", ROOT / "lrm_rt" / "_build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.native_compile_command(ROOT / "cuda", out)
+    return mod
 
 
 class BuildNative(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        if not list((ROOT / "cuda").glob("*.cu")):
+            raise RuntimeError(f"the kernel sources (cuda/*.cu) are missing from {ROOT}: an incomplete checkout or "
+                               "source distribution")
+        build = _build_module()
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = _native_compile_command(out)
+        cmd = build.native_compile_command(ROOT / "cuda", out)
         print(" ".join(cmd))
-        subprocess.check_call(cmd)
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            # lrm_rt still runs: it builds the kernels just in time when a compiler appears, else the "auto"
+            # field backend uses the torch reference (much slower).
+            print(f"WARNING: the native CPU kernels were not built ({e}); lrm_rt needs a C++17 compiler with "
+                  "OpenMP (g++) for its fast CPU path, and uses the torch reference until it has one")
+            out.unlink(missing_ok=True)
+            return
+        # A -march=native library runs only on CPUs with the build CPU's extensions; lrm_rt.kernels reads this
+        # record and rebuilds (or falls back) on others instead of dying of SIGILL.
+        build.write_isa_record(out)
 
 
 class BuildPyWithKernels(build_py):
@@ -71,7 +86,9 @@ setup(
         "texture": ["xatlas>=0.0.9", "fast-simplification>=0.1.7"],  # --texture (UV unwrapping), --faces
         "hub": ["huggingface_hub>=0.20"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "gpu": ["cupy-cuda12x"],
+        # the CuPy build for CUDA 13 drivers and torch cu13x wheels (the tested set-up); CUDA 12: gpu-cuda12
+        "gpu": ["cupy-cuda13x"],
+        "gpu-cuda12": ["cupy-cuda12x"],
     },
     ext_modules=[Extension("lrm_rt._lrm_native", sources=[])],
     cmdclass={"build_ext": BuildNative, "build_py": BuildPyWithKernels},

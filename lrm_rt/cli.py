@@ -123,8 +123,9 @@ def cmd_export(args) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .export import DEFAULT_OPSET, export_model
+    from .export import DEFAULT_OPSET, export_model, require_onnx
 
+    require_onnx()  # before loading the model
     if args.threads:
         torch.set_num_threads(int(args.threads))
     if args.aoti:  # before the ONNX export, which takes minutes
@@ -145,13 +146,22 @@ def cmd_export(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="metrics of a reconstruction: mesh vs ground-truth mesh, or render vs image")
+    p = sub.add_parser("eval", help="metrics of a reconstruction: mesh vs ground-truth mesh, or render vs image",
+                       description="Chamfer distance, F-score and volume IoU of two meshes in one frame (no "
+                                   "alignment is searched for; --normalize gt keeps the prediction's scale), or "
+                                   "PSNR, SSIM and silhouette IoU of two images of one size.")
     p.add_argument("pred", help="predicted mesh (glb/obj/ply/...) or rendered image (png/jpg)")
     p.add_argument("gt", help="ground-truth mesh or image (RGBA: alpha gives the silhouette)")
     p.add_argument("--tau", type=finite, default=0.05, help="F-score distance, in normalised units (default 0.05)")
     p.add_argument("--normalize", default="gt", choices=["gt", "each", "none"],
                    help="gt: both meshes by the ground truth's unit box (shared frame); each: every mesh by its own")
     p.add_argument("--points", type=int, default=20000, help="surface samples per mesh")
+    # No alignment is searched for: the meshes must share a frame (as an LRM's prediction and its object do).
+    for side in ("pred", "gt"):
+        p.add_argument(f"--{side}-orientation", default="native", choices=["native", "y_up"],
+                       help=f"frame of the {'predicted' if side == 'pred' else 'ground-truth'} mesh: native "
+                            "(z up, as lrm-rt writes by default) or y_up (written with --orientation y_up, or a "
+                            "glTF-convention asset), rotated to native before comparing")
 
 
 def cmd_eval(args) -> int:
@@ -177,8 +187,12 @@ def cmd_eval(args) -> int:
             if alpha is None:
                 _log(args, f"silhouette_iou left out: {path} has no alpha channel")
     else:
-        out = E.metrics_dict(E.mesh_metrics(E.load_mesh(args.pred), E.load_mesh(args.gt), tau=args.tau,
-                                            n_points=args.points, normalize=args.normalize))
+        from .mesh import native_vertices
+
+        (pv, pf), (gv, gf) = E.load_mesh(args.pred), E.load_mesh(args.gt)
+        pred = native_vertices(pv, args.pred_orientation), pf
+        gt = native_vertices(gv, args.gt_orientation), gf
+        out = E.metrics_dict(E.mesh_metrics(pred, gt, tau=args.tau, n_points=args.points, normalize=args.normalize))
     # JSON has no infinity: identical images' PSNR is written "inf" (float("inf") reads it back)
     print(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in out.items()},
                      indent=1))
@@ -213,7 +227,8 @@ def cmd_reconstruct(args) -> int:
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
     _log(args, f"  {rec.config.name} ({rec.config.family} {rec.config.version}) from {rec.model.source}; "
-               f"field backend {rec.field.name}; {rec.load_seconds:.2f} s")
+               f"network {rec.network.name} {getattr(rec.network, 'precision', '')}; field backend {rec.field.name}; "
+               f"{rec.load_seconds:.2f} s")  # the precision: auto may pick bf16 (a slightly different mesh)
     # Read and preprocess every image before writing anything, so a bad input leaves --out untouched.
     pres, pre_seconds = [], []
     for img in args.images:

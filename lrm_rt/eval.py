@@ -2,12 +2,14 @@
 
 Geometry (both meshes brought into one normalised frame first, see ``normalisation``):
   * Chamfer distance: 0.5 * (mean NN distance pred->gt + mean NN distance gt->pred) over area-uniform
-    surface samples (L2 distances, not squared);
+    surface samples (L2 distances, not squared; the two meshes are sampled with different seeds);
   * F-score at tau: harmonic mean of precision (pred samples within tau of gt) and recall (gt samples
     within tau of pred);
   * volume IoU: uniform points in the joint bounding box, classified inside/outside each shape.
-Images (float arrays in [0, 1]): PSNR, SSIM (Gaussian 11x11, sigma 1.5, the usual constants,
-averaged over channels), silhouette IoU of alpha/opacity masks.
+Boxes (normalisation, volume samples) are taken over the vertices that faces use.
+Images (float arrays in [0, 1], RGB composited on white): PSNR over the whole frame, background included;
+SSIM (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, population covariances, valid region,
+averaged over channels); silhouette IoU of alpha/opacity masks (> 0.5).
 """
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ def load_mesh(path: Union[str, Path]) -> MeshLike:
     if not np.isfinite(v).all():
         raise MeshError(f"mesh {path} has non-finite (NaN / inf) vertex coordinates")
     return v, f
+
+
+def used_vertices(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """The vertices some face uses: a stray vertex (PLY keeps them) must not set a box."""
+    return np.asarray(vertices)[np.unique(np.asarray(faces, np.int64))] if len(faces) else np.zeros((0, 3))
 
 
 def normalisation(vertices: np.ndarray, what: str = "mesh") -> Tuple[np.ndarray, float]:
@@ -214,7 +221,7 @@ def inside(meshes: Sequence[MeshLike], points: np.ndarray) -> np.ndarray:
 
 
 def volume_iou(pred: Sequence[MeshLike], gt: Sequence[MeshLike], n: int = 50000, seed: int = 0) -> float:
-    allv = np.concatenate([v for v, f in list(pred) + list(gt) if len(f)])
+    allv = np.concatenate([used_vertices(v, f) for v, f in list(pred) + list(gt) if len(f)])
     lo, hi = allv.min(0), allv.max(0)
     pts = lo + np.random.default_rng(seed).random((n, 3)) * (hi - lo)
     a, b = inside(pred, pts), inside(gt, pts)
@@ -246,7 +253,7 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
     gt_parts = [gt] if isinstance(gt, tuple) else list(gt)
 
     def norm_of(parts, what):
-        return normalisation(np.concatenate([v for v, f in parts]), what)
+        return normalisation(np.concatenate([used_vertices(v, f) for v, f in parts]), what)
 
     if normalize not in ("gt", "each", "none"):
         raise ConfigError(f"normalize must be gt, each or none, got {normalize!r}")
@@ -260,35 +267,73 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
     check_int("iou_points", iou_points, 1, MAX_POINTS)
     if not any(len(f) for _, f in gt_parts):
         raise MeshError("the ground-truth mesh has no faces")
+    for parts, what in ((gt_parts, "ground-truth"), (pred_parts, "predicted")):
+        if not all(np.isfinite(np.asarray(v, np.float64)).all() for v, _ in parts):
+            raise MeshError(f"the {what} mesh has non-finite (NaN / inf) vertex coordinates")
     ng = norm_of(gt_parts, "ground-truth mesh") if normalize != "none" else (np.zeros(3), 1.0)
     npred = ng if normalize != "each" else (norm_of(pred_parts, "predicted mesh (normalised by its own box)")
                                             if any(len(f) for _, f in pred_parts) else ng)
     gt_parts = [(apply_normalisation(v, ng), f) for v, f in gt_parts]
     pred_parts = [(apply_normalisation(v, npred), f) for v, f in pred_parts]
 
-    def surface(parts, others_inside: bool):
-        # union of parts: drop samples of one part that lie inside another (hidden internal walls)
+    def surface(parts, others_inside: bool, seed0: int):
+        # Samples split between the parts by area, so the union is sampled uniformly; then the samples of one
+        # part that lie inside another (hidden internal walls) are dropped.
+        counts = _split_by_area(parts, n_points)
         pts = []
-        for i, (v, f) in enumerate(parts):
-            p = sample_surface(v, f, max(1, n_points // len(parts)), seed + i) if len(f) else np.zeros((0, 3))
+        for i, ((v, f), n) in enumerate(zip(parts, counts)):
+            p = sample_surface(v, f, n, seed0 + i) if n else np.zeros((0, 3))
             if others_inside and len(parts) > 1 and len(p):
                 p = p[~inside([q for j, q in enumerate(parts) if j != i], p)]
             pts.append(p)
         return np.concatenate(pts)
 
-    gt_pts = surface(gt_parts, True)
+    gt_pts = surface(gt_parts, True, seed)
     if len(gt_pts) == 0:  # zero-area faces (e.g. all on a line): nothing to measure distances to
         raise MeshError("the ground-truth mesh has no surface area (all faces are degenerate)")
-    cf = chamfer_fscore(surface(pred_parts, False), gt_pts, tau)
+    # Other seeds for the prediction: the same seed would pick matching points on meshes triangulated alike.
+    cf = chamfer_fscore(surface(pred_parts, False, seed + 10_000), gt_pts, tau)
     has_pred = any(len(f) for _, f in pred_parts)
     iou = volume_iou(pred_parts, gt_parts, iou_points, seed) if has_pred else 0.0
     return MeshMetrics(cf["chamfer"], cf["fscore"], cf["precision"], cf["recall"], iou, tau)
 
 
+def _split_by_area(parts: Sequence[MeshLike], n: int) -> list:
+    """``n`` samples split between the parts in proportion to their surface areas (largest remainders)."""
+    areas = []
+    for v, f in parts:
+        tri = np.asarray(v, np.float64)[np.asarray(f, np.int64)] if len(f) else np.zeros((0, 3, 3))
+        areas.append(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
+    areas = np.asarray(areas)
+    if not areas.sum() > 0:
+        return [0] * len(parts)
+    share = n * areas / areas.sum()
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(counts - share, kind="stable")[:n - counts.sum()]] += 1
+    return counts.tolist()
+
+
 # ------------------------------------------------------------------------------------------ images
 
+def _unit_float_pair(pred, gt) -> Tuple[np.ndarray, np.ndarray]:
+    """Two images of one shape as float64, refusing what would give a meaningless number: other shapes
+    (numpy would broadcast them), integer arrays (0..255 where [0, 1] is meant), NaN."""
+    out = []
+    for name, x in (("predicted", pred), ("ground-truth", gt)):
+        a = np.asarray(x)
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ImageError(f"the {name} image must be floats in [0, 1], got {a.dtype} (divide 8-bit data by 255)")
+        if not np.isfinite(a).all():
+            raise ImageError(f"the {name} image holds NaN / inf values")
+        out.append(a.astype(np.float64))
+    if out[0].shape != out[1].shape:
+        raise ImageError(f"image shapes differ: {out[0].shape} vs {out[1].shape}")
+    return out[0], out[1]
+
+
 def psnr(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
-    mse = float(np.mean((np.asarray(pred, np.float64) - np.asarray(gt, np.float64)) ** 2))
+    x, y = _unit_float_pair(pred, gt)
+    mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(max_val ** 2 / mse)
 
 
@@ -304,9 +349,7 @@ def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, size: int = 11) -> np.ndar
 
 def ssim(pred: np.ndarray, gt: np.ndarray, max_val: float = 1.0) -> float:
     """Mean SSIM (Wang et al. 2004) of (H, W) or (H, W, C) images; needs H, W >= 11."""
-    x, y = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
+    x, y = _unit_float_pair(pred, gt)
     if min(x.shape[:2]) < 11:  # the 11x11 window would leave nothing: the mean would be NaN
         raise ImageError(f"SSIM needs images of at least 11x11 pixels, got {x.shape[1]}x{x.shape[0]}")
     c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
@@ -337,10 +380,12 @@ def load_image01(path: Union[str, Path]) -> Tuple[np.ndarray, Optional[np.ndarra
     render says nothing about the silhouette)."""
     from PIL import Image
 
+    from .preprocess import to_rgba_array
+
     try:
         with Image.open(path) as im:
             has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-            x = np.asarray(im.convert("RGBA"), np.float64) / 255.0
+            x = to_rgba_array(im, path).astype(np.float64) / 255.0  # 16-bit / float modes rescaled, not clipped
     except Exception as exc:  # not an image, truncated data, decompression bomb: one line, naming the file
         raise ImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     a = x[..., 3:]

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from ._build import native_compile_command
+from ._build import is_portable, isa_flags, missing_isa, native_compile_command, write_isa_record
 from .errors import BackendError
 
 _PKG = Path(__file__).resolve().parent
@@ -60,7 +60,8 @@ def _sources_digest(src: Path) -> str:
     for p in _kernel_files(src):
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    h.update(os.environ.get("LRM_RT_PORTABLE", "").encode())
+    # A -march=native build is only good for CPUs like this one (a home folder shared between machines).
+    h.update(b"portable" if is_portable() else " ".join(isa_flags()).encode())
     return h.hexdigest()[:16]
 
 
@@ -72,7 +73,9 @@ def _compile(src: Path, out: Path) -> None:
     except FileNotFoundError as e:
         raise BackendError(f"native kernels need a C++ compiler ({cmd[0]}) to build: {e}") from None
     except subprocess.CalledProcessError as e:
-        raise BackendError(f"building the native kernels failed:\n{e.stderr[-4000:]}") from None
+        raise BackendError(f"building the native kernels failed (exit status {e.returncode} of {cmd[0]}):\n"
+                           f"{(e.stderr or e.stdout or '')[-4000:]}") from None
+    write_isa_record(out)  # before the library appears: whoever finds the library finds its record
     os.replace(tmp, out)
 
 
@@ -92,7 +95,9 @@ def native_library_path() -> Path:
     src = cuda_source_dir()
     built = _built_library()
     newest_src = max(p.stat().st_mtime for p in _kernel_files(src))
-    if built is not None and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
+    # A wheel built on a CPU with extensions this one lacks would die of SIGILL: build for this CPU instead.
+    lacking = missing_isa(built) if built is not None else []
+    if built is not None and not lacking and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
         return built
     cache = Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
     try:
@@ -103,6 +108,11 @@ def native_library_path() -> Path:
     except OSError as e:  # e.g. a read-only or missing home directory (a service account)
         raise BackendError(f"cannot build the native kernels into the cache {cache} ({e.strerror or e}): set "
                            "LRM_RT_CACHE to a writable folder") from None
+    except BackendError as e:
+        if lacking:
+            raise BackendError(f"the installed native kernels were built for a CPU with {', '.join(lacking)}, "
+                               f"which this one lacks, and rebuilding them here failed: {e}") from None
+        raise
     return out
 
 

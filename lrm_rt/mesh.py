@@ -170,6 +170,13 @@ def oriented_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndar
     raise ConfigError(f"unknown orientation {orientation!r} (native or y_up)")
 
 
+def native_vertices(vertices: np.ndarray, orientation: Orientation) -> np.ndarray:
+    """The inverse of ``oriented_vertices``: a mesh written with ``orientation`` back in the native frame."""
+    if orientation == "y_up":
+        return np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
+    return oriented_vertices(vertices, orientation)
+
+
 def to_trimesh(mesh: Mesh, orientation: Orientation = "native"):
     import trimesh
 

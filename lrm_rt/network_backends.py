@@ -6,7 +6,10 @@ TensorRT backends (from ``lrm-rt export``) implement the same interface.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
+from pathlib import Path
 from abc import ABC, abstractmethod
 from typing import Dict, List, Optional, Tuple
 
@@ -52,16 +55,55 @@ def _time_matmuls(width: int, tokens: int, rounds: int = 5) -> Tuple[float, floa
     return best[0], best[1]
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _probe_file() -> Path:
+    return Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt")) / "bf16_probe.json"
+
+
+def _stored_probes() -> dict:
+    try:
+        data = json.loads(_probe_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def cpu_bf16_is_faster(width: int = 1024) -> bool:
     """Measured, not assumed: CPUs with native bf16 differ (bf16 ran 2.7x faster than fp32 on an AMD EPYC with
     AVX512-BF16, 1.4-1.7x *slower* on an Intel Xeon with AVX512-BF16 but no AMX), so time the network's dominant
     operation at its width in both precisions, at the current thread count. Enough tokens for ~0.25 GFLOP per
-    matmul (timer noise swamps smaller ones). Cached per process; 0.02-0.2 s."""
+    matmul (timer noise swamps smaller ones); 0.02-0.2 s. The decision is kept per process and stored in the
+    kernel cache folder per CPU model, torch version, width and thread count, so that the same command gives the
+    same mesh on a machine run after run (a probe under load from other processes could decide otherwise)."""
     key = (int(width), torch.get_num_threads())
     if key not in _BF16_PROBES:
-        tokens = int(min(1024, max(128, 0.25e9 / (8 * key[0] ** 2))))
-        t32, t16 = _time_matmuls(key[0], tokens)
-        _BF16_PROBES[key] = t16 * BF16_MIN_SPEEDUP < t32
+        name = f"{_cpu_model()} | torch {torch.__version__} | width {key[0]} | threads {key[1]}"
+        stored = _stored_probes()
+        if isinstance(stored.get(name), bool):
+            _BF16_PROBES[key] = stored[name]
+        else:
+            tokens = int(min(1024, max(128, 0.25e9 / (8 * key[0] ** 2))))
+            t32, t16 = _time_matmuls(key[0], tokens)
+            _BF16_PROBES[key] = stored[name] = t16 * BF16_MIN_SPEEDUP < t32
+            try:  # best effort: an unwritable cache only means probing again next time
+                f = _probe_file()
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(stored, indent=1))
+                os.replace(tmp, f)
+            except OSError:
+                pass
     return _BF16_PROBES[key]
 
 

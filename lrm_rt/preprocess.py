@@ -99,7 +99,7 @@ def _too_large_message(path: PathLike, w: int, h: int) -> str:
     )
 
 
-def _to_rgba_array(im: Image.Image, path: PathLike) -> np.ndarray:
+def to_rgba_array(im: Image.Image, path: PathLike) -> np.ndarray:
     """Convert any Pillow mode to an (H, W, 4) uint8 RGBA array."""
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
@@ -232,7 +232,7 @@ def image_to_rgba(im: Image.Image, source: PathLike = "<PIL image>") -> np.ndarr
     except Exception as e:  # a broken EXIF block should not make a decodable image unusable
         log.warning("ignoring unreadable EXIF orientation of %s: %s", source, _one_line(e))
 
-    rgba = _to_rgba_array(im, source)
+    rgba = to_rgba_array(im, source)
     if rgba.ndim != 3 or rgba.shape[0] == 0 or rgba.shape[1] == 0:
         raise ImageError(f"image has zero size: {source}")
     if rgba[..., 3].max() == 0:

@@ -129,3 +129,92 @@ def test_image_eval_output_is_json_and_silhouette_needs_both_alphas(tmp_path, ca
         out = json.loads(captured.out)
         assert "silhouette_iou" not in out and math.isfinite(out["psnr"]), (view, out)
         assert f"silhouette_iou left out: {tmp_path / view} has no alpha channel" in captured.err
+
+
+def _icosphere(radius=1.0, centre=(0.0, 0.0, 0.0), subdiv=4):
+    s = trimesh.creation.icosphere(subdiv, radius)
+    return np.asarray(s.vertices, np.float64) + centre, np.asarray(s.faces, np.int64)
+
+
+def test_parts_are_sampled_in_proportion_to_their_area():
+    """A ground truth given as parts is sampled uniformly over the union: a small part gets its share of the
+    samples by area, not an equal share (that once made a 2 % part weigh as much as the rest in recall)."""
+    big, small = _icosphere(1.0), _icosphere(0.15, (1.6, 0.0, 0.0))
+    joined = (np.concatenate([big[0], small[0]]), np.concatenate([big[1], small[1] + len(big[0])]))
+    as_parts = E.mesh_metrics(big, [big, small], n_points=8000, iou_points=2000)
+    as_one = E.mesh_metrics(big, joined, n_points=8000, iou_points=2000)
+    assert as_parts.recall == pytest.approx(as_one.recall, abs=0.01) and as_parts.recall > 0.95
+    assert as_parts.chamfer == pytest.approx(as_one.chamfer, rel=0.1)
+    assert E._split_by_area([big, small, (np.zeros((0, 3)), np.zeros((0, 3), np.int64))], 1000) == [978, 22, 0]
+
+
+def test_vertices_no_face_uses_do_not_set_the_boxes():
+    v, f = _icosphere()
+    stray = (np.concatenate([v, [[10.0, 10.0, 10.0]]]), f)
+    ref = E.mesh_metrics((v * 1.05, f), (v, f), n_points=4000, iou_points=4000)
+    for gt in [stray]:
+        m = E.mesh_metrics((v * 1.05, f), gt, n_points=4000, iou_points=4000)
+        assert (m.fscore, m.chamfer, m.volume_iou) == (ref.fscore, ref.chamfer, ref.volume_iou)
+    m = E.mesh_metrics(stray, (v, f), n_points=4000, iou_points=4000)
+    assert m.volume_iou > 0.9 and m.fscore == pytest.approx(1.0)
+
+
+def test_non_finite_prediction_is_a_mesh_error():
+    v, f = _icosphere(subdiv=2)
+    bad = v.copy()
+    bad[3] = np.nan
+    for normalize in ("gt", "each", "none"):
+        with pytest.raises(E.MeshError, match="predicted mesh has non-finite"):
+            E.mesh_metrics((bad, f), (v, f), n_points=500, iou_points=500, normalize=normalize)
+
+
+def test_image_metrics_refuse_integer_mismatched_or_nan_images():
+    rng = np.random.default_rng(0)
+    img = rng.random((16, 16, 3))
+    with pytest.raises(ImageError, match="floats in \\[0, 1\\].*uint8"):
+        E.image_metrics((img * 255).astype(np.uint8), img)
+    with pytest.raises(ImageError, match="shapes differ"):
+        E.psnr(img, img[..., :1])
+    nan = img.copy()
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(ImageError, match="NaN"):
+        E.ssim(img, nan)
+
+
+def test_16_bit_grey_images_keep_their_values(tmp_path):
+    from PIL import Image
+
+    grey = np.full((16, 16), 0.4)
+    Image.fromarray(np.round(grey * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(tmp_path / "grey8.png")
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I")  # Pillow's convert() would clip these values to white
+    rgb16, a16 = E.load_image01(tmp_path / "grey16.png")
+    rgb8, _ = E.load_image01(tmp_path / "grey8.png")
+    assert a16 is None and np.abs(rgb16 - 0.4).max() < 0.003
+    assert E.psnr(rgb16, rgb8) > 45
+
+
+def test_cli_orientation_options_bring_both_meshes_into_one_frame(tmp_path, capsys):
+    """A mesh written with --orientation y_up against the same mesh in the native frame: without the option the
+    frames differ (a low F-score, no error: no alignment is searched for); with it the meshes coincide."""
+    import json
+
+    from lrm_rt.mesh import native_vertices, oriented_vertices
+
+    v, f = _icosphere(subdiv=3)
+    v = v * [0.4, 0.7, 1.0]  # an ellipsoid: the frames differ visibly
+    np.testing.assert_allclose(native_vertices(oriented_vertices(v, "y_up"), "y_up"), v)
+    trimesh.Trimesh(v, f, process=False).export(tmp_path / "native.ply")
+    trimesh.Trimesh(oriented_vertices(v, "y_up"), f, process=False).export(tmp_path / "yup.ply")
+    common = ["--points", "4000"]
+    assert main(["eval", str(tmp_path / "yup.ply"), str(tmp_path / "native.ply"), *common]) == 0
+    apart = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tmp_path / "yup.ply"), str(tmp_path / "native.ply"), "--pred-orientation", "y_up",
+                 *common]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tmp_path / "native.ply"), str(tmp_path / "yup.ply"), "--gt-orientation", "y_up",
+                 *common]) == 0
+    same_gt = json.loads(capsys.readouterr().out)
+    assert apart["fscore"] < 0.7 and same["fscore"] == pytest.approx(1.0) and same_gt["fscore"] == pytest.approx(1.0)
+    assert same["volume_iou"] > 0.97

@@ -361,3 +361,18 @@ def test_reexport_removes_the_earlier_exports_optional_files(fixtures_dir, tmp_p
     assert not list(d.glob("*.fp16.onnx")) and not (d / "network.pt2").exists()
     assert [p.name for p in (d / "tensorrt").iterdir()] == ["timing.cache"]
     assert OnnxRuntimeNetworkBackend(d, providers="cpu").config.version == "1.0"
+
+
+def test_export_without_onnx_installed_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """Without the [onnx] extra the export stops before loading the model or creating --out (it printed a
+    ModuleNotFoundError traceback from deep inside and left an empty folder)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    out = tmp_path / "exp"
+    assert main(["export", "--model", "lrm-tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lrm-rt export needs onnx and onnxruntime (onnx not installed)")
+    assert "pip install" in err
+    assert "Traceback" not in err and not out.exists()

@@ -60,7 +60,9 @@ def _sphere(center=(0, 0, 0), radius=0.5):
 def test_mesh_metrics_trivial_cases():
     a = _sphere()
     same = E.mesh_metrics(a, a, n_points=4000, iou_points=4000)
-    assert same.fscore == pytest.approx(1.0) and same.chamfer == pytest.approx(0.0, abs=1e-12)
+    # the two sides are sampled with different seeds: the Chamfer distance of a mesh to itself is the sampling
+    # floor, not 0 (the same seed would pick matching points on meshes triangulated alike)
+    assert same.fscore == pytest.approx(1.0) and 0.005 < same.chamfer < 0.02
     assert same.volume_iou == pytest.approx(1.0)
     far = E.mesh_metrics(_sphere((3, 0, 0)), a, n_points=4000, iou_points=4000)
     assert far.fscore < 0.01 and far.volume_iou == 0.0 and far.chamfer > 1.0
@@ -139,7 +141,7 @@ def test_cli_eval(tmp_path, capsys):
     trimesh.Trimesh(v, f).export(tmp_path / "a.ply")
     assert main(["eval", str(tmp_path / "a.ply"), str(tmp_path / "a.ply"), "--points", "2000"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["fscore"] == pytest.approx(1.0)
+    assert out["fscore"] == pytest.approx(1.0, abs=0.01)  # 2000 independent samples a side: a few gaps > tau
     assert main(["eval", str(tmp_path / "a.ply"), str(REPO / "examples" / "chair.png")]) == 2
 
 

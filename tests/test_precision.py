@@ -2,6 +2,8 @@
 torch bf16 on CPU. The mesh from the reduced-precision triplane must match the fp32 mesh within 1 % of the
 bounding-box diagonal (symmetric mean Chamfer), and the triplane hand-off, decoder and density activation
 stay float32."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,7 +124,7 @@ def test_auto_precision_rule(monkeypatch):
 
 
 @pytest.mark.parametrize("bf16_seconds, chosen", [(0.5, True), (0.9, False), (1.7, False)])
-def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, bf16_seconds, chosen):
+def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, tmp_path, bf16_seconds, chosen):
     import lrm_rt.network_backends as nb
 
     calls = []
@@ -130,6 +132,7 @@ def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, bf16_seconds, c
     def fake_times(width, tokens, rounds=5):
         calls.append(width)
         return 1.0, bf16_seconds
+    monkeypatch.setenv("LRM_RT_CACHE", str(tmp_path))
     monkeypatch.setattr(nb, "_time_matmuls", fake_times)
     monkeypatch.setattr(nb, "_BF16_PROBES", {})
     assert nb.cpu_bf16_is_faster(384) is chosen
@@ -137,6 +140,26 @@ def test_bf16_probe_needs_a_clear_win_and_runs_once(monkeypatch, bf16_seconds, c
     assert calls == [384]  # cached: one probe per width (and thread count)
     nb.cpu_bf16_is_faster(192)
     assert calls == [384, 192]
+
+
+def test_bf16_probe_decision_is_kept_between_processes(monkeypatch, tmp_path):
+    """A later process (here: an emptied in-process cache) takes the stored decision instead of measuring again,
+    so the default precision, and so the mesh, does not change from run to run on one machine."""
+    import lrm_rt.network_backends as nb
+
+    monkeypatch.setenv("LRM_RT_CACHE", str(tmp_path))
+    monkeypatch.setattr(nb, "_BF16_PROBES", {})
+    monkeypatch.setattr(nb, "_time_matmuls", lambda width, tokens, rounds=5: (1.0, 0.5))
+    assert nb.cpu_bf16_is_faster(256) is True
+    assert len(json.loads((tmp_path / "bf16_probe.json").read_text())) == 1
+    monkeypatch.setattr(nb, "_BF16_PROBES", {})
+    monkeypatch.setattr(nb, "_time_matmuls", lambda width, tokens, rounds=5: pytest.fail("measured again"))
+    assert nb.cpu_bf16_is_faster(256) is True
+    monkeypatch.setattr(nb, "_time_matmuls", lambda width, tokens, rounds=5: (1.0, 2.0))
+    assert nb.cpu_bf16_is_faster(512) is False  # another width: its own probe
+    (tmp_path / "bf16_probe.json").write_text("{not json")  # a damaged file: probe again, no error
+    monkeypatch.setattr(nb, "_BF16_PROBES", {})
+    assert nb.cpu_bf16_is_faster(256) is False
 
 
 def test_bf16_probe_times_real_matmuls():

@@ -238,11 +238,22 @@ def _prepare_out_dir(out: Path) -> None:
             stale.unlink()
 
 
+def require_onnx() -> None:
+    """The export writes with onnx and validates with onnxruntime (the [onnx] extra): say so before any work."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"lrm-rt export needs onnx and onnxruntime ({' and '.join(missing)} not installed): "
+                          "pip install onnx onnxruntime (the project's [onnx] extra)")
+
+
 def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                  tensorrt: bool = False, max_batch: int = 4, check_batch: int = 2, seed: int = 0,
                  threads: Optional[int] = None, external_threshold: int = EXTERNAL_DATA_BYTES,
                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Export ``loaded`` to ``out_dir``; returns the manifest. Raises ExportError when validation fails."""
+    require_onnx()
     if opset < MIN_OPSET:
         raise ConfigError(f"--opset {opset} is too old (need >= {MIN_OPSET}; {DEFAULT_OPSET} recommended)")
     if opset > (max_opset() or opset):  # before --out is touched: an earlier export there stays loadable
