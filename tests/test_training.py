@@ -1,4 +1,5 @@
 """The lrm-tiny training recipe (training/train.py): the geometric start and a resumable loop."""
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,68 @@ def test_training_loop_runs_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", args + ["--views", "4"])  # the split holds 3 views per object
     with pytest.raises(SystemExit, match="holds 3 views"):
         T.main()
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Weights, AdamW state, step and every random stream (batches, views, rays, jitter) are restored: 2 + 2
+    steps give bit for bit what 4 steps give."""
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "mini.npz")
+    base = ["train.py", "--data", "mini", "--batch", "2", "--views", "2", "--rays", "16", "--samples", "8",
+            "--warmup", "1", "--minutes", "1000"]
+    monkeypatch.setattr(sys, "argv", base + ["--ckpt", str(tmp_path / "a.pt"), "--steps", "4"])
+    T.main()
+    for steps in ("2", "4"):
+        monkeypatch.setattr(sys, "argv", base + ["--ckpt", str(tmp_path / "b.pt"), "--steps", steps]
+                            + (["--resume"] if steps == "4" else []))
+        T.main()
+    a, b = (torch.load(tmp_path / n, weights_only=False) for n in ("a.pt", "b.pt"))
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume", "--ckpt", "{tmp}/none.pt"], "--resume: no checkpoint at"),
+    (["--new-stage"], "--new-stage restarts the schedule of a resumed run"),
+    (["--init-weights", "{tmp}/nowhere"], "--init-weights: no model.safetensors"),
+    (["--batch", "50"], "--batch 50: mini holds 3 objects"),
+    (["--data", "mini,nope"], "no split 'nope'"),
+])
+def test_bad_training_options_stop_with_one_line(tmp_path, monkeypatch, extra, message):
+    """A wrong --ckpt with --resume quietly started from scratch under a later stage's settings; the others gave
+    tracebacks or were ignored."""
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "mini.npz")
+    args = ["train.py", "--data", "mini", "--batch", "2", "--views", "2", "--rays", "16", "--samples", "8",
+            "--steps", "1", "--ckpt", str(tmp_path / "ck.pt")] + [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        T.main()
+    assert not (tmp_path / "ck.pt").exists() and not (tmp_path / "none.pt").exists()
+
+
+def test_a_signal_stops_the_run_with_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (a job's time limit) ends the run at the next step boundary and saves it (the run lost
+    everything since its last periodic save, or all of its first 5 minutes)."""
+    import signal
+
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "mini.npz")
+    real_loss = T.render_loss
+    calls = []
+
+    def loss_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_loss(*a, **k)
+    monkeypatch.setattr(T, "render_loss", loss_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "mini", "--batch", "2", "--views", "2", "--rays", "16",
+                                      "--samples", "8", "--steps", "100", "--ckpt", str(tmp_path / "ck.pt")])
+    T.main()
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 2 and len(calls) == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back
 
 
 def test_several_split_files_are_concatenated_object_wise(tmp_path, monkeypatch):
@@ -364,6 +427,72 @@ def test_data_gen_writes_a_split_and_its_record(tmp_path, monkeypatch):
     assert z["pixels"].shape == (n, 3, 112, 112) and z["cams"].shape == (n, 3, 25) and z["occ"].shape == (n, 12)
     assert (z["views"][..., 3] > 0).any(axis=(2, 3)).all()  # every view sees its object
     assert json.loads((tmp_path / "mini.json").read_text())["seed"] == 5
+
+
+def test_data_gen_and_export_refuse_before_writing(tmp_path, monkeypatch):
+    """Unknown splits were ignored (exit 0), missing meshes gave a trimesh traceback; export.py wrote the new
+    weights with a placeholder threshold into --out (by default the shipped model) before it found its tuning
+    data missing."""
+    import data_gen as D
+    import export as X
+
+    monkeypatch.setattr(D, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(sys, "argv", ["data_gen.py", "--splits", "tain"])
+    with pytest.raises(SystemExit, match="--splits: unknown tain"):
+        D.main()
+    monkeypatch.setattr(D, "MESH_DIR", tmp_path / "no_meshes")
+    monkeypatch.setattr(sys, "argv", ["data_gen.py", "--splits", "val"])
+    with pytest.raises(SystemExit, match="are not in .*LRM_RT_SHARED"):
+        D.main()
+    assert not (tmp_path / "data").exists()
+
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"model": {}, "step": 0}, ckpt)
+    out = tmp_path / "model"
+    monkeypatch.setattr(X, "DATA", tmp_path / "data")
+    for argv, message in ((["--ckpt", str(tmp_path / "none.pt")], "--ckpt: no checkpoint"),
+                          (["--ckpt", str(ckpt)], "the threshold is tuned on .*tune.npz, which is missing")):
+        monkeypatch.setattr(sys, "argv", ["export.py", *argv, "--out", str(out)])
+        with pytest.raises(SystemExit, match=message):
+            X.main()
+    assert not out.exists()
+
+
+def test_export_tunes_first_then_writes_every_file(tmp_path, monkeypatch):
+    import yaml
+    from safetensors.torch import load_file
+
+    import export as X
+
+    shipped = REPO / "lrm_rt" / "models_data" / "lrm-tiny"
+    ckpt = tmp_path / "ck.pt"
+    torch.save({"model": load_file(str(shipped / "model.safetensors")), "step": 7}, ckpt)
+    (tmp_path / "data" / "gt").mkdir(parents=True)
+    for split in X.TUNE_SPLITS:
+        _tiny_dataset(tmp_path / "data" / f"{split}.npz", n_obj=1)
+        (tmp_path / "data" / "gt" / f"{split}_0000.npz").write_bytes(b"")
+    monkeypatch.setattr(X, "DATA", tmp_path / "data")
+    seen = []
+
+    def fake_tune(model, resolution):
+        seen.append(model.config.mc_threshold)
+        return 5.0, {5.0: 0.5, 10.0: 0.4}
+    monkeypatch.setattr(X, "tune_threshold", fake_tune)
+    out = tmp_path / "model"
+    monkeypatch.setattr(sys, "argv", ["export.py", "--ckpt", str(ckpt), "--out", str(out)])
+    X.main()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "infer.yaml", "model.safetensors"]
+    assert yaml.safe_load((out / "infer.yaml").read_text())["mesh_thres"] == 5.0 and seen
+    assert (out / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+
+
+def test_gpu_run_refuses_an_unknown_command(tmp_path):
+    import subprocess
+
+    run = subprocess.run(["bash", str(REPO / "training" / "gpu_run.sh"), "contnue", str(tmp_path)], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR")
+    assert not list(tmp_path.iterdir())
 
 
 def test_fit_ceiling_fits_planes_that_render_unseen_views_better(tmp_path, monkeypatch):

@@ -342,13 +342,20 @@ def main() -> None:
     ap.add_argument("--train-name", default="train", help="file name (under training/data/) of the training split")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    gt_dir = DATA_DIR / "gt"
-    gt_dir.mkdir(exist_ok=True)
     splits = set(args.splits.split(","))
+    unknown = splits - {"train", "val", "tune", "tune_shapes"}
+    if unknown:
+        sys.exit(f"--splits: unknown {', '.join(sorted(unknown))} (train, val, tune, tune_shapes)")
     need = set(HELDOUT_MESHES) if "val" in splits else set()  # only what is used: a GPU machine gets a copy
     if splits & {"train", "tune"}:
         need |= {n for n in MESH_FILES if n not in HELDOUT_MESHES}
+    absent = [n for n in sorted(need) if not (MESH_DIR / n / MESH_FILES[n]).is_file()]
+    if absent:
+        sys.exit(f"the meshes {', '.join(absent)} are not in {MESH_DIR}: put the shared data beside the checkout "
+                 "(../shared) or set LRM_RT_SHARED")
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    gt_dir = DATA_DIR / "gt"
+    gt_dir.mkdir(exist_ok=True)
     assets = {n: load_asset(n) for n in MESH_FILES if n in need}
 
     rng = np.random.default_rng(args.seed)

@@ -34,6 +34,20 @@ from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # 
 DATA = HERE / "data"
 
 
+def require_split(split: str) -> None:
+    if not (DATA / f"{split}.npz").is_file():
+        sys.exit(f"no split {split!r}: {DATA / f'{split}.npz'} is missing (make it with training/data_gen.py)")
+
+
+def load_model_or_exit(name: str):
+    from lrm_rt.errors import LrmError
+
+    try:
+        return load_model(name)
+    except LrmError as e:
+        sys.exit(f"--model {name}: {e}")
+
+
 def load_gt(split: str, i: int):
     z = np.load(DATA / "gt" / f"{split}_{i:04d}.npz")
     n = len([k for k in z.files if k.startswith("v")])
@@ -120,7 +134,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(DATA / "eval.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = load_model(args.model)
+    for split in args.splits.split(","):
+        require_split(split)
+    model = load_model_or_exit(args.model)
     result = {}
     for split in args.splits.split(","):
         t0 = time.time()

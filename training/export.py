@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,20 +60,42 @@ def tune_threshold(model, resolution: int, splits=TUNE_SPLITS):
     return max(means, key=means.get), means
 
 
+def check_tuning_data(splits=TUNE_SPLITS) -> None:
+    for split in splits:
+        if not (DATA / f"{split}.npz").is_file():
+            sys.exit(f"the threshold is tuned on {DATA / f'{split}.npz'}, which is missing: "
+                     f"python training/data_gen.py --splits {split}")
+        n = len(np.load(DATA / f"{split}.npz")["pixels"])
+        missing = [i for i in range(n) if not (DATA / "gt" / f"{split}_{i:04d}.npz").is_file()]
+        if missing:
+            sys.exit(f"{len(missing)} ground-truth meshes of {split} are missing from {DATA / 'gt'}: "
+                     "make the split again")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=str(DATA / "ckpt" / "last.pt"))
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(OUT), help="model folder to write (default: the shipped lrm-tiny)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if not Path(args.ckpt).is_file():
+        sys.exit(f"--ckpt: no checkpoint at {args.ckpt}")
+    check_tuning_data()  # before anything is written: --out may be the shipped model
     ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     out = Path(args.out)
     infer = dict(INFER)
-    write_model(ck["model"], infer, out)
-    best, means = tune_threshold(load_model(str(out)), infer["mesh_size"])
-    print(f"F-score@0.05 on {'+'.join(TUNE_SPLITS)} by threshold: " + ", ".join(f"{t:g}: {s:.3f}" for t, s in means.items()))
-    infer["mesh_thres"] = best
-    write_model(ck["model"], infer, out)
+    # Tuned in a scratch folder, then every file moved into --out: an interrupted export leaves --out as it was.
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model(ck["model"], infer, Path(tmp))
+        best, means = tune_threshold(load_model(tmp), infer["mesh_size"])
+        print(f"F-score@0.05 on {'+'.join(TUNE_SPLITS)} by threshold: "
+              + ", ".join(f"{t:g}: {s:.3f}" for t, s in means.items()))
+        infer["mesh_thres"] = best
+        write_model(ck["model"], infer, Path(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in Path(tmp).iterdir():
+            shutil.copy2(f, out / f".{f.name}.tmp")
+            os.replace(out / f".{f.name}.tmp", out / f.name)
     print(f"wrote {out} (step {ck['step']}, mesh_thres {best:g})")
 
 

@@ -24,10 +24,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from lrm_rt.checkpoint import load_model  # noqa: E402
 from lrm_rt.field.spec import TriplaneField  # noqa: E402
 from batched import pixel_rays, render_batch  # noqa: E402
-from evaluate import DATA, evaluate_object, object_planes  # noqa: E402
+from evaluate import DATA, evaluate_object, load_model_or_exit, object_planes, require_split  # noqa: E402
 from train import ray_losses  # noqa: E402
 
 SPLIT = "ceiling_shapes"
@@ -106,8 +105,12 @@ def main() -> None:
     if args.make_data:
         make_data(args.n, args.views, args.seed)
         return
-    model = load_model(args.model)
+    require_split(SPLIT)  # made by --make-data
     z = np.load(DATA / f"{SPLIT}.npz")
+    if not 0 < args.fit_views < z["views"].shape[1]:
+        sys.exit(f"--fit-views {args.fit_views}: {SPLIT} holds {z['views'].shape[1]} views, and some must stay "
+                 "unfitted")
+    model = load_model_or_exit(args.model)
     rows = []
     for i in range(len(z["pixels"])):
         rows.append(score_object(model, z, i, args))

@@ -11,13 +11,23 @@
 #   cat OUTDIR/gpu_model.pt.part-* > gpu_model.pt
 #   python training/export.py --ckpt gpu_model.pt --out DIR && python training/evaluate.py --model DIR
 #
-# Env: DEADLINE_S (default 470: training ends that long after the start, taking what data generation leaves;
-# a short benchmark fills the rest of the device call's 600 s), JOBS (data processes, default: all cores, less
-# one while the GPU tests run), SEED_BASE (first data seed, default 200: new objects after stage 7's 100-114),
-# SHAPES (procedural objects per process, default 800; plus
-# 20 poses of each training mesh), TRAIN_ARGS (passed on to train.py, after the defaults below), DEVICE (cuda).
+# Env: DEADLINE_S (`run`: default 470, training ends that long after the start, taking what data generation
+# leaves, and a short benchmark fills the rest of the device call's 600 s; `continue`: default 540), JOBS (data
+# processes, default: all cores, less one while the GPU tests run), SEED_BASE (first data seed, default 200: new
+# objects after stage 7's 100-114), SHAPES (procedural objects per process, default 800; plus 20 poses of each
+# training mesh), INIT (the model folder `run` starts from, default the shipped lrm-tiny: to
+# continue your own CPU stages, export them first, `python training/export.py --out DIR`, with DIR inside the
+# checkout and not git-ignored, so that it travels), TRAIN_ARGS (passed on to train.py, after the defaults
+# below), DEVICE (cuda). Paths are taken from the checkout's root, wherever the script is started.
 set -euo pipefail
-cmd=${1:?usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR}
+usage="usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR"
+cmd=${1:?$usage}
+case "$cmd" in
+  prepare|run|continue) ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
+[ "$cmd" = prepare ] || out=$(realpath -m "${2:?$usage}")
+cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 carry=${CARRY:-.carry}
 
@@ -30,8 +40,9 @@ if [ "$cmd" = prepare ]; then  # the working tree and what it carries travel wit
       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$carry/wheels"
   shared=${LRM_RT_SHARED:-../shared}
-  for m in $("$py" -c "import sys; sys.path.insert(0, 'training'); import data_gen as D
-print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))"); do
+  meshes=$("$py" -c "import sys; sys.path.insert(0, 'training'); import data_gen as D
+print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))")  # a failure here stops the script
+  for m in $meshes; do
     cp -r "$shared/data/meshes/$m" "$carry/shared/data/meshes/"
   done
   chmod -R u+w "$carry/shared"
@@ -47,7 +58,6 @@ print(' '.join(n for n in D.MESH_FILES if n not in D.HELDOUT_MESHES))"); do
   exit 0
 fi
 
-out=${2:?usage: gpu_run.sh run|continue OUTDIR}
 mkdir -p "$out"
 t0=$SECONDS
 ckpt=training/data/ckpt/gpu.pt
@@ -113,8 +123,8 @@ echo "data: $jobs x $(( ${SHAPES:-800} + 100 )) objects in $((SECONDS - t0)) s" 
 minutes=$("$py" -c "print(max(0.5, ($deadline - ($SECONDS - $t0) - 60) / 60))")  # 60 s: loading and saving
 data=$(IFS=,; echo "${names[*]}")
 # shellcheck disable=SC2086
-"$py" training/train.py --device "${DEVICE:-cuda}" --init-weights lrm_rt/models_data/lrm-tiny --data "$data" \
-    --batch 64 --views 4 --rays 384 --lr 6e-4 --warmup 100 --depth-weight 2.0 --mask-weight 1.5 \
+"$py" training/train.py --device "${DEVICE:-cuda}" --init-weights "${INIT:-lrm_rt/models_data/lrm-tiny}" \
+    --data "$data" --batch 64 --views 4 --rays 384 --lr 6e-4 --warmup 100 --depth-weight 2.0 --mask-weight 1.5 \
     --minutes "$minutes" --steps 1000000 --save-every 2 --ckpt "$ckpt" ${TRAIN_ARGS:-} \
     2>&1 | tee "$out/train.log"
 save_weights "$logs"

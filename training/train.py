@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,9 @@ CKPT = DATA / "ckpt"
 def load_split(names: str):
     """One split file, or several (comma-separated, e.g. two ``data_gen.py`` runs with different seeds)
     concatenated object-wise."""
+    for n in names.split(","):
+        if not (DATA / f"{n}.npz").is_file():
+            sys.exit(f"no split {n!r}: {DATA / f'{n}.npz'} is missing (make it with training/data_gen.py)")
     parts = [np.load(DATA / f"{n}.npz") for n in names.split(",")]
     return {k: np.concatenate([z[k] for z in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0].files}
 
@@ -273,11 +277,14 @@ def lr_at(step: int, args, minutes: float = 0.0) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save(path: Path, net, opt, step, args, gen, minutes, origin):
+def save(path: Path, net, opt, step, args, gen, minutes, origin, torch_gen=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    rng = {"np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    if torch_gen is not None:  # views, rays, jitter: a resumed run continues the same stream
+        rng["torch_gen"] = torch_gen.get_state()
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "origin": origin,
-                "args": vars(args), "np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+                "args": vars(args), **rng}, tmp)
     tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
 
 
@@ -285,6 +292,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--minutes", type=float, default=45.0)
+    ap.add_argument("--stop-minutes", type=float, default=None,
+                    help="stop once the stage has trained this long, the schedule still spanning --minutes "
+                         "(stage 1 of the model card stopped at minute 115 of 128)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--views", type=int, default=3, help="views per object per step (input view included)")
     ap.add_argument("--rays", type=int, default=256, help="rays per view")
@@ -324,9 +334,17 @@ def main() -> None:
             sys.exit(f"--device {args.device}: this torch sees no CUDA GPU")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ckpt = Path(args.ckpt)
+    if args.resume and not ckpt.is_file():  # it would quietly start from scratch under a later stage's settings
+        sys.exit(f"--resume: no checkpoint at {ckpt}")
+    if args.new_stage and not args.resume:
+        sys.exit("--new-stage restarts the schedule of a resumed run: it needs --resume")
+    if args.init_weights and not (Path(args.init_weights) / "model.safetensors").is_file():
+        sys.exit(f"--init-weights: no model.safetensors in {args.init_weights}")
     torch.manual_seed(args.seed)
 
     data = load_split(args.data)
+    if not 1 <= args.batch <= len(data["pixels"]):
+        sys.exit(f"--batch {args.batch}: {args.data} holds {len(data['pixels'])} objects")
     if args.depth_weight > 0 and "depths" not in data:
         sys.exit(f"--depth-weight needs ray-hit depths, which {args.data} lacks: regenerate it with data_gen.py")
     if args.occupancy_weight > 0 and "occ" not in data:
@@ -344,7 +362,7 @@ def main() -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     gen = np.random.default_rng(args.seed)
     step, prev_minutes, origin = 0, 0.0, (0, 0.0)  # origin: (step, minutes) where this stage began
-    if args.resume and ckpt.is_file():
+    if args.resume:
         ck = torch.load(ckpt, map_location=device, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
@@ -355,6 +373,11 @@ def main() -> None:
         torch.set_rng_state(ck["torch_rng"].cpu())
         print(f"resumed at step {step}", flush=True)
     torch_gen = torch.Generator(device).manual_seed(args.seed + step)  # views, rays, jitter, occupancy points
+    if args.resume and "torch_gen" in ck:  # checkpoints before 2026-11-28 lack it: reseeded as above
+        torch_gen.set_state(ck["torch_gen"].cpu())
+    # Ctrl-C / SIGTERM (a job's time limit) end the run at the next step, with a checkpoint
+    stop = []
+    previous = {sig: signal.signal(sig, lambda num, frame: stop.append(num)) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     start_step = step
     t_start = last_save = time.time()
@@ -369,7 +392,8 @@ def main() -> None:
         steps, minutes = stage_progress()
         return lr_at(steps, args, minutes)
     ema = None  # running means of the four losses, a device tensor (read every 25 steps: no GPU sync)
-    while stage_progress()[0] < args.steps and stage_progress()[1] < args.minutes:
+    end_minutes = args.minutes if args.stop_minutes is None else min(args.minutes, args.stop_minutes)
+    while stage_progress()[0] < args.steps and stage_progress()[1] < end_minutes and not stop:
         for g in opt.param_groups:
             g["lr"] = lr_now()
         batch_idx = torch.from_numpy(gen.choice(data.n_objects, args.batch, replace=False)).to(device)
@@ -390,10 +414,13 @@ def main() -> None:
                   f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
                   flush=True)
         if time.time() - last_save > args.save_every * 60:
-            save(ckpt, net, opt, step, args, gen, minutes_done(), origin)
+            save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
             last_save = time.time()
-    save(ckpt, net, opt, step, args, gen, minutes_done(), origin)
-    print(f"done: step {step}, {minutes_done():.1f} min of training", flush=True)
+    save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    print(f"{'stopped by a signal' if stop else 'done'}: step {step}, {minutes_done():.1f} min of training, "
+          f"saved to {ckpt}", flush=True)
 
 
 if __name__ == "__main__":
