@@ -62,7 +62,8 @@ MESH_FORMATS = ("glb", "obj", "ply")
 def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct",
                        help="image(s) -> coloured mesh(es): vertex colours, or a baked texture with --texture")
-    p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background)")
+    p.add_argument("images", nargs="+", help="input image files (RGBA, or RGB on a plain background), or folders "
+                                             "of them (their image files, sorted by name)")
     p.add_argument("--model", default=None,
                    help="built-in name (default lrm-tiny), a release name (e.g. triposr), a model directory "
                         "or a Hugging Face repo id")
@@ -169,7 +170,7 @@ def cmd_eval(args) -> int:
 
     from . import eval as E
 
-    images = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".tga", ".ppm", ".pgm", ".pam"}
+    images = IMAGE_SUFFIXES
     kinds = {Path(args.pred).suffix.lower() in images, Path(args.gt).suffix.lower() in images}
     if len(kinds) != 1:
         raise LrmError("eval compares two meshes or two images, not one of each")
@@ -210,6 +211,7 @@ def cmd_reconstruct(args) -> int:
     model = args.model or DEFAULT_MODEL
     if args.render_size is not None and not args.render_views:
         raise LrmError("--render-size sets the size of the novel views: add --render-views N (none are rendered)")
+    args.images = _expand_folders(args.images)
     out_dir, out_name, fmt = _output_target(args)
     # missing optional packages fail before minutes of work, not after
     if args.texture:
@@ -229,13 +231,15 @@ def cmd_reconstruct(args) -> int:
     _log(args, f"  {rec.config.name} ({rec.config.family} {rec.config.version}) from {rec.model.source}; "
                f"network {rec.network.name} {getattr(rec.network, 'precision', '')}; field backend {rec.field.name}; "
                f"{rec.load_seconds:.2f} s")  # the precision: auto may pick bf16 (a slightly different mesh)
-    # Read and preprocess every image before writing anything, so a bad input leaves --out untouched.
+    # Read and preprocess every image before writing anything, so a bad input leaves --out untouched; only the
+    # model inputs are kept (a batch of large photos would otherwise hold ~100 MB each).
     pres, pre_seconds = [], []
     for img in args.images:
         t0 = time.perf_counter()
-        pres.append(rec.preprocess(img, args.foreground_ratio))
+        pre = rec.preprocess(img, args.foreground_ratio)
+        pres.append(pre.model_inputs_only())
         pre_seconds.append(time.perf_counter() - t0)
-        for w in pres[-1].warnings:
+        for w in pre.warnings:
             _log(args, f"  warning: {w}")
     names = [out_name] if out_name else _unique_names(args.images)
     created = _prepare_out_dir(out_dir)
@@ -312,6 +316,23 @@ def _prepare_out_dir(out: Path) -> List[Path]:
     if not os.access(out, os.W_OK | os.X_OK):
         raise LrmError(f"output directory is not writable: {out}")
     return created
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".tga", ".ppm", ".pgm", ".pam"}
+
+
+def _expand_folders(paths: List[str]) -> List[str]:
+    """Folders given as inputs stand for their image files (by suffix, sorted; not recursive)."""
+    out: List[str] = []
+    for p in paths:
+        if _is_dir(Path(p)):
+            found = sorted(str(f) for f in Path(p).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise LrmError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
 def _unique_names(images: List[str]) -> List[str]:

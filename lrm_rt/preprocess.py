@@ -25,6 +25,7 @@ import logging
 import math
 import struct
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional, Sequence, Tuple, Union
@@ -743,10 +744,15 @@ class PreprocessResult:
 
     pixel_values: torch.Tensor
     rgb01: torch.Tensor
-    display_rgb: np.ndarray
-    framed_rgba: np.ndarray
+    display_rgb: Optional[np.ndarray]
+    framed_rgba: Optional[np.ndarray]
     mask_source: MaskSource
     warnings: List[str] = field(default_factory=list)
+
+    def model_inputs_only(self) -> "PreprocessResult":
+        """A copy without the framed full-size images (None): what reconstruction needs. Up to ~100 MB less per
+        large photo, for holding a batch's worth of preprocessed images at once."""
+        return dataclasses.replace(self, display_rgb=None, framed_rgba=None)
 
 
 def box_reduce(rgba: np.ndarray, factor: int, backend: str = "auto") -> np.ndarray:

@@ -168,6 +168,37 @@ def test_out_may_name_the_mesh_file(fixtures_dir, tmp_path, capsys):
     assert rc == 2 and "names one mesh file but 2 images" in capsys.readouterr().err
 
 
+def test_folders_stand_for_their_images_and_only_model_inputs_are_held(fixtures_dir, tmp_path, capsys, monkeypatch):
+    """A batch run over a folder: its image files in name order (other files skipped); every image is preprocessed
+    before any reconstruction, keeping only the model inputs (the framed full-size copies of a large photo are
+    ~100 MB each)."""
+    import shutil
+
+    from lrm_rt.pipeline import Reconstructor
+
+    d = fixtures_dir / "checkpoints" / "triposr-tiny"
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for name in ("b.png", "a.PNG"):
+        shutil.copy(d / "input.png", folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub.png").mkdir()  # a folder named like an image is not one
+    seen = []
+    real = Reconstructor.reconstruct
+
+    def spy(self, image, **kw):
+        seen.append((image.framed_rgba, image.display_rgb))
+        return real(self, image, **kw)
+    monkeypatch.setattr(Reconstructor, "reconstruct", spy)
+    args = ["--model", str(d), "--mc-resolution", "32", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(["reconstruct", str(folder), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.glb", "b.glb"]
+    assert seen == [(None, None), (None, None)]
+    (tmp_path / "empty").mkdir()
+    assert main(["reconstruct", str(tmp_path / "empty"), *args]) == 2
+    assert "folder" in capsys.readouterr().err
+
+
 def test_output_names_never_collide():
     from lrm_rt.cli import _unique_names
 
