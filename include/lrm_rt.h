@@ -56,6 +56,10 @@ typedef enum lrm_status {
 
 typedef enum lrm_device { LRM_DEVICE_CPU = 0, LRM_DEVICE_CUDA = 1 } lrm_device;
 
+/* Frame of the mesh: the model's native frame (z up, as the reference code writes it), or rotated by -90
+ * degrees about x into glTF's y-up convention, (x, y, z) -> (x, z, -y), as lrm-rt's --orientation y_up. */
+typedef enum lrm_orientation { LRM_ORIENTATION_NATIVE = 0, LRM_ORIENTATION_Y_UP = 1 } lrm_orientation;
+
 typedef enum lrm_mesh_format {
     LRM_MESH_AUTO = 0, /* from the file extension: .ply, .obj, .glb */
     LRM_MESH_PLY = 1,  /* binary little-endian; colours as uchar red, green, blue */
@@ -76,6 +80,7 @@ typedef struct lrm_params {
     int32_t vertex_colors;  /* nonzero: decode a colour per vertex */
     int32_t device;         /* lrm_device; LRM_DEVICE_CUDA needs a CUDA build and a cuda export */
     int32_t device_index;   /* GPU ordinal for LRM_DEVICE_CUDA */
+    int32_t orientation;    /* lrm_orientation of the mesh's vertices (and so of every file written) */
 } lrm_params;
 
 /* Seconds per stage of one reconstruction (0 for stages that did not run). */

@@ -88,6 +88,8 @@ void check_params(const lrm_params& p) {
     require(std::isnan(p.mc_threshold) || std::isfinite(p.mc_threshold), "mc_threshold must be finite or NaN (default)");
     require(p.device == LRM_DEVICE_CPU || p.device == LRM_DEVICE_CUDA, "device must be LRM_DEVICE_CPU or LRM_DEVICE_CUDA");
     require(p.device_index >= 0, "device_index must be >= 0");
+    require(p.orientation == LRM_ORIENTATION_NATIVE || p.orientation == LRM_ORIENTATION_Y_UP,
+            "orientation must be LRM_ORIENTATION_NATIVE or LRM_ORIENTATION_Y_UP, got " + std::to_string(p.orientation));
 #if !defined(LRM_RT_WITH_CUDA)
     if (p.device == LRM_DEVICE_CUDA)
         lrm::fail(LRM_ERR_UNSUPPORTED, "this lrm_rt library was built without CUDA (configure with -DLRM_RT_WITH_CUDA=ON)");
@@ -137,6 +139,14 @@ lrm_mesh* reconstruct(lrm_context* ctx, const uint8_t* pixels, int32_t width, in
     else
 #endif
         lrm::extract_mesh_cpu(m, triplane.data(), R, thr, colors, mesh->data);
+    if (ctx->params.orientation == LRM_ORIENTATION_Y_UP) {  // a rotation: the faces keep their winding
+        std::vector<float>& v = mesh->data.vertices;
+        for (size_t i = 0; i + 2 < v.size(); i += 3) {
+            const float y = v[i + 1];
+            v[i + 1] = v[i + 2];
+            v[i + 2] = -y;
+        }
+    }
     t.image_decode = decode_seconds;
     t.total = lrm::now_seconds() - t0 + decode_seconds;
     return mesh.release();
@@ -197,6 +207,7 @@ lrm_params lrm_default_params(void) {
     p.vertex_colors = 1;
     p.device = LRM_DEVICE_CPU;
     p.device_index = 0;
+    p.orientation = LRM_ORIENTATION_NATIVE;
     return p;
 }
 

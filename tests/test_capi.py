@@ -96,12 +96,14 @@ class _Context:
         self.lib = lib
         params = None
         if mc_resolution:
-            # lrm_params layout: struct_size, threads, mc_resolution, mc_threshold, vertex_colors, device, device_index
+            # lrm_params layout: struct_size, threads, mc_resolution, mc_threshold, vertex_colors, device, device_index,
+            # orientation
             class Params(ctypes.Structure):
                 _fields_ = [("struct_size", ctypes.c_uint32), ("threads", ctypes.c_int32),
                             ("mc_resolution", ctypes.c_int32), ("mc_threshold", ctypes.c_float),
-                            ("vertex_colors", ctypes.c_int32), ("device", ctypes.c_int32), ("device_index", ctypes.c_int32)]
-            self._params = Params(ctypes.sizeof(Params), 0, mc_resolution, float("nan"), 1, 0, 0)
+                            ("vertex_colors", ctypes.c_int32), ("device", ctypes.c_int32),
+                            ("device_index", ctypes.c_int32), ("orientation", ctypes.c_int32)]
+            self._params = Params(ctypes.sizeof(Params), 0, mc_resolution, float("nan"), 1, 0, 0, 0)
             params = ctypes.cast(ctypes.pointer(self._params), ctypes.c_void_p)
         self.ptr = ctypes.c_void_p()
         st = lib.lrm_create(str(export_dir).encode(), params, ctypes.byref(self.ptr))
@@ -406,10 +408,10 @@ lib.lrm_last_error.argtypes = [vp]
 class Params(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("threads", ctypes.c_int32), ("mc_resolution", ctypes.c_int32),
                 ("mc_threshold", ctypes.c_float), ("vertex_colors", ctypes.c_int32), ("device", ctypes.c_int32),
-                ("device_index", ctypes.c_int32)]
+                ("device_index", ctypes.c_int32), ("orientation", ctypes.c_int32)]
 
 def run(threads):
-    p = Params(ctypes.sizeof(Params), threads, 16, float("nan"), 1, 0, 0)
+    p = Params(ctypes.sizeof(Params), threads, 16, float("nan"), 1, 0, 0, 0)
     ctx, mesh = vp(), vp()
     assert lib.lrm_create(sys.argv[2].encode(), ctypes.byref(p), ctypes.byref(ctx)) == 0, lib.lrm_last_error(None)
     st = lib.lrm_reconstruct_file(ctx, sys.argv[3].encode(), ctypes.byref(mesh))

@@ -1,7 +1,7 @@
 // lrm-rt-reconstruct: image -> mesh with the lrm_rt C++ wrapper, printing per-stage timings.
 //
 //   lrm-rt-reconstruct EXPORT_DIR IMAGE OUT.{ply,obj,glb} [--mc-resolution N] [--mc-threshold T]
-//                      [--threads N] [--device cpu|cuda] [--no-vertex-colors]
+//                      [--threads N] [--device cpu|cuda] [--orientation native|y_up] [--no-vertex-colors]
 //
 // EXPORT_DIR comes from `lrm-rt export --model M --out EXPORT_DIR --aoti`.
 #include <cstdio>
@@ -14,7 +14,8 @@
 static int usage() {
     std::fprintf(stderr,
                  "usage: lrm-rt-reconstruct EXPORT_DIR IMAGE OUT.{ply,obj,glb} [--mc-resolution N] "
-                 "[--mc-threshold T] [--threads N] [--device cpu|cuda] [--no-vertex-colors]\n");
+                 "[--mc-threshold T] [--threads N] [--device cpu|cuda] [--orientation native|y_up] "
+                 "[--no-vertex-colors]\n");
     return 2;
 }
 
@@ -44,6 +45,10 @@ int main(int argc, char** argv) {
             const std::string d = argv[++i];
             if (d != "cpu" && d != "cuda") return usage();
             params.device = d == "cuda" ? LRM_DEVICE_CUDA : LRM_DEVICE_CPU;
+        } else if (a == "--orientation" && has_value) {
+            const std::string o = argv[++i];
+            if (o != "native" && o != "y_up") return usage();
+            params.orientation = o == "y_up" ? LRM_ORIENTATION_Y_UP : LRM_ORIENTATION_NATIVE;
         } else if (a == "--no-vertex-colors") {
             params.vertex_colors = 0;
         } else {

@@ -3,6 +3,7 @@
 For each fixture checkpoint (``--models``), under ``--out/<name>/``:
   export/          ``lrm-rt export --model <ckpt> --out export --aoti`` (ONNX graphs, decoder, network.pt2)
   python/input.ply ``lrm-rt reconstruct <ckpt>/input.png --model <ckpt> --mc-resolution 64 --precision fp32``
+                   (python_y_up/: the same with ``--orientation y_up``)
   image.rgba       the Python loader's RGBA8 pixels of input.png (raw, row-major)
   pixels.f32       the Python preprocessing's encoder input (1, 3, S, S), raw float32
   reference.json   their shapes
@@ -58,8 +59,9 @@ def model_reference(ckpt: Path, out: Path) -> None:
         cli("export", "--model", str(ckpt), "--out", str(export), "--aoti", "--quiet")
         stamp.write_text(want)
     # fp32: the library runs the network in fp32 (the CLI's default may pick bf16 on some CPUs)
-    cli("reconstruct", str(ckpt / "input.png"), "--model", str(ckpt), "--mc-resolution", "64", "--format", "ply",
-        "--precision", "fp32", "--out", str(out / "python"), "--quiet")
+    for sub, orientation in (("python", "native"), ("python_y_up", "y_up")):
+        cli("reconstruct", str(ckpt / "input.png"), "--model", str(ckpt), "--mc-resolution", "64", "--format", "ply",
+            "--precision", "fp32", "--orientation", orientation, "--out", str(out / sub), "--quiet")
     cfg = manifest_config(read_manifest(export))
     rgba = load_image(ckpt / "input.png")
     pixels = preprocess(rgba, preprocess_config(cfg)).pixel_values.numpy()

@@ -220,6 +220,10 @@ static void null_and_size_checks(lrm_context* ctx, const char* export_dir, const
     p = lrm_default_params();
     p.device = 7;
     expect("create(unknown device)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL);
+    p = lrm_default_params();
+    p.orientation = 2;
+    expect_msg("create(unknown orientation)", lrm_create(export_dir, &p, &out_ctx), LRM_ERR_INVALID_ARGUMENT, NULL,
+               "orientation must be");
     if (strstr(lrm_build_features(), "cuda") == NULL) {
         p = lrm_default_params();
         p.device = LRM_DEVICE_CUDA;
