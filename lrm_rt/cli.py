@@ -360,6 +360,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--field-backend", default="auto", choices=["auto", "torch", "native", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as reconstruct")
     p.add_argument("--threads", type=int_in(1, 1024), default=None)
+    p.add_argument("--max-queue", type=int_in(1, 1024), default=None,
+                   help="requests admitted at once, one running and the rest waiting with their bodies (default 8); "
+                        "more get 503 with Retry-After")
     p.add_argument("--quiet", action="store_true", help="no request log")
 
 
@@ -372,7 +375,7 @@ def cmd_serve(args) -> int:
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
     try:
-        serve(rec, args.host, args.port, args.quiet)
+        serve(rec, args.host, args.port, args.quiet, **({"max_queue": args.max_queue} if args.max_queue else {}))
     except OSError as e:  # address in use, permission denied for a low port, unknown host
         raise LrmError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0

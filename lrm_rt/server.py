@@ -8,8 +8,9 @@
 Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same one-line messages as the CLI),
 411 / 413 for a missing or too large body, 404 / 405 for other paths / methods, 503 when memory runs or would
 run out, 500 otherwise. One request at a time is decoded and reconstructed (the others queue), so the working
-memory is that of one; a queued request holds only its compressed body (at most ``max_body`` bytes). A client that
-stalls for ``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and
+memory is that of one; a queued request holds only its compressed body (at most ``max_body`` bytes), and at most
+``max_queue`` requests are admitted at once (later ones get 503 with Retry-After before their body is kept). A
+client that stalls for ``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and
 has no authentication: put it behind a proxy to expose it.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .preprocess import MAX_IMAGE_FILE_BYTES, decode_image
 from .texture import MAX_SIZE as MAX_TEXTURE, MIN_SIZE as MIN_TEXTURE
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this much more is read before the 413 is sent
+MAX_QUEUE = 8  # requests admitted at once (one running, the others' bodies waiting)
 CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 
 
@@ -74,12 +76,16 @@ class ReconstructionServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: Tuple[str, int], reconstructor: Reconstructor,
-                 max_body: int = MAX_IMAGE_FILE_BYTES, quiet: bool = False):
+                 max_body: int = MAX_IMAGE_FILE_BYTES, quiet: bool = False, max_queue: int = MAX_QUEUE):
+        if max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
         super().__init__(address, _Handler)
         self.reconstructor = reconstructor
         self.max_body = max_body
+        self.max_queue = max_queue
         self.quiet = quiet
         self.lock = threading.Lock()  # one reconstruction at a time
+        self.slots = threading.BoundedSemaphore(max_queue)  # bounds the bodies held: max_queue x max_body
 
     def reconstruct(self, image: bytes, params: Dict[str, object]) -> Tuple[bytes, str, Dict[str, float], list]:
         """(mesh file bytes, format, seconds per stage, preprocessing warnings)"""
@@ -129,14 +135,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, doc: dict, headers: Optional[Dict[str, str]] = None) -> None:
         self._send(status, json.dumps(doc).encode() + b"\n", "application/json", headers)
 
-    def _refuse(self, length: int, status: int, error: str) -> None:
+    def _refuse(self, length: int, status: int, error: str, headers: Optional[Dict[str, str]] = None) -> None:
         """Answer without using the body. Read (and drop) it first when it is not huge: closing a connection with
         unread data resets it, and a client still sending would see that instead of this answer."""
         self.close_connection = True
         if length <= self.server.max_body + DRAIN_LIMIT:
             for left in range(length, 0, -(1 << 20)):
                 self.rfile.read(min(left, 1 << 20))
-        self._json(status, {"error": error})
+        self._json(status, {"error": error}, headers)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         if urlsplit(self.path).path != "/health":
@@ -169,9 +175,17 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > self.server.max_body:
             self._refuse(int(length), 413, f"image of {length} bytes is over the limit of {self.server.max_body}")
             return
-        body = self.rfile.read(int(length))
+        if not self.server.slots.acquire(blocking=False):
+            self._refuse(int(length), 503, f"busy: {self.server.max_queue} requests are already queued or running; "
+                         "retry later", {"Retry-After": "5"})
+            return
         try:
-            data, fmt, timings, warnings = self.server.reconstruct(body, parse_parameters(url.query))
+            try:
+                body = self.rfile.read(int(length))
+                data, fmt, timings, warnings = self.server.reconstruct(body, parse_parameters(url.query))
+                del body
+            finally:
+                self.server.slots.release()  # before the answer is sent: a slow reader holds no slot
         except ResourceError as e:  # the request is valid, this machine lacks the memory for it (checked up front)
             self._json(503, {"error": str(e)})
         except LrmError as e:
@@ -190,8 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data, CONTENT_TYPES[fmt], headers)
 
 
-def serve(reconstructor: Reconstructor, host: str = "127.0.0.1", port: int = 8080, quiet: bool = False) -> None:
-    server = ReconstructionServer((host, port), reconstructor, quiet=quiet)
+def serve(reconstructor: Reconstructor, host: str = "127.0.0.1", port: int = 8080, quiet: bool = False,
+          max_queue: int = MAX_QUEUE) -> None:
+    server = ReconstructionServer((host, port), reconstructor, quiet=quiet, max_queue=max_queue)
     print(f"serving {reconstructor.config.name} on http://{server.server_address[0]}:{server.server_address[1]} "
           "(POST /reconstruct, GET /health; Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import trimesh
 
+from lrm_rt.errors import ConfigError
 from lrm_rt.pipeline import Reconstructor
 from lrm_rt.server import ReconstructionServer
 
@@ -178,3 +179,43 @@ def test_other_methods_get_a_json_405(server, method):
     if method != "HEAD":
         assert "not allowed" in json.loads(body)["error"]
     conn.close()
+
+
+def test_requests_beyond_the_queue_get_503_and_every_slot_comes_back(monkeypatch):
+    """Each admitted request holds its body while it waits; beyond max_queue the server answers 503 with
+    Retry-After instead of buffering without bound, and failed requests give their slot back too."""
+    rec = Reconstructor("lrm-tiny")
+    srv = ReconstructionServer(("127.0.0.1", 0), rec, max_body=len(CHAIR) * 4, quiet=True, max_queue=2)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        release, entered = threading.Event(), threading.Semaphore(0)
+        real = srv.reconstruct
+
+        def slow(*a, **k):
+            entered.release()
+            release.wait(60)
+            return real(*a, **k)
+        monkeypatch.setattr(srv, "reconstruct", slow)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            _request(srv, "POST", "/reconstruct?mc_resolution=16", CHAIR)[0])) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for _ in threads:  # both admitted: their slots are taken
+            assert entered.acquire(timeout=60)
+        status, headers, body = _request(srv, "POST", "/reconstruct?mc_resolution=16", CHAIR)
+        assert status == 503 and headers.get("Retry-After") == "5" and b"busy: 2 requests" in body
+        release.set()
+        for t in threads:
+            t.join()
+        assert results == [200, 200]
+        monkeypatch.setattr(srv, "reconstruct", real)
+        for _ in range(3):  # bad requests (400) return their slots: later ones are still admitted
+            assert _request(srv, "POST", "/reconstruct", b"not an image")[0] == 400
+        assert _request(srv, "POST", "/reconstruct?mc_resolution=16", CHAIR)[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    with pytest.raises(ConfigError, match="max_queue"):
+        ReconstructionServer(("127.0.0.1", 0), rec, max_queue=0)
