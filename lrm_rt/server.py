@@ -10,8 +10,8 @@ Errors are JSON ``{"error": "..."}``: 400 for a bad image or parameter (the same
 run out, 500 otherwise. One request at a time is decoded and reconstructed (the others queue), so the working
 memory is that of one; a queued request holds only its compressed body (at most ``max_body`` bytes), and at most
 ``max_queue`` requests are admitted at once (later ones get 503 with Retry-After before their body is kept). A
-client that stalls for ``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told otherwise, and
-has no authentication: put it behind a proxy to expose it.
+client that stalls for ``SOCKET_TIMEOUT_S`` is dropped. Standard library only; it binds to localhost unless told
+otherwise, and has no authentication: put it behind a proxy to expose it.
 """
 from __future__ import annotations
 
