@@ -47,7 +47,8 @@ class BuildNative(build_ext):
             out.unlink(missing_ok=True)
             return
         # A -march=native library runs only on CPUs with the build CPU's extensions; lrm_rt.kernels reads this
-        # record and rebuilds (or falls back) on others instead of dying of SIGILL.
+        # record and rebuilds (or falls back) on others instead of dying of SIGILL. Wheels and plain installs
+        # carry it; an editable install does not (it runs where it was built).
         build.write_isa_record(out)
 
 

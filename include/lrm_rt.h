@@ -11,7 +11,8 @@
  *   - One context may be shared between threads: its calls are serialised. Use one context per
  *     thread for parallel reconstructions. lrm_free must not race with a call on the same context.
  *   - Output frame: the model's native frame (z up), vertices in [-r, r]^3 (TripoSR r = 0.87,
- *     OpenLRM r = 1), faces wound counter-clockwise seen from outside, colours in [0, 1].
+ *     OpenLRM r = 1), or with lrm_params.orientation = LRM_ORIENTATION_Y_UP glTF's y-up frame,
+ *     (x, y, z) -> (x, z, -y); faces wound counter-clockwise seen from outside, colours in [0, 1].
  */
 #ifndef LRM_RT_H
 #define LRM_RT_H

@@ -1,4 +1,4 @@
-"""``lrm-rt`` command line: reconstruct, export, info."""
+"""``lrm-rt`` command line: reconstruct, eval, export, serve, info, bench."""
 from __future__ import annotations
 
 import argparse
@@ -400,9 +400,10 @@ def cmd_info(args) -> int:
             print(f"{mod}: {getattr(m, '__version__', 'available')}")
         except Exception:
             print(f"{mod}: not installed")
-    from .kernels import native_available, simd_lanes
+    from .kernels import native_unavailable_reason, simd_lanes
 
-    native = f"yes ({simd_lanes()} float lanes)" if native_available() else "no (build failed)"
+    reason = native_unavailable_reason()
+    native = f"yes ({simd_lanes()} float lanes)" if reason is None else f"no ({reason[:300]})"
     print(f"field backends: torch, native {native}, cuda {'yes' if cuda else 'no'}")
     print("network backends: torch, onnxruntime (export dirs), tensorrt (export dirs, needs tensorrt + cupy)")
     builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []

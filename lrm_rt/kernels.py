@@ -1,8 +1,9 @@
 """Locate the kernel sources and load the CPU build of them (a plain C ABI, called through ctypes).
 
-The library is normally built by ``pip install`` (setup.py). When it is missing or older than the
-sources (a developer editing cuda/*.cu in a checkout), it is compiled just in time with g++ into a
-per-user cache, so tests always run the code that is on disk.
+The library is normally built by ``pip install`` (setup.py). When it is missing, older than the sources (a
+developer editing cuda/*.cu in a checkout), or built for a CPU with extensions this one lacks (its .isa record),
+it is compiled just in time ($CXX, default g++) into a per-user cache (LRM_RT_CACHE), so tests always run the
+code that is on disk. LRM_RT_NATIVE_LIB names a prebuilt library instead.
 """
 from __future__ import annotations
 
@@ -153,8 +154,13 @@ def use_native(backend: str) -> bool:
 
 
 def native_available() -> bool:
+    return native_unavailable_reason() is None
+
+
+def native_unavailable_reason() -> Optional[str]:
+    """None when the CPU build loads (building it if needed), else why it does not."""
     try:
         native()
-        return True
-    except (BackendError, OSError):
-        return False
+        return None
+    except (BackendError, OSError) as e:
+        return " ".join(str(e).split()) or type(e).__name__

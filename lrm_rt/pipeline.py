@@ -5,6 +5,7 @@ density grid + marching cubes + vertex colours -> mesh export; novel views by vo
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, 
 from .network_backends import NetworkBackend, TorchNetworkBackend
 from .preprocess import PreprocessConfig, PreprocessResult, image_to_rgba, load_image, preprocess
 from .texture import bake_texture, check_texture_size, require_xatlas
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "lrm-tiny"
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
@@ -78,6 +81,8 @@ def field_backend(name: str = "auto", device: str = "cpu") -> FieldBackend:
         except (ImportError, BackendError) as exc:
             if name == "native":
                 raise BackendError(f"native field backend unavailable: {exc}") from None
+            log.warning("the native CPU kernels are unavailable (%s); the field runs on the torch reference, "
+                        "much slower (lrm-rt info says more)", " ".join(str(exc).split())[:300])
             return TorchFieldBackend()
     raise ConfigError(f"unknown field backend {name!r} (auto, torch, native, cuda)")
 

@@ -154,11 +154,18 @@ def _calls() -> list:
     rgba = g.integers(0, 256, (h, w, 4), dtype=np.uint8)
     mask = (g.uniform(size=(h, w)) < 0.3).astype(np.uint8)
     calls.append(("image", {"rgba": rgba, "mask": mask, "s": np.array([h, w, 4, 2, 250.0, 251.0, 249.0])}))
+    from lrm_rt.texture import EDGE_MARGIN, _raster_setup
+
+    uv = g.uniform(0.05, 0.95, (60, 2))
+    faces = np.stack([g.permutation(60)[:3] for _ in range(40)])  # overlapping faces: the closest one wins
+    lo, hi, coef = _raster_setup(uv, faces, 64)
+    calls.append(("uv", {"coef": coef, "lo": lo, "hi": hi, "s": np.array([64, EDGE_MARGIN], np.float64)}))
     return calls
 
 
 OUT_DTYPES = {"status": np.int32, "simd_lanes": np.int32, "n_evaluated": np.int64, "faces": np.int64,
-              "reduced": np.uint8, "filled": np.uint8, "dilated": np.uint8, "eroded": np.uint8}
+              "reduced": np.uint8, "filled": np.uint8, "dilated": np.uint8, "eroded": np.uint8, "best": np.uint64,
+              "face": np.int32}
 
 
 def test_aarch64_build_matches_this_machines_build(tmp_path):
@@ -203,6 +210,8 @@ def test_aarch64_build_matches_this_machines_build(tmp_path):
             np.testing.assert_allclose(ref["rgb"].reshape(-1, 3), rgb.numpy(), rtol=1e-4, atol=1e-4)
         if op == "mc":
             assert len(ref["faces"]) > 1000
+        if op == "uv":
+            assert (ref["face"] >= 0).sum() > 500
 
 
 def _field_from_inputs(arrays: dict, spec) -> TriplaneField:

@@ -316,7 +316,7 @@ def test_bad_options(backend, triposr_field):
         backend.query(wrong, torch.zeros(4, 3))
 
 
-def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, monkeypatch):
+def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, monkeypatch, caplog):
     """A checkout whose in-tree build is stale rebuilds into the cache; a cache that cannot be created (read-only
     home, a file in the way) names the cache and LRM_RT_CACHE, and the "auto" field backend uses torch instead
     (it once failed every default run with a bare FileNotFoundError)."""
@@ -335,7 +335,10 @@ def test_unwritable_kernel_cache_is_a_named_error_and_auto_falls_back(tmp_path, 
     with pytest.raises(BackendError, match=r"cannot build the native kernels into the cache .*afile.*LRM_RT_CACHE"):
         kernels.native_library_path()
     assert not kernels.native_available()
-    assert isinstance(field_backend("auto"), TorchFieldBackend)
+    assert "cannot build the native kernels" in kernels.native_unavailable_reason()
+    with caplog.at_level("WARNING", logger="lrm_rt.pipeline"):
+        assert isinstance(field_backend("auto"), TorchFieldBackend)
+    assert "native CPU kernels are unavailable (cannot build" in caplog.text  # the fallback is said, not silent
     with pytest.raises(BackendError, match="native field backend unavailable: cannot build"):
         field_backend("native")
 

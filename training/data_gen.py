@@ -14,7 +14,7 @@ The rays come from ``lrm_rt.render.openlrm_rays``, so every ground-truth pixel i
 model's renderer traces. Colours: albedo x a fixed world-space light (view independent, as the
 field's colour is).
 
-    python training/data_gen.py            # writes training/data/{train,val_shapes,val_meshes}.npz
+    python training/data_gen.py            # training/data/{train,val_shapes,val_meshes,tune}.npz + gt/ meshes
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@
 # leaves, and a short benchmark fills the rest of the device call's 600 s; `continue`: default 540), JOBS (data
 # processes, default: all cores, less one while the GPU tests run), SEED_BASE (first data seed, default 200: new
 # objects after stage 7's 100-114), SHAPES (procedural objects per process, default 800; plus 20 poses of each
-# training mesh), INIT (the model folder `run` starts from, default the shipped lrm-tiny: to
-# continue your own CPU stages, export them first, `python training/export.py --out DIR`, with DIR inside the
-# checkout and not git-ignored, so that it travels), TRAIN_ARGS (passed on to train.py, after the defaults
+# training mesh), INIT (the model folder `run` starts from, default lrm_rt/models_data/lrm-tiny, where
+# `python training/export.py` puts your own CPU stages; another folder must be inside the checkout and not
+# git-ignored to travel, and its 19 MiB must fit beside tree and .carry in the call's 64 MiB), TRAIN_ARGS (passed on to train.py, after the defaults
 # below), DEVICE (cuda). Paths are taken from the checkout's root, wherever the script is started.
 set -euo pipefail
 usage="usage: gpu_run.sh prepare | run OUTDIR | continue OUTDIR"

@@ -3,7 +3,7 @@
 // cross-compiled for aarch64 (Jetson) and run under qemu, compared with the same program built for this
 // machine (tests/test_kernel_targets.py).
 //
-//   kernel_replay OP IN OUT       OP: query | grid | openlrm | triposr | mc | image
+//   kernel_replay OP IN OUT       OP: query | grid | openlrm | triposr | mc | image | uv
 //
 // File format (little-endian): records of u32 name length, name, u64 byte count, bytes. Scalars travel as
 // the float64 array "s"; their order per OP is the one read below.
@@ -144,6 +144,12 @@ int run(const std::string& op, const Arrays& a, Arrays& r) {
         st = st ? st : lrm_border_fill(mask, h, w, out<uint8_t>(r, "filled", h * w));
         st = st ? st : lrm_mask_dilate(mask, h, w, rad, out<uint8_t>(r, "dilated", h * w));
         return st ? st : lrm_mask_erode(mask, h, w, rad, out<uint8_t>(r, "eroded", h * w));
+    }
+    if (op == "uv") {  // coef (F, 12), lo / hi (F, 2) int64; s: texture side, edge margin
+        const int64_t size = (int64_t)s[0], n = count<float>(a, "coef") / 12;
+        return lrm_uv_rasterise(n, in<float>(a, "coef"), in<int64_t>(a, "lo"), in<int64_t>(a, "hi"), size,
+                                (float)s[1], out<unsigned long long>(r, "best", size * size),
+                                out<int32_t>(r, "face", size * size), out<float>(r, "weight", size * size * 3));
     }
     throw std::runtime_error("unknown op " + op);
 }
