@@ -12,7 +12,14 @@ def main(src: str, dst: str, size: int, padding: int) -> None:
     import xatlas
 
     with np.load(src) as z:
-        vertices, faces = z["vertices"], z["faces"]
+        vertices, faces = z["vertices"].astype(np.float64), z["faces"]
+    # UVs do not depend on scale, but xatlas drops faces under a fixed area epsilon: the slivers marching cubes
+    # makes in a [-1, 1] box (areas ~1e-8) got no chart and uv (0, 0), a tiny mesh no chart at all (uv NaN).
+    # Scaled so that the box's longest side is 1000, such faces are ~1e-2 and charted like the rest.
+    if len(vertices):
+        lo, hi = vertices.min(0), vertices.max(0)
+        vertices = (vertices - (lo + hi) / 2) * (1000.0 / max(float((hi - lo).max()), 1e-30))
+    vertices = vertices.astype(np.float32)
     charts = xatlas.ChartOptions()
     charts.max_iterations = 1  # one pass of chart growing: ~2x faster, charts as usable for baking
     # Charts of at most 1 % of the surface: xatlas's chart growing slows down with chart size, so this caps

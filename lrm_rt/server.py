@@ -33,6 +33,9 @@ from .preprocess import MAX_IMAGE_FILE_BYTES, decode_image
 from .texture import MAX_SIZE as MAX_TEXTURE, MIN_SIZE as MIN_TEXTURE
 
 DRAIN_LIMIT = 64 << 20  # an oversized body up to this much more is read before the 413 is sent
+# The CLI bakes up to MAX_TEXTURE; one request of 8192^2 took 6 GB and a minute under the lock, so the server
+# stops at 4096^2 (1.8 GB, ~20 s on 2 cores).
+MAX_SERVED_TEXTURE = min(4096, MAX_TEXTURE)
 MAX_QUEUE = 8  # requests admitted at once (one running, the others' bodies waiting)
 CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "model/obj", "ply": "application/octet-stream"}
 
@@ -48,7 +51,7 @@ def _choice(*names: str) -> Callable[[str], str]:
 # query parameter -> parser; the ranges are the CLI's
 PARAMETERS: Dict[str, Callable[[str], object]] = {
     "format": _choice(*FORMATS), "orientation": _choice("native", "y_up"), "mc_resolution": int_in(2, 4096),
-    "mc_threshold": finite, "faces": int_in(4, 1 << 30), "texture": int_in(MIN_TEXTURE, MAX_TEXTURE),
+    "mc_threshold": finite, "faces": int_in(4, 1 << 30), "texture": int_in(MIN_TEXTURE, MAX_SERVED_TEXTURE),
     "foreground_ratio": finite, "vertex_colors": _choice("0", "1"),
 }
 

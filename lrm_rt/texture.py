@@ -27,7 +27,9 @@ from .mesh import Mesh
 from .ragged import chunks, expand
 
 MIN_SIZE, MAX_SIZE = 64, 8192
-CHART_PADDING = 2  # texels between charts, so bilinear filtering never mixes two charts
+# texels between charts in xatlas's atlas, so bilinear filtering does not mix two charts; xatlas sizes that atlas
+# itself (about 1.2x SIZE for lrm-tiny's meshes), so after scaling to SIZE the gap is ~1.6 texels
+CHART_PADDING = 2
 EDGE_MARGIN = 0.75  # texels outside a triangle still coloured from its nearest point (chart borders)
 _MAX_CANDIDATES = 4_000_000  # (face, texel) pairs tested at once
 _QUERY_CHUNK = 1 << 20
@@ -69,7 +71,11 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
                            f"{': ' + last if last else ''}; try --faces to simplify it first, or vertex colours "
                            "(no --texture)")
         with np.load(dst) as z:
-            return z["vmap"].astype(np.int64), z["faces"].astype(np.int64), z["uv"].astype(np.float64)
+            vmap, uv_faces, uv = z["vmap"].astype(np.int64), z["faces"].astype(np.int64), z["uv"].astype(np.float64)
+    if not len(uv) or not np.isfinite(uv).all():  # xatlas made no chart (it divides by an empty atlas's size)
+        raise LrmError(f"UV unwrapping (xatlas) made no usable charts for this mesh ({len(faces)} faces, too small "
+                       "or degenerate); use vertex colours (no --texture)")
+    return vmap, uv_faces, uv
 
 
 def rasterise(uv: np.ndarray, faces: np.ndarray, size: int, backend: str = "auto"):
@@ -204,6 +210,8 @@ def bake_texture(mesh: Mesh, field_: TriplaneField, backend: FieldBackend, size:
     vertices = mesh.vertices[vmap]
     t1 = time.perf_counter()
     texel, face, w = rasterise(uv, faces, size)
+    if not len(texel):
+        raise LrmError(f"the UV charts cover no texel of a {size}^2 texture; use a larger --texture or vertex colours")
     points = np.einsum("nk,nkd->nd", w, vertices[faces[face]])
     rgb = np.zeros((size * size, 3), np.float32)
     for s in range(0, len(points), _QUERY_CHUNK):

@@ -73,6 +73,7 @@ def test_formats_texture_and_health(server):
     ("/reconstruct?format=ply&texture=256", CHAIR, 400, "served as glb only, not ply"),
     ("/reconstruct?format=obj&texture=256", CHAIR, 400, "served as glb only, not obj (obj would be three files"),
     ("/reconstruct?format=ply&format=glb", CHAIR, 400, "given 2 times"),
+    ("/reconstruct?texture=8192", CHAIR, 400, "texture='8192': must be in"),  # the CLI's limit; 6 GB per request
     ("/reconstruct?mc_threshold=1e9", CHAIR, 400, "stays below the level 1e+09 everywhere"),
     ("/elsewhere", CHAIR, 404, "no such path"),
     ("/reconstruct", CHAIR * 5, 413, "over the limit"),

@@ -197,6 +197,36 @@ def test_unwrap_crash_and_missing_packages_are_errors(tiny, monkeypatch, tmp_pat
         assert rc == 2 and "pip install" in capsys.readouterr().err
 
 
+def test_small_faces_get_charts_like_the_rest(tiny):
+    """xatlas drops faces under a fixed area epsilon: marching cubes' slivers (0.5 % of the faces) got uv (0, 0)
+    and a texel of the fill colour, and a tiny mesh got no chart at all (uv NaN, a black texture, exit 0). The
+    mesh is scaled before unwrapping, so every face has a chart of its own area."""
+    _, _, mesh = tiny
+    for scale in (1.0, 1e-5):  # the chair's mesh as it is, and shrunk to faces of ~1e-13
+        vmap, faces, uv = T.unwrap(mesh.vertices * scale, mesh.faces, 256)
+        assert np.isfinite(uv).all() and len(vmap) >= len(mesh.vertices)
+        a = uv[faces]
+        uv_area = np.abs((a[:, 1, 0] - a[:, 0, 0]) * (a[:, 2, 1] - a[:, 0, 1])
+                         - (a[:, 1, 1] - a[:, 0, 1]) * (a[:, 2, 0] - a[:, 0, 0]))
+        assert (uv_area < 1e-14).sum() == 0
+
+
+def test_unusable_atlas_is_an_error_not_a_black_texture(tiny, monkeypatch):
+    rec, fld, mesh = tiny
+    real = T.unwrap
+    monkeypatch.setattr(T, "unwrap", lambda v, f, size: (lambda m: (m[0], m[1], m[2] * 0 + 5.0))(real(v, f, size)))
+    with pytest.raises(LrmError, match="cover no texel"):  # every uv outside the texture
+        T.bake_texture(mesh, fld, rec.field, 64)
+
+    def nan_atlas(args, **kw):  # what xatlas 0.0.11 returns when it makes no chart: uv divided by a 0 x 0 atlas
+        np.savez(args[4], vmap=np.arange(3), faces=np.array([[0, 1, 2]]), uv=np.full((3, 2), np.nan))
+        return subprocess.CompletedProcess(args, 0, "", "")
+    monkeypatch.setattr(T, "unwrap", real)
+    monkeypatch.setattr(T.subprocess, "run", nan_atlas)
+    with pytest.raises(LrmError, match="no usable charts"):
+        T.unwrap(mesh.vertices, mesh.faces, 64)
+
+
 @pytest.mark.parametrize("size", [0, 63, 8193, 1.5, True])
 def test_bad_texture_sizes(tiny, size):
     rec, fld, mesh = tiny
