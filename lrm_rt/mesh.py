@@ -201,9 +201,28 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Unit normals per vertex: the area-weighted mean of its faces' normals, (0, 0, 1) where they cancel."""
+    # component arrays throughout: gathers and the cross product written out run ~4x faster than on (N, 3) rows
+    vt = np.ascontiguousarray(np.asarray(vertices, np.float32).T)
+    ft = np.ascontiguousarray(np.asarray(faces).T)
+    (ax, ay, az), (bx, by, bz), (cx, cy, cz) = ([vt[i][ft[k]] for i in range(3)] for k in range(3))
+    ux, uy, uz, wx, wy, wz = bx - ax, by - ay, bz - az, cx - ax, cy - ay, cz - az
+    fn = (uy * wz - uz * wy, uz * wx - ux * wz, ux * wy - uy * wx)  # length = twice the area: area weighting
+    idx = ft.reshape(-1)  # corner-major, as np.tile repeats the face values below
+    nx, ny, nz = (np.bincount(idx, np.tile(c, 3), minlength=vt.shape[1]) for c in fn)
+    length = np.sqrt(nx * nx + ny * ny + nz * nz)
+    inv = 1.0 / np.maximum(length, 1e-300)
+    out = np.empty((vt.shape[1], 3), np.float32)
+    out[:, 0], out[:, 1], out[:, 2] = nx * inv, ny * inv, nz * inv
+    out[np.flatnonzero(length == 0)] = (0.0, 0.0, 1.0)
+    return out
+
+
 def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
-    """glTF 2.0 binary: one indexed triangle primitive, POSITION and either COLOR_0 as RGBA8 or TEXCOORD_0 with
-    the texture as an embedded PNG (base colour of an unlit-looking material: metallic 0, roughness 1).
+    """glTF 2.0 binary: one indexed triangle primitive, POSITION, NORMAL (smooth shading: without normals viewers
+    shade every face flat) and either COLOR_0 as RGBA8 or TEXCOORD_0 with the texture as an embedded PNG (base
+    colour of an unlit-looking material: metallic 0, roughness 1).
 
     Written directly from the arrays: trimesh's exporter spent ~30 ms on a 280k-face mesh, a fifth of a
     whole GPU reconstruction. Blocks are padded to multiples of 4 bytes, as the GLB layout requires.
@@ -216,15 +235,18 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     blocks = [(idx.tobytes(), {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
               (pos.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(pos),
                                "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
-    attributes = {"POSITION": 1}
+    normals = np.ascontiguousarray(oriented_vertices(vertex_normals(mesh.vertices, mesh.faces), orientation),
+                                   dtype="<f4")
+    blocks.append((normals.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(normals)}, 34962))
+    attributes = {"POSITION": 1, "NORMAL": 2}
     if rgba is not None:
         blocks.append((rgba.tobytes(), {"componentType": 5121, "normalized": True, "type": "VEC4",
                                         "count": len(rgba)}, 34962))
-        attributes["COLOR_0"] = 2
+        attributes["COLOR_0"] = 3
     if textured:
         uv = np.ascontiguousarray(mesh.uv, dtype="<f4")
         blocks.append((uv.tobytes(), {"componentType": 5126, "type": "VEC2", "count": len(uv)}, 34962))
-        attributes["TEXCOORD_0"] = 2
+        attributes["TEXCOORD_0"] = 3
         blocks.append((png_bytes(mesh.texture), None, None))
     views, accessors, chunks, offset = [], [], [], 0
     for i, (data, accessor, target) in enumerate(blocks):

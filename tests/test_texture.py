@@ -160,7 +160,7 @@ def test_textured_glb_and_obj(tiny, tmp_path):
     data = glb_bytes(baked, "y_up")
     doc = _glb_doc(data)
     prim = doc["meshes"][0]["primitives"][0]
-    assert set(prim["attributes"]) == {"POSITION", "TEXCOORD_0"}  # no COLOR_0: glTF would multiply it in
+    assert set(prim["attributes"]) == {"POSITION", "NORMAL", "TEXCOORD_0"}  # no COLOR_0: glTF would multiply it
     assert doc["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"] == {"index": 0}
     assert doc["images"][0]["mimeType"] == "image/png"
     for view in doc["bufferViews"]:
