@@ -235,8 +235,13 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     blocks = [(idx.tobytes(), {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
               (pos.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(pos),
                                "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
-    normals = np.ascontiguousarray(oriented_vertices(vertex_normals(mesh.vertices, mesh.faces), orientation),
-                                   dtype="<f4")
+    if textured:  # split along UV seams: the copies of a vertex share one normal, or seams would shade visibly
+        verts = np.ascontiguousarray(mesh.vertices, np.float32)
+        welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
+        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld.reshape(-1)[mesh.faces])[weld.reshape(-1)]
+    else:
+        smooth = vertex_normals(mesh.vertices, mesh.faces)
+    normals = np.ascontiguousarray(oriented_vertices(smooth, orientation), dtype="<f4")
     blocks.append((normals.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(normals)}, 34962))
     attributes = {"POSITION": 1, "NORMAL": 2}
     if rgba is not None:

@@ -211,6 +211,31 @@ def test_small_faces_get_charts_like_the_rest(tiny):
         assert (uv_area < 1e-14).sum() == 0
 
 
+def test_seam_copies_of_a_vertex_share_its_normal(tiny):
+    """A textured mesh is split along its UV seams; the copies of a vertex get the normal of the whole surface
+    around it, or each seam would show as a shading crease."""
+    from lrm_rt.mesh import vertex_normals
+
+    rec, fld, mesh = tiny
+    baked = T.bake_texture(mesh, fld, rec.field, 128)
+    data = glb_bytes(baked)
+    jlen = struct.unpack_from("<I", data, 12)[0]
+    doc, binary = json.loads(data[20:20 + jlen]), data[28 + jlen:]
+    acc = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["NORMAL"]]
+    view = doc["bufferViews"][acc["bufferView"]]
+    normals = np.frombuffer(binary, "<f4", acc["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+    assert len(baked.vertices) > len(mesh.vertices)  # there are seams
+    # the unsplit mesh's normal at each copy's position
+    _, inverse = np.unique(mesh.vertices.astype(np.float32), axis=0, return_inverse=True)
+    first = {}
+    for i, k in enumerate(inverse.reshape(-1)):
+        first.setdefault(k, i)
+    whole = vertex_normals(mesh.vertices, mesh.faces)
+    lookup = {tuple(mesh.vertices[i].astype(np.float32)): whole[i] for i in first.values()}
+    expected = np.array([lookup[tuple(v)] for v in baked.vertices.astype(np.float32)])
+    np.testing.assert_allclose(normals, expected, atol=1e-5)
+
+
 def test_unusable_atlas_is_an_error_not_a_black_texture(tiny, monkeypatch):
     rec, fld, mesh = tiny
     real = T.unwrap
