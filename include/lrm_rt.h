@@ -65,7 +65,7 @@ typedef enum lrm_mesh_format {
     LRM_MESH_AUTO = 0, /* from the file extension: .ply, .obj, .glb */
     LRM_MESH_PLY = 1,  /* binary little-endian; colours as uchar red, green, blue */
     LRM_MESH_OBJ = 2,  /* "v x y z r g b" (colours as floats in [0, 1]) */
-    LRM_MESH_GLB = 3   /* glTF 2.0 binary; POSITION + COLOR_0 (float RGB), uint32 indices */
+    LRM_MESH_GLB = 3   /* glTF 2.0 binary; POSITION, NORMAL (smooth), COLOR_0 (float RGB), uint32 indices */
 } lrm_mesh_format;
 
 /* Reconstruction settings. Always start from lrm_default_params() so that fields added later

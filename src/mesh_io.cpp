@@ -1,5 +1,5 @@
-// Mesh writers: binary PLY, OBJ with vertex colours, glTF 2.0 binary (GLB) with COLOR_0. Each file is written to
-// a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
+// Mesh writers: binary PLY, OBJ with vertex colours, glTF 2.0 binary (GLB) with NORMAL and COLOR_0. Each file is
+// written to a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -81,6 +81,30 @@ std::string obj(const MeshData& m) {
     return s;
 }
 
+// Unit vertex normals: the area-weighted sum of the faces' normals, (0, 0, 1) where they cancel (as Python's
+// lrm_rt.mesh.vertex_normals). Without them glTF viewers shade every face flat.
+std::vector<float> vertex_normals(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    std::vector<double> acc(nv * 3, 0.0);
+    const float* v = m.vertices.data();
+    for (size_t f = 0; f < nf; ++f) {
+        const int32_t* t = &m.faces[3 * f];
+        const float *a = v + 3 * t[0], *b = v + 3 * t[1], *c = v + 3 * t[2];
+        const double u[3] = {(double)b[0] - a[0], (double)b[1] - a[1], (double)b[2] - a[2]};
+        const double w[3] = {(double)c[0] - a[0], (double)c[1] - a[1], (double)c[2] - a[2]};
+        const double n[3] = {u[1] * w[2] - u[2] * w[1], u[2] * w[0] - u[0] * w[2], u[0] * w[1] - u[1] * w[0]};
+        for (int k = 0; k < 3; ++k)
+            for (int i = 0; i < 3; ++i) acc[3 * (size_t)t[k] + i] += n[i];
+    }
+    std::vector<float> out(nv * 3);
+    for (size_t i = 0; i < nv; ++i) {
+        const double* n = &acc[3 * i];
+        const double len = std::sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2]);
+        for (int k = 0; k < 3; ++k) out[3 * i + k] = len > 0 ? (float)(n[k] / len) : (k == 2 ? 1.0f : 0.0f);
+    }
+    return out;
+}
+
 std::string glb(const MeshData& m) {
     const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
     const bool col = !m.colors.empty();
@@ -90,36 +114,30 @@ std::string glb(const MeshData& m) {
             lo[k] = std::min(lo[k], m.vertices[3 * i + k]);
             hi[k] = std::max(hi[k], m.vertices[3 * i + k]);
         }
-    // Binary chunk: positions, colours (float RGB), indices; every view starts 4-byte aligned.
-    std::string bin;
-    const size_t pos_off = 0, pos_len = nv * 12;
-    bin.append(reinterpret_cast<const char*>(m.vertices.data()), pos_len);
-    const size_t col_off = bin.size(), col_len = col ? nv * 12 : 0;
-    if (col) bin.append(reinterpret_cast<const char*>(m.colors.data()), col_len);
-    const size_t idx_off = bin.size(), idx_len = nf * 12;
-    bin.append(reinterpret_cast<const char*>(m.faces.data()), idx_len);  // int32 >= 0 == uint32
-    while (bin.size() % 4) bin += '\0';
-
-    std::string views = "{\"buffer\":0,\"byteOffset\":" + std::to_string(pos_off) + ",\"byteLength\":" +
-                        std::to_string(pos_len) + ",\"target\":34962}";
+    const std::vector<float> normals = vertex_normals(m);
+    // Binary chunk: positions, normals, colours (float RGB), indices; every view starts 4-byte aligned. Each
+    // block is one buffer view and one accessor of the same index.
+    std::string bin, views, acc;
+    size_t blocks = 0;
+    const auto add = [&](const void* data, size_t bytes, int target, const std::string& accessor) {
+        const size_t index = blocks++;
+        views += std::string(views.empty() ? "" : ",") + "{\"buffer\":0,\"byteOffset\":" + std::to_string(bin.size()) +
+                 ",\"byteLength\":" + std::to_string(bytes) + ",\"target\":" + std::to_string(target) + "}";
+        acc += std::string(acc.empty() ? "" : ",") + "{\"bufferView\":" + std::to_string(index) + "," + accessor + "}";
+        if (bytes) bin.append(static_cast<const char*>(data), bytes);
+        while (bin.size() % 4) bin += '\0';
+        return index;
+    };
     const auto vec3 = [](const float* v) {
         return "[" + number_text(v[0]) + "," + number_text(v[1]) + "," + number_text(v[2]) + "]";
     };
-    std::string acc = "{\"bufferView\":0,\"componentType\":5126,\"count\":" + std::to_string(nv) +
-                      ",\"type\":\"VEC3\",\"min\":" + vec3(lo) + ",\"max\":" + vec3(hi) + "}";
-    std::string attrs = "\"POSITION\":0";
-    int next = 1;
-    if (col) {
-        views += ",{\"buffer\":0,\"byteOffset\":" + std::to_string(col_off) + ",\"byteLength\":" +
-                 std::to_string(col_len) + ",\"target\":34962}";
-        acc += ",{\"bufferView\":1,\"componentType\":5126,\"count\":" + std::to_string(nv) + ",\"type\":\"VEC3\"}";
-        attrs += ",\"COLOR_0\":1";
-        next = 2;
-    }
-    views += ",{\"buffer\":0,\"byteOffset\":" + std::to_string(idx_off) + ",\"byteLength\":" + std::to_string(idx_len) +
-             ",\"target\":34963}";
-    acc += ",{\"bufferView\":" + std::to_string(next) + ",\"componentType\":5125,\"count\":" + std::to_string(nf * 3) +
-           ",\"type\":\"SCALAR\"}";
+    const std::string n_vec3 = "\"componentType\":5126,\"count\":" + std::to_string(nv) + ",\"type\":\"VEC3\"";
+    std::string attrs = "\"POSITION\":" + std::to_string(add(m.vertices.data(), nv * 12, 34962,
+                                                             n_vec3 + ",\"min\":" + vec3(lo) + ",\"max\":" + vec3(hi)));
+    attrs += ",\"NORMAL\":" + std::to_string(add(normals.data(), nv * 12, 34962, n_vec3));
+    if (col) attrs += ",\"COLOR_0\":" + std::to_string(add(m.colors.data(), nv * 12, 34962, n_vec3));
+    const size_t next = add(m.faces.data(), nf * 12, 34963,  // int32 >= 0 == uint32
+                            "\"componentType\":5125,\"count\":" + std::to_string(nf * 3) + ",\"type\":\"SCALAR\"");
     std::string json = "{\"asset\":{\"version\":\"2.0\",\"generator\":\"lrm_rt " LRM_RT_VERSION_STRING
                        "\"},\"scene\":0,\"scenes\":[{\"nodes\":[0]}],\"nodes\":[{\"mesh\":0}],"
                        "\"meshes\":[{\"primitives\":[{\"attributes\":{" +

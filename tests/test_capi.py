@@ -201,7 +201,7 @@ def test_preprocessing_matches_python(name, ratio, lib, build_dir, fixtures_dir,
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir):
+def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir, tmp_path):
     from scipy.spatial import cKDTree
 
     from lrm_rt.pipeline import Reconstructor
@@ -216,9 +216,24 @@ def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir):
         verts = np.ctypeslib.as_array(lib.lrm_mesh_vertices(mesh), shape=(nv, 3)).copy()
         faces = np.ctypeslib.as_array(lib.lrm_mesh_faces(mesh), shape=(nf, 3)).copy()
         colors = np.ctypeslib.as_array(lib.lrm_mesh_colors(mesh), shape=(nv, 3)).copy()
+        lib.lrm_mesh_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]
+        assert lib.lrm_mesh_write(mesh, str(tmp_path / "c.glb").encode(), 0) == LRM_OK
     finally:
         lib.lrm_mesh_free(mesh)
         ctx.close()
+    # the C library's GLB carries the same smooth normals as Python's writer
+    import json
+    import struct
+
+    from lrm_rt.mesh import vertex_normals
+
+    data = (tmp_path / "c.glb").read_bytes()
+    jlen = struct.unpack_from("<I", data, 12)[0]
+    doc, binary = json.loads(data[20:20 + jlen]), data[28 + jlen:]
+    acc = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["NORMAL"]]
+    offset = doc["bufferViews"][acc["bufferView"]]["byteOffset"]
+    normals = np.frombuffer(binary, "<f4", acc["count"] * 3, offset).reshape(-1, 3)
+    np.testing.assert_allclose(normals, vertex_normals(verts, faces), atol=1e-5)
     ref = Reconstructor(str(ckpt)).reconstruct(str(ckpt / "input.png"), mc_resolution=64).mesh
     assert (nv, nf) == (ref.num_vertices, ref.num_faces)
     np.testing.assert_array_equal(faces, ref.faces)

@@ -73,7 +73,7 @@ void check_files(const lrm::Mesh& mesh, const std::string& work, float radius) {
         }
         CHECK(v == nv && f == nf && with_rgb == nv);
     }
-    // GLB: header, JSON chunk with COLOR_0, binary chunk holding the positions.
+    // GLB: header, JSON chunk with COLOR_0 and NORMAL, binary chunk holding the positions.
     mesh.write(work + "/api.glb");
     {
         const std::string g = test::read_file(work + "/api.glb");
@@ -81,7 +81,7 @@ void check_files(const lrm::Mesh& mesh, const std::string& work, float radius) {
         const uint32_t jlen = u32(g, 12);
         CHECK(u32(g, 16) == 0x4E4F534Au && jlen % 4 == 0);
         const std::string json = g.substr(20, jlen);
-        CHECK(json.find("\"COLOR_0\"") != std::string::npos);
+        CHECK(json.find("\"COLOR_0\"") != std::string::npos && json.find("\"NORMAL\"") != std::string::npos);
         CHECK(json.find("\"count\":" + std::to_string(nv)) != std::string::npos);
         CHECK(json.find("\"count\":" + std::to_string(nf * 3)) != std::string::npos);
         CHECK(u32(g, 20 + jlen + 4) == 0x004E4942u);
