@@ -72,11 +72,16 @@ def apply_normalisation(vertices: np.ndarray, norm: Tuple[np.ndarray, float]) ->
     return (vertices - norm[0]) * norm[1]
 
 
+def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    tri = np.asarray(vertices, np.float64)[np.asarray(faces, np.int64)] if len(faces) else np.zeros((0, 3, 3))
+    return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+
+
 def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` points uniform over the surface area (deterministic for a seed)."""
     rng = np.random.default_rng(seed)
     tri = vertices[faces]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    area = face_areas(vertices, faces)
     if len(faces) == 0 or area.sum() <= 0:
         return np.zeros((0, 3))
     idx = rng.choice(len(faces), n, p=area / area.sum())
@@ -300,11 +305,7 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
 
 def _split_by_area(parts: Sequence[MeshLike], n: int) -> list:
     """``n`` samples split between the parts in proportion to their surface areas (largest remainders)."""
-    areas = []
-    for v, f in parts:
-        tri = np.asarray(v, np.float64)[np.asarray(f, np.int64)] if len(f) else np.zeros((0, 3, 3))
-        areas.append(0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
-    areas = np.asarray(areas)
+    areas = np.asarray([face_areas(v, f).sum() for v, f in parts])
     if not areas.sum() > 0:
         return [0] * len(parts)
     share = n * areas / areas.sum()

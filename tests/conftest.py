@@ -58,6 +58,27 @@ def openlrm_v10_weights(fixtures_dir):
 OPENLRM_VERSIONS = [("1.1", "openlrm_io", "openlrm_weights"), ("1.0", "openlrm_v10_io", "openlrm_v10_weights")]
 
 
+def glb_parts(data: bytes):
+    """(JSON document, binary chunk) of a GLB file's bytes."""
+    import json
+    import struct
+
+    jlen = struct.unpack_from("<I", data, 12)[0]
+    return json.loads(data[20:20 + jlen]), data[28 + jlen:]
+
+
+def glb_attribute(data: bytes, name: str):
+    """A float32 vertex attribute (POSITION, NORMAL, ...) of a GLB's first primitive, as an (N, k) array."""
+    import numpy as np
+
+    doc, binary = glb_parts(data)
+    acc = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"][name]]
+    assert acc["componentType"] == 5126
+    width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}[acc["type"]]
+    offset = doc["bufferViews"][acc["bufferView"]]["byteOffset"]
+    return np.frombuffer(binary, "<f4", acc["count"] * width, offset).reshape(-1, width)
+
+
 def make_field(io: dict, weights: dict, spec):
     """The reference's triplane + decoder of a fixture model as a TriplaneField."""
     from lrm_rt.field.spec import TriplaneField

@@ -222,17 +222,10 @@ def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir, t
         lib.lrm_mesh_free(mesh)
         ctx.close()
     # the C library's GLB carries the same smooth normals as Python's writer
-    import json
-    import struct
-
+    from conftest import glb_attribute
     from lrm_rt.mesh import vertex_normals
 
-    data = (tmp_path / "c.glb").read_bytes()
-    jlen = struct.unpack_from("<I", data, 12)[0]
-    doc, binary = json.loads(data[20:20 + jlen]), data[28 + jlen:]
-    acc = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["NORMAL"]]
-    offset = doc["bufferViews"][acc["bufferView"]]["byteOffset"]
-    normals = np.frombuffer(binary, "<f4", acc["count"] * 3, offset).reshape(-1, 3)
+    normals = glb_attribute((tmp_path / "c.glb").read_bytes(), "NORMAL")
     np.testing.assert_allclose(normals, vertex_normals(verts, faces), atol=1e-5)
     ref = Reconstructor(str(ckpt)).reconstruct(str(ckpt / "input.png"), mc_resolution=64).mesh
     assert (nv, nf) == (ref.num_vertices, ref.num_faces)

@@ -11,6 +11,8 @@ import trimesh
 
 from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, to_trimesh
 
+from conftest import glb_attribute
+
 
 def _mesh(colors: bool) -> Mesh:
     box = trimesh.creation.icosphere(subdivisions=3)
@@ -68,12 +70,10 @@ def test_normals_are_unit_outward_and_rotate_with_the_mesh(orientation):
     """Without normals viewers shade every face flat (a marching-cubes mesh looks faceted); with them, smooth.
     Area-weighted vertex normals (within 3 degrees of trimesh's), rotated like the vertices."""
     mesh = _mesh(True)
-    doc, binary = _chunks(glb_bytes(mesh, orientation))
-    prim = doc["meshes"][0]["primitives"][0]
-    acc = doc["accessors"][prim["attributes"]["NORMAL"]]
-    view = doc["bufferViews"][acc["bufferView"]]
-    assert acc["componentType"] == 5126 and acc["type"] == "VEC3" and acc["count"] == len(mesh.vertices)
-    normals = np.frombuffer(binary, "<f4", acc["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+    data = glb_bytes(mesh, orientation)
+    _chunks(data)  # the container rules
+    normals = glb_attribute(data, "NORMAL")
+    assert normals.shape == (len(mesh.vertices), 3)
     ref = to_trimesh(mesh, orientation)
     np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-6)
     assert np.einsum("ij,ij->i", normals, ref.vertex_normals).min() > 0.999  # trimesh weights faces a little otherwise

@@ -3,8 +3,6 @@ colour where the mesh's uv maps it, the writers carry it into GLB / OBJ, and eve
 from __future__ import annotations
 
 import io
-import json
-import struct
 import subprocess
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from lrm_rt.errors import ConfigError, LrmError
 from lrm_rt.eval import bounds_a_volume, is_closed
 from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, mesh_files, simplify
 from lrm_rt.pipeline import Reconstructor
+
+from conftest import glb_attribute, glb_parts
 
 CHAIR = str(Path(__file__).resolve().parents[1] / "examples" / "chair.png")
 
@@ -149,16 +149,11 @@ def test_baked_texture_holds_the_field_colour(tiny, caplog, monkeypatch):
     assert err.mean() < 0.003 and np.quantile(err, 0.99) < 0.01, (err.mean(), np.quantile(err, 0.99))
 
 
-def _glb_doc(data: bytes):
-    jlen = struct.unpack_from("<I", data, 12)[0]
-    return json.loads(data[20:20 + jlen])
-
-
 def test_textured_glb_and_obj(tiny, tmp_path):
     rec, fld, mesh = tiny
     baked = T.bake_texture(mesh, fld, rec.field, 128)
     data = glb_bytes(baked, "y_up")
-    doc = _glb_doc(data)
+    doc, _ = glb_parts(data)
     prim = doc["meshes"][0]["primitives"][0]
     assert set(prim["attributes"]) == {"POSITION", "NORMAL", "TEXCOORD_0"}  # no COLOR_0: glTF would multiply it
     assert doc["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"] == {"index": 0}
@@ -218,12 +213,7 @@ def test_seam_copies_of_a_vertex_share_its_normal(tiny):
 
     rec, fld, mesh = tiny
     baked = T.bake_texture(mesh, fld, rec.field, 128)
-    data = glb_bytes(baked)
-    jlen = struct.unpack_from("<I", data, 12)[0]
-    doc, binary = json.loads(data[20:20 + jlen]), data[28 + jlen:]
-    acc = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["NORMAL"]]
-    view = doc["bufferViews"][acc["bufferView"]]
-    normals = np.frombuffer(binary, "<f4", acc["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+    normals = glb_attribute(glb_bytes(baked), "NORMAL")
     assert len(baked.vertices) > len(mesh.vertices)  # there are seams
     # the unsplit mesh's normal at each copy's position
     _, inverse = np.unique(mesh.vertices.astype(np.float32), axis=0, return_inverse=True)
@@ -325,7 +315,7 @@ def test_pipeline_and_cli(tiny, tmp_path, capsys):
     rc = main(["reconstruct", CHAIR, "--out", str(out), "--mc-resolution", "48", "--faces", "800",
                "--texture", "128", "--quiet"])
     assert rc == 0
-    doc = _glb_doc((out / "chair.glb").read_bytes())
+    doc, _ = glb_parts((out / "chair.glb").read_bytes())
     assert "TEXCOORD_0" in doc["meshes"][0]["primitives"][0]["attributes"]
     assert doc["accessors"][doc["meshes"][0]["primitives"][0]["indices"]]["count"] <= 3 * 800
     rc = main(["reconstruct", CHAIR, "--out", str(tmp_path / "x.ply"), "--texture", "--quiet"])
