@@ -63,7 +63,7 @@ class BuildPyWithKernels(build_py):
 
 setup(
     name="lrm_rt",
-    version="0.1.0",
+    version="0.2.0",
     description="Fast inference runtime for Large Reconstruction Models (OpenLRM, TripoSR)",
     packages=find_packages(include=["lrm_rt", "lrm_rt.*"]),
     # built-in models (lrm_rt/models_data/<name>/: config, weights, model card) ship with the package

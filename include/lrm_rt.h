@@ -37,9 +37,9 @@ extern "C" {
 #endif
 
 #define LRM_RT_VERSION_MAJOR 0
-#define LRM_RT_VERSION_MINOR 1
+#define LRM_RT_VERSION_MINOR 2
 #define LRM_RT_VERSION_PATCH 0
-#define LRM_RT_VERSION_STRING "0.1.0"
+#define LRM_RT_VERSION_STRING "0.2.0"
 
 typedef enum lrm_status {
     LRM_OK = 0,

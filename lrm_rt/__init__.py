@@ -1,6 +1,6 @@
 """lrm_rt: a fast inference runtime for Large Reconstruction Models (OpenLRM, TripoSR)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from pathlib import Path as _Path
 

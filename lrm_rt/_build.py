@@ -3,6 +3,7 @@ may use (stdlib only: setup.py loads this file directly)."""
 from __future__ import annotations
 
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -13,17 +14,19 @@ _X86_ISA = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|abm|movbe|popcnt|amx|gfni|va
 
 
 def isa_flags() -> list:
-    """This CPU's instruction-set extensions (sorted), or [] where /proc/cpuinfo cannot tell."""
+    """This CPU's instruction-set extensions (sorted), or [] where /proc/cpuinfo cannot tell. Read for this
+    process's architecture: under qemu-user (an arm64 image built on an x86 host) /proc/cpuinfo is the host's."""
+    machine = platform.machine().lower()
+    key_wanted = "flags" if machine in ("x86_64", "amd64", "i386", "i686") else \
+        "Features" if machine in ("aarch64", "arm64") or machine.startswith("arm") else None
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text() if key_wanted else ""
     except OSError:
         return []
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return sorted({f for f in value.split() if _X86_ISA.match(f)})
-        if key.strip() == "Features":
-            return sorted(set(value.split()))
+        if key.strip() == key_wanted:
+            return sorted({f for f in value.split() if key_wanted == "Features" or _X86_ISA.match(f)})
     return []
 
 

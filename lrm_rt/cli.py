@@ -403,7 +403,7 @@ def cmd_info(args) -> int:
     from .kernels import native_unavailable_reason, simd_lanes
 
     reason = native_unavailable_reason()
-    native = f"yes ({simd_lanes()} float lanes)" if reason is None else f"no ({reason[:300]})"
+    native = f"yes ({simd_lanes() or 'unknown'} float lanes)" if reason is None else f"no ({reason[:300]})"
     print(f"field backends: torch, native {native}, cuda {'yes' if cuda else 'no'}")
     print("network backends: torch, onnxruntime (export dirs), tensorrt (export dirs, needs tensorrt + cupy)")
     builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []

@@ -130,9 +130,12 @@ def native() -> ctypes.CDLL:
         return _lib
 
 
-def simd_lanes() -> int:
-    """float32 lanes of the CPU build's vector code: 16 (AVX-512), 8 (AVX/AVX2) or 4 (SSE, NEON)."""
-    fn = native().lrm_field_simd_lanes
+def simd_lanes() -> Optional[int]:
+    """float32 lanes of the CPU build's vector code: 16 (AVX-512), 8 (AVX/AVX2) or 4 (SSE, NEON); None for a
+    library from before the entry point existed (LRM_RT_NATIVE_LIB may name one)."""
+    fn = getattr(native(), "lrm_field_simd_lanes", None)
+    if fn is None:
+        return None
     fn.argtypes, fn.restype = [], ctypes.c_int32
     return int(fn())
 

@@ -183,12 +183,17 @@ class _Handler(BaseHTTPRequestHandler):
                          "retry later", {"Retry-After": "5"})
             return
         try:
+            body = self.rfile.read(int(length))
+        except OSError:  # stalled past SOCKET_TIMEOUT_S or gone mid-upload: closed quietly, as http.server does
+            self.server.slots.release()
+            self.close_connection = True
+            return
+        try:
             try:
-                body = self.rfile.read(int(length))
                 data, fmt, timings, warnings = self.server.reconstruct(body, parse_parameters(url.query))
-                del body
             finally:
-                self.server.slots.release()  # before the answer is sent: a slow reader holds no slot
+                del body  # before the answer is sent: a slow reader holds neither a slot nor the body
+                self.server.slots.release()
         except ResourceError as e:  # the request is valid, this machine lacks the memory for it (checked up front)
             self._json(503, {"error": str(e)})
         except LrmError as e:

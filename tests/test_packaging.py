@@ -32,9 +32,11 @@ def test_sdist_holds_what_a_build_and_the_tests_need(tmp_path):
     kernel_sources = {f"cuda/{p.name}" for p in (ROOT / "cuda").iterdir() if p.suffix in (".cu", ".cuh", ".h")}
     assert kernel_sources and kernel_sources <= names  # without them the sdist could not be built at all
     wanted = {"setup.py", "MANIFEST.in", "pytest.ini", "README.md", "tests/conftest.py", "examples/chair.png",
-              "CMakeLists.txt", "include/lrm_rt.h", "src/api.cpp", "lrm_rt/models_data/lrm-tiny/model.safetensors"}
+              "CMakeLists.txt", "include/lrm_rt.h", "src/api.cpp", "lrm_rt/models_data/lrm-tiny/model.safetensors",
+              "training/train.py", "benchmarks/suite.py"}  # what tests/test_training.py and test_bench.py import
     assert wanted <= names, wanted - names
-    assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n or n.startswith(
+        ("training/data/", "benchmarks/results/"))]
 
 
 def test_setup_without_a_compiler_warns_and_goes_on(tmp_path):

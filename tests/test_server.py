@@ -220,3 +220,27 @@ def test_requests_beyond_the_queue_get_503_and_every_slot_comes_back(monkeypatch
         srv.server_close()
     with pytest.raises(ConfigError, match="max_queue"):
         ReconstructionServer(("127.0.0.1", 0), rec, max_queue=0)
+
+
+def test_a_stalled_upload_is_dropped_quietly_and_frees_its_slot(monkeypatch, capsys):
+    """A client that sends part of its body and stalls is dropped after the socket timeout, as http.server does
+    (reading the body inside the request's error handling had turned it into a 500 and two tracebacks)."""
+    import socket
+
+    import lrm_rt.server as S
+
+    monkeypatch.setattr(S._Handler, "timeout", 1)
+    rec = Reconstructor("lrm-tiny")
+    srv = ReconstructionServer(("127.0.0.1", 0), rec, max_body=len(CHAIR) * 4, quiet=True, max_queue=1)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(srv.server_address, timeout=30) as s:
+            s.sendall(b"POST /reconstruct HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            answer = s.recv(4096)  # the server closes after its 1 s timeout
+        assert answer == b""
+        assert "Traceback" not in capsys.readouterr().err
+        assert _request(srv, "POST", "/reconstruct?mc_resolution=16", CHAIR)[0] == 200  # its one slot came back
+    finally:
+        srv.shutdown()
+        srv.server_close()

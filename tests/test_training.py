@@ -163,6 +163,49 @@ def test_a_signal_stops_the_run_with_a_checkpoint(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are put back
 
 
+def test_signal_handling_is_scoped_to_the_run(tmp_path, monkeypatch, capsys):
+    """The handlers are put back when a run fails (Ctrl-C would otherwise be swallowed for the rest of the
+    process), a run in another thread installs none (Python refuses there), and a checkpoint whose random stream
+    is another device's is reseeded, not fed to this device's generator (a GPU checkpoint resumed on the CPU)."""
+    import signal
+    import threading
+
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    _tiny_dataset(tmp_path / "mini.npz")
+    args = ["train.py", "--data", "mini", "--batch", "2", "--views", "2", "--rays", "16", "--samples", "8",
+            "--ckpt", str(tmp_path / "ck.pt")]
+    before = signal.getsignal(signal.SIGINT)
+    real_loss = T.render_loss
+
+    def failing(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(T, "render_loss", failing)
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "2"])
+    with pytest.raises(RuntimeError, match="boom"):
+        T.main()
+    assert signal.getsignal(signal.SIGINT) == before
+    monkeypatch.setattr(T, "render_loss", real_loss)
+    errors = []
+    thread = threading.Thread(target=_run_catching, args=(T.main, errors))
+    thread.start()
+    thread.join()
+    assert errors == [] and torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 2
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    ck["torch_gen"], ck["torch_gen_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"  # a CUDA generator's
+    torch.save(ck, tmp_path / "ck.pt")
+    monkeypatch.setattr(sys, "argv", args + ["--steps", "3", "--resume"])
+    T.main()
+    assert "random stream is a cuda one: reseeded" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ck.pt", weights_only=False)["step"] == 3
+
+
+def _run_catching(fn, errors):
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 (reported to the main thread)
+        errors.append(e)
+
+
 def test_several_split_files_are_concatenated_object_wise(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "DATA", tmp_path)
     _tiny_dataset(tmp_path / "a.npz", n_obj=3)

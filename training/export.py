@@ -84,7 +84,8 @@ def main() -> None:
     ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     out = Path(args.out)
     infer = dict(INFER)
-    # Tuned in a scratch folder, then every file moved into --out: an interrupted export leaves --out as it was.
+    # Tuned in a scratch folder, then the files copied into --out, each replaced atomically: the minutes of tuning
+    # leave --out as it was whatever happens (only the last fraction of a second replaces its files one by one).
     with tempfile.TemporaryDirectory() as tmp:
         write_model(ck["model"], infer, Path(tmp))
         best, means = tune_threshold(load_model(tmp), infer["mesh_size"])

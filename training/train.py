@@ -25,6 +25,7 @@ import argparse
 import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -282,7 +283,7 @@ def save(path: Path, net, opt, step, args, gen, minutes, origin, torch_gen=None)
     tmp = path.with_suffix(".tmp")
     rng = {"np_rng": gen.bit_generator.state, "torch_rng": torch.get_rng_state()}
     if torch_gen is not None:  # views, rays, jitter: a resumed run continues the same stream
-        rng["torch_gen"] = torch_gen.get_state()
+        rng["torch_gen"], rng["torch_gen_device"] = torch_gen.get_state(), torch_gen.device.type
     torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step, "minutes": minutes, "origin": origin,
                 "args": vars(args), **rng}, tmp)
     tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
@@ -374,53 +375,63 @@ def main() -> None:
         print(f"resumed at step {step}", flush=True)
     torch_gen = torch.Generator(device).manual_seed(args.seed + step)  # views, rays, jitter, occupancy points
     if args.resume and "torch_gen" in ck:  # checkpoints before 2026-11-28 lack it: reseeded as above
-        torch_gen.set_state(ck["torch_gen"].cpu())
-    # Ctrl-C / SIGTERM (a job's time limit) end the run at the next step, with a checkpoint
-    stop = []
-    previous = {sig: signal.signal(sig, lambda num, frame: stop.append(num)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if ck.get("torch_gen_device", "cpu") == device.type:
+            torch_gen.set_state(ck["torch_gen"].cpu())
+        else:  # a generator's state is device-specific (a GPU checkpoint resumed on the CPU)
+            print(f"the checkpoint's random stream is a {ck.get('torch_gen_device')} one: reseeded", flush=True)
+    # Ctrl-C / SIGTERM (a job's time limit) end the run at the next step, with a checkpoint; a second one goes to
+    # the handler before (Ctrl-C: KeyboardInterrupt). Python handles signals in the main thread only.
+    stop, previous = [], {}
 
-    start_step = step
-    t_start = last_save = time.time()
+    def on_signal(num, frame):
+        stop.append(num)
+        signal.signal(num, previous[num])
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start_step = step
+        t_start = last_save = time.time()
 
-    def minutes_done() -> float:  # across resumed runs
-        return prev_minutes + (time.time() - t_start) / 60
+        def minutes_done() -> float:  # across resumed runs
+            return prev_minutes + (time.time() - t_start) / 60
 
-    def stage_progress():  # (steps, minutes) since the stage's origin
-        return step - origin[0], minutes_done() - origin[1]
+        def stage_progress():  # (steps, minutes) since the stage's origin
+            return step - origin[0], minutes_done() - origin[1]
 
-    def lr_now() -> float:
-        steps, minutes = stage_progress()
-        return lr_at(steps, args, minutes)
-    ema = None  # running means of the four losses, a device tensor (read every 25 steps: no GPU sync)
-    end_minutes = args.minutes if args.stop_minutes is None else min(args.minutes, args.stop_minutes)
-    while stage_progress()[0] < args.steps and stage_progress()[1] < end_minutes and not stop:
-        for g in opt.param_groups:
-            g["lr"] = lr_now()
-        batch_idx = torch.from_numpy(gen.choice(data.n_objects, args.batch, replace=False)).to(device)
-        l_rgb, l_mask, l_depth, l_occ = render_loss(net, batch_idx, data, args, torch_gen)
-        loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth + args.occupancy_weight * l_occ
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        step += 1
-        cur = torch.stack([x.detach() for x in (l_rgb, l_mask, l_depth, l_occ)])
-        ema = cur if ema is None else 0.98 * ema + 0.02 * cur
-        if step % 25 == 0:
-            avg = ema.tolist()
-            el = time.time() - t_start
-            print(f"step {step} rgb {avg[0]:.4f} mask {avg[1]:.4f} depth {avg[2]:.4f} occ {avg[3]:.4f} "
-                  f"lr {lr_now():.2e} "
-                  f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
-                  flush=True)
-        if time.time() - last_save > args.save_every * 60:
-            save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
-            last_save = time.time()
-    save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-    print(f"{'stopped by a signal' if stop else 'done'}: step {step}, {minutes_done():.1f} min of training, "
-          f"saved to {ckpt}", flush=True)
+        def lr_now() -> float:
+            steps, minutes = stage_progress()
+            return lr_at(steps, args, minutes)
+        ema = None  # running means of the four losses, a device tensor (read every 25 steps: no GPU sync)
+        end_minutes = args.minutes if args.stop_minutes is None else min(args.minutes, args.stop_minutes)
+        while stage_progress()[0] < args.steps and stage_progress()[1] < end_minutes and not stop:
+            for g in opt.param_groups:
+                g["lr"] = lr_now()
+            batch_idx = torch.from_numpy(gen.choice(data.n_objects, args.batch, replace=False)).to(device)
+            l_rgb, l_mask, l_depth, l_occ = render_loss(net, batch_idx, data, args, torch_gen)
+            loss = l_rgb + args.mask_weight * l_mask + args.depth_weight * l_depth + args.occupancy_weight * l_occ
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            step += 1
+            cur = torch.stack([x.detach() for x in (l_rgb, l_mask, l_depth, l_occ)])
+            ema = cur if ema is None else 0.98 * ema + 0.02 * cur
+            if step % 25 == 0:
+                avg = ema.tolist()
+                el = time.time() - t_start
+                print(f"step {step} rgb {avg[0]:.4f} mask {avg[1]:.4f} depth {avg[2]:.4f} occ {avg[3]:.4f} "
+                      f"lr {lr_now():.2e} "
+                      f"{el / 60:.1f} min ({el / (step - start_step):.2f} s/step)",
+                      flush=True)
+            if time.time() - last_save > args.save_every * 60:
+                save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
+                last_save = time.time()
+        save(ckpt, net, opt, step, args, gen, minutes_done(), origin, torch_gen)
+        print(f"{'stopped by a signal' if stop else 'done'}: step {step}, {minutes_done():.1f} min of training, "
+              f"saved to {ckpt}", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
