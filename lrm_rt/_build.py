@@ -13,14 +13,15 @@ _X86_ISA = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|abm|movbe|popcnt|amx|gfni|va
                       r"pclmulqdq|lzcnt)")
 
 
-def isa_flags() -> list:
+def isa_flags(cpuinfo: "str | None" = None, machine: "str | None" = None) -> list:
     """This CPU's instruction-set extensions (sorted), or [] where /proc/cpuinfo cannot tell. Read for this
-    process's architecture: under qemu-user (an arm64 image built on an x86 host) /proc/cpuinfo is the host's."""
-    machine = platform.machine().lower()
+    process's architecture: under qemu-user (an arm64 image built on an x86 host) /proc/cpuinfo is the host's.
+    ``cpuinfo`` / ``machine`` replace the file and platform.machine() (tests)."""
+    machine = (machine or platform.machine()).lower()
     key_wanted = "flags" if machine in ("x86_64", "amd64", "i386", "i686") else \
         "Features" if machine in ("aarch64", "arm64") or machine.startswith("arm") else None
     try:
-        text = Path("/proc/cpuinfo").read_text() if key_wanted else ""
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text() if key_wanted else ""
     except OSError:
         return []
     for line in text.splitlines():

@@ -88,3 +88,24 @@ def test_cache_names_differ_between_cpus(monkeypatch):
     portable = kernels._sources_digest(src)
     monkeypatch.setattr(kernels, "isa_flags", lambda: ["avx2"])
     assert kernels._sources_digest(src) == portable
+
+
+def test_cpu_extensions_are_read_for_the_process_architecture():
+    """x86 keeps its ISA flags only (a VM lists fewer machine flags); ARM takes every Features entry; an arm64
+    process under qemu-user sees the x86 host's cpuinfo, which says nothing about it: no record, no false rebuild."""
+    x86 = "processor\t: 0\nflags\t\t: fpu vme avx2 avx512f hypervisor constant_tsc fma\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve i8mm\n"
+    assert _build.isa_flags(x86, "x86_64") == ["avx2", "avx512f", "fma"]
+    assert _build.isa_flags(arm, "aarch64") == ["asimd", "fp", "i8mm", "sve"]
+    assert _build.isa_flags(x86, "aarch64") == [] and _build.isa_flags(arm, "x86_64") == []
+    assert _build.isa_flags(x86, "riscv64") == []
+
+
+def test_info_copes_with_a_library_without_the_lanes_entry(monkeypatch, capsys):
+    """LRM_RT_NATIVE_LIB may name a library built before lrm_field_simd_lanes existed: info says 'unknown'."""
+    from lrm_rt.cli import main
+
+    monkeypatch.setattr(kernels, "native", lambda: object())
+    assert kernels.simd_lanes() is None
+    assert main(["info"]) == 0
+    assert "native yes (unknown float lanes)" in capsys.readouterr().out
