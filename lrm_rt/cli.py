@@ -170,8 +170,7 @@ def cmd_eval(args) -> int:
 
     from . import eval as E
 
-    images = IMAGE_SUFFIXES
-    kinds = {Path(args.pred).suffix.lower() in images, Path(args.gt).suffix.lower() in images}
+    kinds = {Path(args.pred).suffix.lower() in IMAGE_SUFFIXES, Path(args.gt).suffix.lower() in IMAGE_SUFFIXES}
     if len(kinds) != 1:
         raise LrmError("eval compares two meshes or two images, not one of each")
     for f in (args.pred, args.gt):
@@ -179,7 +178,7 @@ def cmd_eval(args) -> int:
             raise LrmError(f"file not found: {f}")
         if not Path(f).is_file():
             raise LrmError(f"not a regular file: {f}")
-    if Path(args.pred).suffix.lower() in images:
+    if Path(args.pred).suffix.lower() in IMAGE_SUFFIXES:
         (prgb, pa), (grgb, ga) = E.load_image01(args.pred), E.load_image01(args.gt)
         if prgb.shape != grgb.shape:
             raise LrmError(f"image sizes differ: {prgb.shape[:2]} vs {grgb.shape[:2]}")
@@ -368,14 +367,14 @@ def _add_serve(sub) -> None:
 
 def cmd_serve(args) -> int:
     from .pipeline import DEFAULT_MODEL, Reconstructor
-    from .server import serve
+    from .server import MAX_QUEUE, serve
 
     model = args.model or DEFAULT_MODEL
     _log(args, f"loading {model} ...")
     rec = Reconstructor(model, device=args.device, network_backend=args.network_backend,
                         field_backend_name=args.field_backend, precision=args.precision, threads=args.threads)
     try:
-        serve(rec, args.host, args.port, args.quiet, **({"max_queue": args.max_queue} if args.max_queue else {}))
+        serve(rec, args.host, args.port, args.quiet, args.max_queue or MAX_QUEUE)
     except OSError as e:  # address in use, permission denied for a low port, unknown host
         raise LrmError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0

@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Union
 
 
+def cache_dir() -> Path:
+    """The per-user cache (kernel builds, the bf16 probe's decisions): LRM_RT_CACHE, else ~/.cache/lrm_rt."""
+    return Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
+
+
 def chmod_as_open(path: Union[str, Path]) -> None:
     """Give ``path`` the mode a plain ``open()`` would (0666 & ~umask): mkstemp and safetensors create 0600.
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 from ._build import is_portable, isa_flags, missing_isa, native_compile_command, write_isa_record
 from .errors import BackendError
+from .files import cache_dir
 
 _PKG = Path(__file__).resolve().parent
 _lock = threading.Lock()
@@ -100,7 +101,7 @@ def native_library_path() -> Path:
     lacking = missing_isa(built) if built is not None else []
     if built is not None and not lacking and (src.parent != _PKG.parent or built.stat().st_mtime >= newest_src):
         return built
-    cache = Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt"))
+    cache = cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         out = cache / f"lrm_native-{_sources_digest(src)}-py{sys.version_info[0]}.so"

@@ -238,7 +238,8 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     if textured:  # split along UV seams: the copies of a vertex share one normal, or seams would shade visibly
         verts = np.ascontiguousarray(mesh.vertices, np.float32)
         welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
-        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld.reshape(-1)[mesh.faces])[weld.reshape(-1)]
+        weld = weld.reshape(-1)
+        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld[mesh.faces])[weld]
     else:
         smooth = vertex_normals(mesh.vertices, mesh.faces)
     normals = np.ascontiguousarray(oriented_vertices(smooth, orientation), dtype="<f4")

@@ -17,6 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import BackendError, ConfigError
+from .files import cache_dir
 from .field.spec import TriplaneField
 from .models.network import LRMNetwork, default_source_camera
 
@@ -68,7 +69,7 @@ def _cpu_model() -> str:
 
 
 def _probe_file() -> Path:
-    return Path(os.environ.get("LRM_RT_CACHE", Path.home() / ".cache" / "lrm_rt")) / "bf16_probe.json"
+    return cache_dir() / "bf16_probe.json"
 
 
 def _stored_probes() -> dict:

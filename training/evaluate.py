@@ -34,9 +34,9 @@ from lrm_rt.render import OpenLRMRenderOptions, openlrm_rays, render_openlrm  # 
 DATA = HERE / "data"
 
 
-def require_split(split: str) -> None:
-    if not (DATA / f"{split}.npz").is_file():
-        sys.exit(f"no split {split!r}: {DATA / f'{split}.npz'} is missing (make it with training/data_gen.py)")
+def require_split(split: str, data: Path = DATA) -> None:
+    if not (data / f"{split}.npz").is_file():
+        sys.exit(f"no split {split!r}: {data / f'{split}.npz'} is missing (make it with training/data_gen.py)")
 
 
 def load_model_or_exit(name: str):

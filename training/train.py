@@ -42,6 +42,7 @@ from lrm_rt.field import torch_ref  # noqa: E402
 from lrm_rt.field.spec import OPENLRM_FIELD, TriplaneField  # noqa: E402
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
 from batched import pixel_rays, query_batch, render_batch  # noqa: E402
+from evaluate import require_split  # noqa: E402
 from model_def import model_config  # noqa: E402
 
 DATA = HERE / "data"
@@ -52,8 +53,7 @@ def load_split(names: str):
     """One split file, or several (comma-separated, e.g. two ``data_gen.py`` runs with different seeds)
     concatenated object-wise."""
     for n in names.split(","):
-        if not (DATA / f"{n}.npz").is_file():
-            sys.exit(f"no split {n!r}: {DATA / f'{n}.npz'} is missing (make it with training/data_gen.py)")
+        require_split(n, DATA)
     parts = [np.load(DATA / f"{n}.npz") for n in names.split(",")]
     return {k: np.concatenate([z[k] for z in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0].files}
 
