@@ -1,8 +1,8 @@
 // Image files -> RGBA8: PNG (zlib for the inflate, everything else here) and binary PNM (P5, P6, P7/PAM).
 // Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
 // 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
-// to 0..255, tRNS keys and palette alpha become the alpha channel. Not read: EXIF orientation (PNG eXIf chunks,
-// which Pillow applies), JPEG and other formats.
+// to 0..255, tRNS keys and palette alpha become the alpha channel, and a PNG eXIf chunk's orientation is applied
+// as Pillow's exif_transpose does. Not read: an orientation given only in XMP, JPEG and other formats.
 #include <zlib.h>
 
 #include <algorithm>
@@ -30,6 +30,59 @@ void check_size(int64_t w, int64_t h, const std::string& source) {
 }
 
 uint32_t be32(const unsigned char* p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+// ------------------------------------------------------------------------------------------------ EXIF
+
+// The Orientation tag (0x0112) of an EXIF block's first IFD: 1..8, or 1 when absent or unreadable (a broken block
+// leaves the image as stored, as in the Python loader). The block is a TIFF file, optionally after "Exif\0\0".
+int exif_orientation(std::string block) {
+    if (block.compare(0, 6, std::string("Exif\0\0", 6)) == 0) block.erase(0, 6);
+    const auto* b = reinterpret_cast<const unsigned char*>(block.data());
+    const size_t n = block.size();
+    if (n < 8) return 1;
+    const bool le = b[0] == 'I' && b[1] == 'I';
+    if (!le && !(b[0] == 'M' && b[1] == 'M')) return 1;
+    auto u16 = [&](size_t at) -> uint32_t { return le ? b[at] | b[at + 1] << 8 : b[at] << 8 | b[at + 1]; };
+    auto u32 = [&](size_t at) -> uint32_t { return le ? u16(at) | u16(at + 2) << 16 : u16(at) << 16 | u16(at + 2); };
+    if (u16(2) != 42) return 1;
+    const size_t ifd = u32(4);
+    if (ifd > n - 2) return 1;
+    const size_t entries = u16(ifd);
+    for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= n; ++e) {
+        const size_t at = ifd + 2 + 12 * e;
+        if (u16(at) != 0x0112) continue;
+        const uint32_t type = u16(at + 2), value = type == 3 ? u16(at + 8) : type == 4 ? u32(at + 8) : 0;
+        return value >= 1 && value <= 8 ? (int)value : 1;
+    }
+    return 1;
+}
+
+// The image as it should be displayed: orientation 2-8 flip / rotate / transpose it (5-8 swap its sides).
+Image apply_orientation(const Image& in, int orientation) {
+    if (orientation <= 1) return in;
+    const size_t w = in.width, h = in.height;
+    const bool swap = orientation >= 5;
+    Image out;
+    out.width = swap ? in.height : in.width;
+    out.height = swap ? in.width : in.height;
+    out.rgba.resize(in.rgba.size());
+    for (size_t y = 0; y < (size_t)out.height; ++y) {
+        for (size_t x = 0; x < (size_t)out.width; ++x) {
+            size_t sx = x, sy = y;  // the stored pixel shown at (x, y)
+            switch (orientation) {
+                case 2: sx = w - 1 - x; break;                      // mirrored left-right
+                case 3: sx = w - 1 - x; sy = h - 1 - y; break;      // rotated 180
+                case 4: sy = h - 1 - y; break;                      // mirrored top-bottom
+                case 5: sx = y; sy = x; break;                      // transposed
+                case 6: sx = y; sy = h - 1 - x; break;              // turned 90 clockwise for display
+                case 7: sx = w - 1 - y; sy = h - 1 - x; break;      // transversed
+                default: sx = w - 1 - y; sy = x; break;             // 8: turned 90 counter-clockwise
+            }
+            std::memcpy(&out.rgba[(y * out.width + x) * 4], &in.rgba[(sy * w + sx) * 4], 4);
+        }
+    }
+    return out;
+}
 
 // ------------------------------------------------------------------------------------------------ PNG
 
@@ -139,7 +192,7 @@ Image decode_png(const std::string& bytes, const std::string& source) {
     const size_t n = bytes.size();
     PngHeader hd;
     PngPalette pal;
-    std::string idat;
+    std::string idat, exif;
     bool have_ihdr = false, have_iend = false;
     size_t pos = 8;
     while (pos + 12 <= n) {
@@ -183,6 +236,8 @@ Image decode_png(const std::string& bytes, const std::string& source) {
                 pal.has_key = true;
                 for (int c = 0; c < 3; ++c) pal.key[c] = (uint16_t)(data[2 * c] << 8 | data[2 * c + 1]);
             }
+        } else if (t == "eXIf") {
+            exif.assign(reinterpret_cast<const char*>(data), len);
         } else if (t == "IDAT") {
             idat.append(reinterpret_cast<const char*>(data), len);
         } else if (t == "IEND") {
@@ -243,7 +298,7 @@ Image decode_png(const std::string& bytes, const std::string& source) {
         }
         off += ph[k] * (rb + 1);
     }
-    return img;
+    return apply_orientation(img, exif_orientation(exif));
 }
 
 // ------------------------------------------------------------------------------------------------ PNM

@@ -323,6 +323,14 @@ def _pillow_images(tmp: Path):
     save("rgb_key.png", Image.fromarray(rgba[..., :3], "RGB"), transparency=tuple(int(v) for v in rgba[2, 2, :3]))
     save("rgb.ppm", Image.fromarray(rgba[..., :3], "RGB"))
     save("grey.pgm", Image.fromarray(grey, "L"))
+    for k in range(1, 9):  # EXIF orientations (an eXIf chunk): flips, rotations and transpositions of a 31x23 image
+        exif = Image.Exif()
+        exif[0x0112] = k
+        save(f"exif{k}.png", Image.fromarray(rgba, "RGBA"), exif=exif)
+    # big-endian TIFF block (Pillow writes little-endian), SHORT value 6 in the entry's first two bytes
+    save("exif_mm.png", Image.fromarray(rgba, "RGBA"),
+         exif=b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00")
+    save("exif_broken.png", Image.fromarray(rgba, "RGBA"), exif=b"II\x2a\x00\xff\xff\xff\x7f")  # IFD past the end
     # 16-bit RGBA PNG (Pillow cannot write one): the encoder is a few lines
     import struct
     import zlib
@@ -351,11 +359,17 @@ def _pillow_images(tmp: Path):
 def test_image_decoding_matches_python_loader(lib, tmp_path):
     from lrm_rt.preprocess import load_image
 
-    for name, path in _pillow_images(tmp_path).items():
+    files = _pillow_images(tmp_path)
+    for name, path in files.items():
         got = _c_image(lib, path)
         want = load_image(path)
         assert got.shape == want.shape, name
         np.testing.assert_array_equal(got, want, err_msg=name)
+    # the orientations were applied, not ignored by both
+    upright = load_image(files["rgba.png"])
+    np.testing.assert_array_equal(_c_image(lib, files["exif6.png"]), np.rot90(upright, -1))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_mm.png"]), np.rot90(upright, -1))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_broken.png"]), upright)
 
 
 def test_errors_are_codes_not_crashes(lib, build_dir, tmp_path):
