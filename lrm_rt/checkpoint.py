@@ -223,7 +223,10 @@ def _split_packed_attention(sd: StateDict, expected: Mapping[str, torch.Tensor])
                 out.update({base + "q_proj_weight": q, base + "k_proj_weight": k, base + "v_proj_weight": v})
         if key.endswith(".q_proj_weight") and key not in expected:
             base = key[: -len("q_proj_weight")]
-            if base + "in_proj_weight" in expected and base + "k_proj_weight" in sd and base + "v_proj_weight" in sd:
+            parts = [sd.get(base + n) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+            # q/k/v of different widths cannot be one packed matrix: left as they are, the strict check names them
+            same = all(p is not None and p.shape[1:] == parts[0].shape[1:] for p in parts)
+            if base + "in_proj_weight" in expected and same:
                 out[base + "in_proj_weight"] = torch.cat(
                     [out.pop(base + "q_proj_weight"), out.pop(base + "k_proj_weight"), out.pop(base + "v_proj_weight")])
     return out

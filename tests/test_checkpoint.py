@@ -111,6 +111,18 @@ def test_fused_and_separate_cross_attention_are_interchangeable(ckpts, tmp_path)
     assert torch.equal(net.state_dict()[key], ref[key])
 
 
+def test_weights_of_another_model_are_one_checkpoint_error(ckpts, tmp_path):
+    """The tiny fixture's weights (separate q/k/v of different widths) under lrm-tiny's config (packed cross-attention):
+    the strict check's list, not a torch.cat error from trying to pack them."""
+    from lrm_rt import models_dir
+
+    d = _copy(ckpts / "openlrm-tiny-1.1", tmp_path)
+    shutil.copy(models_dir() / "lrm-tiny" / "config.json", d / "config.json")
+    (d / "infer.yaml").unlink()
+    with pytest.raises(CheckpointError, match="does not match its config: .*unexpected: transformer.layers.0.cross_attn"):
+        load_model(str(d))
+
+
 def _set_config(d, layout, key, value):
     """Change one hyper-parameter in the config file of a copied checkpoint directory."""
     import json
