@@ -220,6 +220,11 @@ def decode_image(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
 
     if getattr(im, "n_frames", 1) > 1:
         log.warning("%s has %d frames (animation or pages): using the first", path, im.n_frames)
+    key = im.info.get("transparency")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[24:26] == b"\x10\x02" and isinstance(key, tuple):
+        # A 16-bit RGB PNG's tRNS key holds 16-bit values, which Pillow compares with the 8-bit colours it decodes
+        # (other pixels turned transparent, the keyed ones not): compare at 8 bits, the key's high bytes.
+        im.info["transparency"] = tuple(int(v) >> 8 for v in key)
     return image_to_rgba(im, path)
 
 

@@ -1,8 +1,9 @@
 // Image files -> RGBA8: PNG (zlib for the inflate, everything else here) and binary PNM (P5, P6, P7/PAM).
 // Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
 // 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
-// to 0..255, tRNS keys and palette alpha become the alpha channel, and a PNG eXIf chunk's orientation is applied
-// as Pillow's exif_transpose does. Not read: an orientation given only in XMP, JPEG and other formats.
+// to 0..255, tRNS keys (16-bit RGB ones compared at their high byte; none for 16-bit grey) and palette alpha
+// become the alpha channel, and a PNG eXIf chunk's orientation is applied as Pillow's exif_transpose does.
+// Not read: an orientation given only in XMP, JPEG and other formats.
 #include <zlib.h>
 
 #include <algorithm>
@@ -164,7 +165,11 @@ void put_pixel(const PngHeader& hd, const PngPalette& pal, const unsigned char* 
             uint32_t v[3];
             for (int c = 0; c < 3; ++c) v[c] = sample(row, 3 * (size_t)x + c, d);
             for (int c = 0; c < 3; ++c) out[c] = to8(v[c], d);
-            out[3] = (pal.has_key && v[0] == pal.key[0] && v[1] == pal.key[1] && v[2] == pal.key[2]) ? 0 : 255;
+            // 16-bit keys are compared at the 8 bits kept (as the Python loader, which gets 8-bit colours from Pillow)
+            const int s = d == 16 ? 8 : 0;
+            bool keyed = pal.has_key;
+            for (int c = 0; c < 3; ++c) keyed = keyed && (v[c] >> s) == (uint32_t)(pal.key[c] >> s);
+            out[3] = keyed ? 0 : 255;
             break;
         }
         case 3: {

@@ -341,13 +341,19 @@ def _pillow_images(tmp: Path):
     def chunk(t, d):
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
 
-    def png(name, w, h, depth, ctype, interlace, data):
+    def png(name, w, h, depth, ctype, interlace, data, extra=b""):
         p = tmp / name
         p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, ctype, 0, 0, interlace)) +
-                      chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
+                      extra + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b""))
         files[name] = p
 
     png("rgba16.png", 7, 5, 16, 6, 0, raw)
+    # 16-bit RGB with a colour key: one pixel is the key, one within its high byte, one has the key's numbers as
+    # 8-bit colours
+    rgb16 = big[..., :3].copy()
+    rgb16[1, 1], rgb16[3, 3], rgb16[2, 2] = (200, 100, 50), (201, 100, 50), (200 * 257, 100 * 257, 50 * 257)
+    png("rgb16_key.png", 7, 5, 16, 2, 0, b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(5)),
+        chunk(b"tRNS", struct.pack(">HHH", 200, 100, 50)))
     # Adam7-interlaced RGBA: the seven sub-images in order, rows with filter byte 0 (empty passes omitted)
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
     inter = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes for row in rgba[y0::dy, x0::dx]

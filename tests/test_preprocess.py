@@ -19,6 +19,7 @@ from lrm_rt.preprocess import (
     PreprocessConfig,
     composite_resize_bicubic,
     composite_uint8,
+    decode_image,
     load_image,
     preprocess,
     resize_foreground,
@@ -188,6 +189,28 @@ def test_16bit_grayscale_is_rescaled_not_clipped(tmp_path):
     a = load_image(tmp_path / "g16.png")
     _check_rgba(a, g16.shape)
     np.testing.assert_array_equal(a[..., 0], _gradient())  # not all-255 as Pillow's convert() would give
+
+
+def _png16_rgb(pixels: np.ndarray, key) -> bytes:
+    """A 16-bit RGB PNG (Pillow cannot write one) with a tRNS colour key."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) +
+            chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_rgb_colour_key_makes_the_keyed_pixels_transparent(tmp_path):
+    """The key (200, 100, 50) in 16 bits is a near-black colour; Pillow compared it with the 8-bit colours and made
+    the orange (200, 100, 50) pixels transparent instead, leaving the keyed ones opaque."""
+    px = np.array([[[200, 100, 50], [200 * 257, 100 * 257, 50 * 257], [9000, 9000, 9000], [51200, 25600, 12800]]],
+                  np.uint16)
+    a = decode_image(_png16_rgb(px, (200, 100, 50)))
+    np.testing.assert_array_equal(a[0, :, 3], [0, 255, 255, 255])
+    np.testing.assert_array_equal(a[0, :, :3], px[0] >> 8)
+    white = decode_image(_png16_rgb(px, (9000, 9000, 9000)))  # compared at the 8 bits kept: 9000 >> 8 == 35
+    np.testing.assert_array_equal(white[0, :, 3], [255, 255, 0, 255])
 
 
 def test_32bit_int_and_float_modes(tmp_path):
