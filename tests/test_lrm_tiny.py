@@ -25,7 +25,7 @@ def test_published_layout_and_limits():
         assert (MODEL_DIR / name).is_file(), name
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 50 * 2 ** 20
     cfg, sd = read_checkpoint_dir(MODEL_DIR)
-    assert (cfg.family, cfg.version, cfg.input_size) == ("openlrm", "1.1", 112)
+    assert (cfg.family, cfg.version, cfg.input_size) == ("openlrm", "1.1", 128)
     # exactly the keys and shapes of the architecture: nothing extra, nothing missing
     expected = LRMNetwork(cfg).state_dict()
     assert set(sd) == set(expected)

@@ -1,4 +1,5 @@
 """The lrm-tiny training recipe (training/train.py): the geometric start and a resumable loop."""
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ sys.path.insert(0, str(REPO / "training"))
 
 import batched as B  # noqa: E402
 import train as T  # noqa: E402
-from model_def import model_config  # noqa: E402
+from model_def import INFER, model_config  # noqa: E402
+
+SIZE = INFER["source_size"]  # the model's input size
 
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
 from lrm_rt.render import source_view_camera  # noqa: E402
@@ -47,7 +50,7 @@ def test_geometric_start_points_cross_attention_at_the_projected_patch(scale):
     torch.manual_seed(0)
     net = LRMNetwork(model_config())
     T.init_from_scratch(net, attn_scale=scale)
-    pixels = torch.rand(2, 3, 112, 112)
+    pixels = torch.rand(2, 3, SIZE, SIZE)
     att = _head0_attention(net, pixels)
     low, grid = net.config.triplane_low_res, 8
     xz = att[:, low * low:2 * low * low]  # plane 1 = (x, z), the one facing the source camera
@@ -64,7 +67,7 @@ def test_geometric_start_points_cross_attention_at_the_projected_patch(scale):
         assert xz.max(-1).values.mean() < 0.1
 
 
-def _tiny_dataset(path: Path, n_obj=3, views=3, res=8, occupancy=False):
+def _tiny_dataset(path: Path, n_obj=3, views=3, res=8, occupancy=False, size=SIZE):
     rng = np.random.default_rng(0)
     cams = np.broadcast_to(source_view_camera().numpy(), (n_obj, views, 25))
     vw = rng.integers(0, 255, (n_obj, views, res, res, 4), dtype=np.uint8)
@@ -75,7 +78,7 @@ def _tiny_dataset(path: Path, n_obj=3, views=3, res=8, occupancy=False):
         occ = (np.linalg.norm(pts, axis=-1) < 0.5).astype(np.int8)
         occ[-1] = -1
         extra = {"occ_points": pts.astype(np.float16), "occ": occ}
-    np.savez(path, pixels=rng.random((n_obj, 3, 112, 112)).astype(np.float16), views=vw, depths=depths,
+    np.savez(path, pixels=rng.random((n_obj, 3, size, size)).astype(np.float16), views=vw, depths=depths,
              cams=cams.astype(np.float32), labels=np.array(["shape"] * n_obj), **extra)
 
 
@@ -359,7 +362,7 @@ def test_batched_render_equals_the_runtime_renderer_per_object():
     net = LRMNetwork(model_config())
     T.init_from_scratch(net)
     net.decoder_layers()[-1].bias.data[0] = 3.0  # a dense enough field that the rays see a surface
-    pixels = torch.rand(3, 3, 112, 112)
+    pixels = torch.rand(3, 3, SIZE, SIZE)
     cams = surrounding_cameras(3)
     cams[:, [3, 7, 11]] *= 2.5  # from 5 units away a corner ray misses the box: empty, depth = the far end
     pix = torch.randint(0, 32 * 32, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -429,7 +432,7 @@ def _train_on_the_gpu(tmp_path, monkeypatch):
     net = LRMNetwork(model_config())
     T.init_from_scratch(net)
     net.decoder_layers()[-1].bias.data[0] = 3.0
-    pixels, cams = torch.rand(2, 3, 112, 112), surrounding_cameras(2)
+    pixels, cams = torch.rand(2, 3, SIZE, SIZE), surrounding_cameras(2)
     pix = torch.randint(0, 32 * 32, (2, 64), generator=torch.Generator().manual_seed(1))
     u_c, u_f = torch.rand(2, 64, 12), torch.rand(2, 64, 12)
     outs = {}
@@ -467,7 +470,7 @@ def test_data_gen_writes_a_split_and_its_record(tmp_path, monkeypatch):
     z = np.load(tmp_path / "mini.npz")
     n = 2 + len([m for m in D.MESH_FILES if m not in D.HELDOUT_MESHES])  # shapes + one pose of each training mesh
     assert z["views"].shape == (n, 3, 16, 16, 4) and z["depths"].shape == (n, 3, 16, 16)
-    assert z["pixels"].shape == (n, 3, 112, 112) and z["cams"].shape == (n, 3, 25) and z["occ"].shape == (n, 12)
+    assert z["pixels"].shape == (n, 3, SIZE, SIZE) and z["cams"].shape == (n, 3, 25) and z["occ"].shape == (n, 12)
     assert (z["views"][..., 3] > 0).any(axis=(2, 3)).all()  # every view sees its object
     assert json.loads((tmp_path / "mini.json").read_text())["seed"] == 5
 
@@ -499,6 +502,34 @@ def test_data_gen_and_export_refuse_before_writing(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=message):
             X.main()
     assert not out.exists()
+
+
+def test_splits_of_another_input_size_are_refused(tmp_path, monkeypatch):
+    """A 112 px split still runs through the 128 px model (its position table is resized to a 7x7 grid): training,
+    evaluation and threshold tuning refuse it in one line instead of giving quietly wrong weights or scores."""
+    import evaluate as EV
+    import export as X
+
+    _tiny_dataset(tmp_path / "old.npz", n_obj=1, size=112)
+    monkeypatch.setattr(T, "DATA", tmp_path)
+    with pytest.raises(SystemExit, match="'old' holds 112 px input views, the model takes 128 px"):
+        T.load_split("old")
+    monkeypatch.setattr(EV, "DATA", tmp_path)
+    with pytest.raises(SystemExit, match="'old' holds 112 px"):
+        EV.evaluate_split(SimpleNamespace(network=None, config=SimpleNamespace(input_size=128)), "old")
+    (tmp_path / "gt").mkdir()
+    for split in X.TUNE_SPLITS:
+        _tiny_dataset(tmp_path / f"{split}.npz", n_obj=1, size=112)
+    monkeypatch.setattr(X, "DATA", tmp_path)
+    with pytest.raises(SystemExit, match="'tune' holds 112 px"):
+        X.check_tuning_data()
+
+
+def test_export_takes_the_highest_of_tying_levels():
+    import export as X
+
+    assert X.choose_level({5.0: 0.7, 7.0: 0.7695, 10.0: 0.7690, 15.0: 0.760}) == 10.0
+    assert X.choose_level({5.0: 0.7, 7.0: 0.775, 10.0: 0.7690}) == 7.0
 
 
 def test_export_tunes_first_then_writes_every_file(tmp_path, monkeypatch):
@@ -560,3 +591,92 @@ def test_fit_ceiling_fits_planes_that_render_unseen_views_better(tmp_path, monke
     assert row["fitted"]["silhouette_iou"] > row["predicted"]["silhouette_iou"] + 0.05
     assert row["fitted"]["fscore"] > row["predicted"]["fscore"] + 0.15
     assert all(torch.equal(a, b) for a, b in zip(before, model.network.parameters()))  # decoder frozen
+
+
+def _patchwise_upsample(img: torch.Tensor, old: int, new: int) -> torch.Tensor:
+    """Each old x old patch of img (N, C, g*old, g*old) resized on its own to new x new (bicubic)."""
+    n, c, h, _ = img.shape
+    g = h // old
+    patches = img.reshape(n, c, g, old, g, old).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, old, old)
+    up = torch.nn.functional.interpolate(patches.double(), size=(new, new), mode="bicubic", align_corners=False)
+    return up.reshape(n, g, g, c, new, new).permute(0, 3, 1, 4, 2, 5).reshape(n, c, g * new, g * new).float()
+
+
+def test_resize_patch_kernel_keeps_every_patch_embedding():
+    import resize_patches as R
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(6, 3, 14, 14, generator=gen), torch.rand(5, 3, 14, 14, generator=gen)
+    w16 = R.resize_patch_kernel(w, 16)
+    up = torch.nn.functional.interpolate(x.double(), size=(16, 16), mode="bicubic", align_corners=False).float()
+    old = torch.nn.functional.conv2d(x, w)
+    assert w16.shape == (6, 3, 16, 16) and (torch.nn.functional.conv2d(up, w16) - old).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="growing"):
+        R.resize_patch_kernel(w, 12)
+
+
+def test_resize_patches_moves_a_112px_model_to_the_shipped_input_size(tmp_path, monkeypatch):
+    """A model of the old layout (14 px patches, 112 px) converted by the script loads as the shipped architecture
+    and gives the old network's triplane for a 128 px image made of its 112 px image's patches upsampled."""
+    import yaml
+    from safetensors.torch import save_file
+
+    import export as X
+    import model_def
+    import resize_patches as R
+    from lrm_rt.checkpoint import load_model
+    from lrm_rt.config import openlrm_config
+
+    old_cfg = openlrm_config({**model_def.KWARGS, "encoder_model_name": "dinov2_lrmtiny14_reg"}, "1.1", "lrm-tiny",
+                             infer={**model_def.INFER, "source_size": 112})
+    torch.manual_seed(0)
+    old_net = LRMNetwork(old_cfg).eval()
+    T.init_from_scratch(old_net)
+    src, out = tmp_path / "old", tmp_path / "new"
+    X.write_model(old_net.state_dict(), {**model_def.INFER, "source_size": 112, "mesh_thres": 4.5}, src)
+    (src / "config.json").write_text(json.dumps({**model_def.KWARGS, "encoder_model_name": "dinov2_lrmtiny14_reg"}))
+    monkeypatch.setattr(sys, "argv", ["resize_patches.py", "--src", str(src), "--out", str(out)])
+    R.main()
+    new = load_model(str(out))
+    assert new.config.input_size == SIZE == 128 and new.config.mc_threshold == 4.5  # the tuned level is kept
+    assert yaml.safe_load((out / "infer.yaml").read_text())["source_size"] == 128
+    img = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    cam = default_source_camera(2.0, 2)
+    with torch.no_grad():
+        want = old_net(img, cam)
+        got = new.network(_patchwise_upsample(img, 14, 16), cam)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    monkeypatch.setattr(sys, "argv", ["resize_patches.py", "--src", str(out), "--out", str(tmp_path / "again")])
+    with pytest.raises(SystemExit, match="already has 16 px"):
+        R.main()
+    save_file({}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(sys, "argv", ["resize_patches.py", "--src", str(tmp_path), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no encoder.model.patch_embed"):
+        R.main()
+
+
+def test_resize_patches_refuses_what_it_cannot_convert(tmp_path, monkeypatch, fixtures_dir):
+    """Another architecture (it wrote a folder that failed to load later), weights not fitting model_def.py, a
+    kernel larger than the new one, a damaged file: one line each, nothing written."""
+    from safetensors.torch import save_file
+
+    import resize_patches as R
+
+    def run(src):
+        monkeypatch.setattr(sys, "argv", ["resize_patches.py", "--src", str(src), "--out", str(tmp_path / "out")])
+        R.main()
+
+    with pytest.raises(SystemExit, match="another architecture than model_def.py's .*transformer_dim"):
+        run(fixtures_dir / "checkpoints" / "openlrm-tiny-1.1")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    save_file({R.PATCH_WEIGHT: torch.zeros(192, 3, 14, 14)}, str(bare / "model.safetensors"))
+    with pytest.raises(SystemExit, match="weights do not fit model_def.py's architecture: .*Missing key"):
+        run(bare)
+    save_file({R.PATCH_WEIGHT: torch.zeros(192, 3, 18, 18)}, str(bare / "model.safetensors"))
+    with pytest.raises(SystemExit, match=r"\(18, 18\) patch kernel cannot become 16x16"):
+        run(bare)
+    (bare / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(SystemExit, match="cannot read .*model.safetensors"):
+        run(bare)
+    assert not (tmp_path / "out").exists()

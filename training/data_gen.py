@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lrm_rt.eval import inside as points_inside  # noqa: E402
+from model_def import INFER  # noqa: E402
 from lrm_rt.preprocess import composite_resize_bicubic  # noqa: E402
 from lrm_rt.render import (build_cameras, default_intrinsics, look_at_origin, openlrm_rays,  # noqa: E402
                            source_view_camera)
@@ -330,7 +331,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=5, help="supervision views per object (source view included)")
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--input-render", type=int, default=224)
-    ap.add_argument("--input-size", type=int, default=112)
+    ap.add_argument("--input-size", type=int, default=INFER["source_size"],
+                    help="input view size after the runtime's preprocessing (the model's source_size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--occupancy", type=int, default=1024,
                     help="near-surface points per object with inside/outside labels (plus half as many uniform "

@@ -39,6 +39,14 @@ def require_split(split: str, data: Path = DATA) -> None:
         sys.exit(f"no split {split!r}: {data / f'{split}.npz'} is missing (make it with training/data_gen.py)")
 
 
+def require_input_size(pixels: np.ndarray, size: int, split: str) -> None:
+    """One line, not a quietly wrong score: a split made for another input size still runs (the encoder resizes its
+    position table to whatever grid the image gives)."""
+    if pixels.shape[-1] != size:
+        sys.exit(f"split {split!r} holds {pixels.shape[-1]} px input views, the model takes {size} px: make it again "
+                 "with training/data_gen.py (its --input-size follows the model's source_size)")
+
+
 def load_model_or_exit(name: str):
     from lrm_rt.errors import LrmError
 
@@ -107,6 +115,7 @@ def evaluate_object(model, fld, split: str, i: int, views: np.ndarray, cams: np.
 def evaluate_split(model, split: str, limit=None, iou_points: int = 30000):
     net = model.network
     z = np.load(DATA / f"{split}.npz")
+    require_input_size(z["pixels"], model.config.input_size, split)
     rows = []
     n = len(z["pixels"]) if limit is None else min(limit, len(z["pixels"]))
     for i in range(n):

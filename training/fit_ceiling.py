@@ -26,7 +26,9 @@ sys.path.insert(0, str(HERE))
 
 from lrm_rt.field.spec import TriplaneField  # noqa: E402
 from batched import pixel_rays, render_batch  # noqa: E402
-from evaluate import DATA, evaluate_object, load_model_or_exit, object_planes, require_split  # noqa: E402
+from evaluate import (DATA, evaluate_object, load_model_or_exit, object_planes, require_input_size,  # noqa: E402
+                      require_split)
+from model_def import INFER  # noqa: E402
 from train import ray_losses  # noqa: E402
 
 SPLIT = "ceiling_shapes"
@@ -37,8 +39,8 @@ def make_data(n: int, views: int, seed: int, res: int = 64, input_render: int = 
     ground-truth meshes, as the split ``ceiling_shapes``."""
     import data_gen
 
-    args = argparse.Namespace(views=views, res=res, input_render=input_render, input_size=112, seed=seed,
-                              occupancy=0)
+    args = argparse.Namespace(views=views, res=res, input_render=input_render, input_size=INFER["source_size"],
+                              seed=seed, occupancy=0)
     rng = np.random.default_rng(seed)
     objects = [("shape", data_gen.procedural_object(rng)) for _ in range(n)]
     (DATA / "gt").mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,7 @@ def main() -> None:
         sys.exit(f"--fit-views {args.fit_views}: {SPLIT} holds {z['views'].shape[1]} views, and some must stay "
                  "unfitted")
     model = load_model_or_exit(args.model)
+    require_input_size(z["pixels"], model.config.input_size, SPLIT)
     rows = []
     for i in range(len(z["pixels"])):
         rows.append(score_object(model, z, i, args))

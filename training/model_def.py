@@ -15,13 +15,13 @@ KWARGS = {
     "triplane_high_res": 32,
     "triplane_dim": 16,
     "encoder_type": "dinov2",
-    "encoder_model_name": "dinov2_lrmtiny14_reg",
+    "encoder_model_name": "dinov2_lrmtiny16_reg",
     "encoder_feat_dim": 192,
     "encoder_freeze": False,
 }
 
 INFER = {
-    "source_size": 112,
+    "source_size": 128,  # stages 1-7 ran at 112 px with 14 px patches (resize_patches.py)
     "source_cam_dist": 2.0,
     "render_size": 128,
     "mesh_size": 128,

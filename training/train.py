@@ -42,8 +42,8 @@ from lrm_rt.field import torch_ref  # noqa: E402
 from lrm_rt.field.spec import OPENLRM_FIELD, TriplaneField  # noqa: E402
 from lrm_rt.models.network import LRMNetwork, default_source_camera  # noqa: E402
 from batched import pixel_rays, query_batch, render_batch  # noqa: E402
-from evaluate import require_split  # noqa: E402
-from model_def import model_config  # noqa: E402
+from evaluate import require_input_size, require_split  # noqa: E402
+from model_def import INFER, model_config  # noqa: E402
 
 DATA = HERE / "data"
 CKPT = DATA / "ckpt"
@@ -55,6 +55,8 @@ def load_split(names: str):
     for n in names.split(","):
         require_split(n, DATA)
     parts = [np.load(DATA / f"{n}.npz") for n in names.split(",")]
+    for n, z in zip(names.split(","), parts):
+        require_input_size(z["pixels"], INFER["source_size"], n)
     return {k: np.concatenate([z[k] for z in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0].files}
 
 

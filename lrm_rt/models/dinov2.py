@@ -85,8 +85,14 @@ class Dinov2Config:
 
     @classmethod
     def dinov2_lrmtiny14_reg(cls) -> "Dinov2Config":
-        """Encoder of the shipped lrm-tiny (trained from scratch here): 112 px input, so an 8x8 position grid."""
+        """lrm-tiny's encoder for stages 1-7 of its training (112 px input, an 8x8 position grid); kept so that those
+        checkpoints still load (training/resize_patches.py moves them to the shipped 16 px one)."""
         return cls(embed_dim=192, depth=4, num_heads=3, img_size=112)
+
+    @classmethod
+    def dinov2_lrmtiny16_reg(cls) -> "Dinov2Config":
+        """Encoder of the shipped lrm-tiny: 128 px input in 16 px patches, the 8x8 position grid it was trained with."""
+        return cls(embed_dim=192, depth=4, num_heads=3, patch_size=16, img_size=128)
 
 
 # OpenLRM v1.1 ``encoder_model_name`` -> config.
@@ -95,6 +101,7 @@ DINOV2_CONFIGS: Dict[str, Dinov2Config] = {
     "dinov2_vitb14_reg": Dinov2Config.dinov2_vitb14_reg(),
     "dinov2_tiny14_reg": Dinov2Config.dinov2_tiny14_reg(),
     "dinov2_lrmtiny14_reg": Dinov2Config.dinov2_lrmtiny14_reg(),
+    "dinov2_lrmtiny16_reg": Dinov2Config.dinov2_lrmtiny16_reg(),
 }
 
 
@@ -211,7 +218,7 @@ class Block(nn.Module):
 class Dinov2(BakedPosEmbed):
     """DINOv2 with registers. ``forward(image)`` -> (B, 1 + h0*w0, D) = [CLS, patches] after the final norm.
 
-    image: (B, 3, H, W) in [0, 1], H and W multiples of 14. ``bake_pos_embed(h, w)`` precomputes the
+    image: (B, 3, H, W) in [0, 1], H and W multiples of the patch size. ``bake_pos_embed(h, w)`` precomputes the
     antialiased-bicubic position table for one input size (non-persistent buffer, re-baked on weight load),
     so exported graphs contain a constant instead of an op ONNX cannot express.
     """
