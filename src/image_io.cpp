@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "internal.hpp"
 
@@ -59,8 +60,8 @@ int exif_orientation(std::string block) {
 }
 
 // The image as it should be displayed: orientation 2-8 flip / rotate / transpose it (5-8 swap its sides).
-Image apply_orientation(const Image& in, int orientation) {
-    if (orientation <= 1) return in;
+Image apply_orientation(Image in, int orientation) {
+    if (orientation <= 1) return in;  // moved out, not copied
     const size_t w = in.width, h = in.height;
     const bool swap = orientation >= 5;
     Image out;
@@ -303,7 +304,7 @@ Image decode_png(const std::string& bytes, const std::string& source) {
         }
         off += ph[k] * (rb + 1);
     }
-    return apply_orientation(img, exif_orientation(exif));
+    return apply_orientation(std::move(img), exif_orientation(exif));
 }
 
 // ------------------------------------------------------------------------------------------------ PNM

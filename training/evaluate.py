@@ -114,7 +114,7 @@ def evaluate_object(model, fld, split: str, i: int, views: np.ndarray, cams: np.
 
 def evaluate_split(model, split: str, limit=None, iou_points: int = 30000):
     net = model.network
-    z = np.load(DATA / f"{split}.npz")
+    z = dict(np.load(DATA / f"{split}.npz"))  # in memory: an npz file reads its member again on every access
     require_input_size(z["pixels"], model.config.input_size, split)
     rows = []
     n = len(z["pixels"]) if limit is None else min(limit, len(z["pixels"]))

@@ -50,7 +50,7 @@ def tune_threshold(model, resolution: int, splits=TUNE_SPLITS):
     backend = field_backend("auto")
     scores = {t: [] for t in THRESHOLDS}
     for split in splits:
-        z = np.load(DATA / f"{split}.npz")
+        z = dict(np.load(DATA / f"{split}.npz"))  # read once, not once per object
         for i in range(len(z["pixels"])):
             fld = object_fields(model.network, z["pixels"][i])
             gt = load_gt(split, i)

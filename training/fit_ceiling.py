@@ -108,7 +108,7 @@ def main() -> None:
         make_data(args.n, args.views, args.seed)
         return
     require_split(SPLIT)  # made by --make-data
-    z = np.load(DATA / f"{SPLIT}.npz")
+    z = dict(np.load(DATA / f"{SPLIT}.npz"))  # read once, not once per object
     if not 0 < args.fit_views < z["views"].shape[1]:
         sys.exit(f"--fit-views {args.fit_views}: {SPLIT} holds {z['views'].shape[1]} views, and some must stay "
                  "unfitted")

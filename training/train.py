@@ -55,9 +55,14 @@ def load_split(names: str):
     for n in names.split(","):
         require_split(n, DATA)
     parts = [np.load(DATA / f"{n}.npz") for n in names.split(",")]
-    for n, z in zip(names.split(","), parts):
-        require_input_size(z["pixels"], INFER["source_size"], n)
-    return {k: np.concatenate([z[k] for z in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0].files}
+
+    def merged(key):  # each array is read once (an npz file reads its member again on every access)
+        arrays = [z[key] for z in parts]
+        if key == "pixels":
+            for n, a in zip(names.split(","), arrays):
+                require_input_size(a, INFER["source_size"], n)
+        return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+    return {k: merged(k) for k in parts[0].files}
 
 
 def differentiable_field(net: LRMNetwork, planes: torch.Tensor) -> TriplaneField:
