@@ -63,8 +63,8 @@ typedef enum lrm_orientation { LRM_ORIENTATION_NATIVE = 0, LRM_ORIENTATION_Y_UP 
 
 typedef enum lrm_mesh_format {
     LRM_MESH_AUTO = 0, /* from the file extension: .ply, .obj, .glb */
-    LRM_MESH_PLY = 1,  /* binary little-endian; colours as uchar red, green, blue */
-    LRM_MESH_OBJ = 2,  /* "v x y z r g b" (colours as floats in [0, 1]) */
+    LRM_MESH_PLY = 1,  /* binary little-endian; float x y z, float nx ny nz (smooth), uchar red green blue */
+    LRM_MESH_OBJ = 2,  /* "v x y z r g b" (colours as floats in [0, 1]), "vn" (smooth), "f a//a b//b c//c" */
     LRM_MESH_GLB = 3   /* glTF 2.0 binary; POSITION, NORMAL (smooth), COLOR_0 (float RGB), uint32 indices */
 } lrm_mesh_format;
 

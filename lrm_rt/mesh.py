@@ -219,6 +219,19 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return out
 
 
+def mesh_normals(mesh: Mesh, orientation: Orientation = "native") -> np.ndarray:
+    """Smooth vertex normals as written to every format (without them viewers shade each face flat). A textured
+    mesh is split along its UV seams: the copies of a vertex share one normal, or the seams would shade visibly."""
+    if mesh.texture is not None:
+        verts = np.ascontiguousarray(mesh.vertices, np.float32)
+        welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
+        weld = weld.reshape(-1)
+        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld[mesh.faces])[weld]
+    else:
+        smooth = vertex_normals(mesh.vertices, mesh.faces)
+    return oriented_vertices(smooth, orientation)
+
+
 def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     """glTF 2.0 binary: one indexed triangle primitive, POSITION, NORMAL (smooth shading: without normals viewers
     shade every face flat) and either COLOR_0 as RGBA8 or TEXCOORD_0 with the texture as an embedded PNG (base
@@ -235,14 +248,7 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     blocks = [(idx.tobytes(), {"componentType": 5125, "type": "SCALAR", "count": idx.size}, 34963),
               (pos.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(pos),
                                "min": cols.min(axis=1).tolist(), "max": cols.max(axis=1).tolist()}, 34962)]
-    if textured:  # split along UV seams: the copies of a vertex share one normal, or seams would shade visibly
-        verts = np.ascontiguousarray(mesh.vertices, np.float32)
-        welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
-        weld = weld.reshape(-1)
-        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld[mesh.faces])[weld]
-    else:
-        smooth = vertex_normals(mesh.vertices, mesh.faces)
-    normals = np.ascontiguousarray(oriented_vertices(smooth, orientation), dtype="<f4")
+    normals = np.ascontiguousarray(mesh_normals(mesh, orientation), dtype="<f4")
     blocks.append((normals.tobytes(), {"componentType": 5126, "type": "VEC3", "count": len(normals)}, 34962))
     attributes = {"POSITION": 1, "NORMAL": 2}
     if rgba is not None:
@@ -283,13 +289,57 @@ def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
 
 def textured_obj(mesh: Mesh, mtl_name: str, png_name: str, orientation: Orientation = "native") -> Tuple[bytes, bytes]:
     """OBJ and MTL text of a textured mesh; vertices and uv share one index (the mesh is split along its seams)."""
-    v = oriented_vertices(mesh.vertices, orientation)
-    lines = [f"mtllib {mtl_name}", "usemtl texture"]
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in v.tolist()]
-    lines += [f"vt {u:.6f} {1.0 - t:.6f}" for u, t in mesh.uv.tolist()]  # OBJ's v runs upwards
-    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in (mesh.faces + 1).tolist()]
+    uv = np.stack([mesh.uv[:, 0], 1.0 - mesh.uv[:, 1]], axis=1)  # OBJ's v runs upwards
+    text = (f"# written by lrm_rt\nmtllib {mtl_name}\nusemtl texture\n"
+            + _rows("v %.9g %.9g %.9g\n", oriented_vertices(mesh.vertices, orientation))
+            + _rows("vn %.6f %.6f %.6f\n", mesh_normals(mesh, orientation))
+            + _rows("vt %.6f %.6f\n", uv)
+            + _rows("f %d/%d/%d %d/%d/%d %d/%d/%d\n", np.repeat(mesh.faces + 1, 3, axis=1)))
     mtl = f"newmtl texture\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {png_name}\n"
-    return ("\n".join(lines) + "\n").encode(), mtl.encode()
+    return text.encode(), mtl.encode()
+
+
+def _rows(line: str, values: np.ndarray) -> str:
+    """One formatted line per row (a single %-format over the whole array: ~10x faster than a loop of f-strings)."""
+    values = np.asarray(values)
+    values = values.astype(np.float64) if values.dtype.kind == "f" else values.astype(np.int64)
+    return (line * len(values)) % tuple(values.ravel().tolist())
+
+
+def obj_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
+    """OBJ text: ``v x y z [r g b]`` (the common vertex-colour extension, colours in [0, 1]), ``vn`` smooth normals
+    and ``f a//a b//b c//c`` faces (1-based)."""
+    pos = oriented_vertices(mesh.vertices, orientation)
+    if mesh.vertex_colors is None:
+        verts = _rows("v %.9g %.9g %.9g\n", pos)
+    else:
+        verts = _rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", np.concatenate([pos, mesh.vertex_colors], axis=1))
+    faces = _rows("f %d//%d %d//%d %d//%d\n", np.repeat(mesh.faces + 1, 2, axis=1))
+    return ("# written by lrm_rt\n" + verts + _rows("vn %.6f %.6f %.6f\n", mesh_normals(mesh, orientation))
+            + faces).encode()
+
+
+def ply_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
+    """Binary little-endian PLY: float x y z, float nx ny nz, uchar red green blue (with vertex colours) and
+    triangles as ``list uchar int``."""
+    fields = [(k, "<f4") for k in ("x", "y", "z", "nx", "ny", "nz")]
+    rgb = _vertex_rgba(mesh)
+    if rgb is not None:
+        fields += [(k, "u1") for k in ("red", "green", "blue")]
+    verts = np.empty(mesh.num_vertices, np.dtype(fields))
+    for k, col in zip(("x", "y", "z"), oriented_vertices(mesh.vertices, orientation).T):
+        verts[k] = col
+    for k, col in zip(("nx", "ny", "nz"), mesh_normals(mesh, orientation).T):
+        verts[k] = col
+    if rgb is not None:
+        for i, k in enumerate(("red", "green", "blue")):
+            verts[k] = rgb[:, i]
+    faces = np.empty(mesh.num_faces, np.dtype([("n", "u1"), ("i", "<i4", (3,))]))
+    faces["n"], faces["i"] = 3, mesh.faces
+    props = "".join(f"property {'float' if t == '<f4' else 'uchar'} {k}\n" for k, t in fields)
+    header = (f"ply\nformat binary_little_endian 1.0\ncomment written by lrm_rt\nelement vertex {mesh.num_vertices}\n"
+              f"{props}element face {mesh.num_faces}\nproperty list uchar int vertex_indices\nend_header\n")
+    return header.encode() + verts.tobytes() + faces.tobytes()
 
 
 def _obj_sidecars(path: Path) -> Tuple[Path, Path]:
@@ -326,8 +376,7 @@ def mesh_bytes(mesh: Mesh, fmt: MeshFormat, orientation: Orientation = "native")
         raise ConfigError(f"unknown mesh format {fmt!r} (choose from {', '.join(FORMATS)})")
     if mesh.texture is not None and fmt != "glb":
         raise ConfigError(f"a textured mesh in one file is GLB, not {fmt}")
-    data = glb_bytes(mesh, orientation) if fmt == "glb" else to_trimesh(mesh, orientation).export(file_type=fmt)
-    return data.encode() if isinstance(data, str) else data
+    return {"glb": glb_bytes, "obj": obj_bytes, "ply": ply_bytes}[fmt](mesh, orientation)
 
 
 def mesh_files(mesh: Mesh, path: Path, fmt: Optional[MeshFormat] = None) -> List[Path]:

@@ -1,5 +1,5 @@
-// Mesh writers: binary PLY, OBJ with vertex colours, glTF 2.0 binary (GLB) with NORMAL and COLOR_0. Each file is
-// written to a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
+// Mesh writers: binary PLY, OBJ and glTF 2.0 binary (GLB), each with smooth vertex normals and vertex colours. Each
+// file is written to a temporary name beside the target and renamed, so a failure never leaves a partial file behind.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -41,48 +41,8 @@ uint8_t quantise(float c) {  // lrm_rt.mesh.to_trimesh: clip(rint(c * 255), 0, 2
     return (uint8_t)(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
 }
 
-std::string ply(const MeshData& m) {
-    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
-    const bool col = !m.colors.empty();
-    std::string s = "ply\nformat binary_little_endian 1.0\ncomment written by lrm_rt\nelement vertex " + std::to_string(nv) +
-                    "\nproperty float x\nproperty float y\nproperty float z\n";
-    if (col) s += "property uchar red\nproperty uchar green\nproperty uchar blue\n";
-    s += "element face " + std::to_string(nf) + "\nproperty list uchar int vertex_indices\nend_header\n";
-    s.reserve(s.size() + nv * 15 + nf * 13);
-    for (size_t i = 0; i < nv; ++i) {
-        for (int k = 0; k < 3; ++k) put<float>(s, m.vertices[3 * i + k]);
-        if (col)
-            for (int k = 0; k < 3; ++k) put<uint8_t>(s, quantise(m.colors[3 * i + k]));
-    }
-    for (size_t f = 0; f < nf; ++f) {
-        put<uint8_t>(s, 3);
-        for (int k = 0; k < 3; ++k) put<int32_t>(s, m.faces[3 * f + k]);
-    }
-    return s;
-}
-
-std::string obj(const MeshData& m) {
-    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
-    const bool col = !m.colors.empty();
-    std::string s = "# written by lrm_rt\n";
-    s.reserve(nv * (col ? 80 : 40) + nf * 24);
-    for (size_t i = 0; i < nv; ++i) {
-        s += 'v';
-        for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.vertices[3 * i + k]);
-        if (col)
-            for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.colors[3 * i + k]);
-        s += '\n';
-    }
-    for (size_t f = 0; f < nf; ++f) {
-        s += 'f';
-        for (int k = 0; k < 3; ++k) s += ' ' + std::to_string(m.faces[3 * f + k] + 1);
-        s += '\n';
-    }
-    return s;
-}
-
 // Unit vertex normals: the area-weighted sum of the faces' normals, (0, 0, 1) where they cancel (as Python's
-// lrm_rt.mesh.vertex_normals). Without them glTF viewers shade every face flat.
+// lrm_rt.mesh.vertex_normals). Every format carries them: without them viewers shade each face flat.
 std::vector<float> vertex_normals(const MeshData& m) {
     const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
     std::vector<double> acc(nv * 3, 0.0);
@@ -103,6 +63,58 @@ std::vector<float> vertex_normals(const MeshData& m) {
         for (int k = 0; k < 3; ++k) out[3 * i + k] = len > 0 ? (float)(n[k] / len) : (k == 2 ? 1.0f : 0.0f);
     }
     return out;
+}
+
+std::string ply(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    const bool col = !m.colors.empty();
+    std::string s = "ply\nformat binary_little_endian 1.0\ncomment written by lrm_rt\nelement vertex " + std::to_string(nv) +
+                    "\nproperty float x\nproperty float y\nproperty float z"
+                    "\nproperty float nx\nproperty float ny\nproperty float nz\n";
+    if (col) s += "property uchar red\nproperty uchar green\nproperty uchar blue\n";
+    s += "element face " + std::to_string(nf) + "\nproperty list uchar int vertex_indices\nend_header\n";
+    s.reserve(s.size() + nv * 27 + nf * 13);
+    const std::vector<float> normals = vertex_normals(m);
+    for (size_t i = 0; i < nv; ++i) {
+        for (int k = 0; k < 3; ++k) put<float>(s, m.vertices[3 * i + k]);
+        for (int k = 0; k < 3; ++k) put<float>(s, normals[3 * i + k]);
+        if (col)
+            for (int k = 0; k < 3; ++k) put<uint8_t>(s, quantise(m.colors[3 * i + k]));
+    }
+    for (size_t f = 0; f < nf; ++f) {
+        put<uint8_t>(s, 3);
+        for (int k = 0; k < 3; ++k) put<int32_t>(s, m.faces[3 * f + k]);
+    }
+    return s;
+}
+
+std::string obj(const MeshData& m) {
+    const size_t nv = m.vertices.size() / 3, nf = m.faces.size() / 3;
+    const bool col = !m.colors.empty();
+    std::string s = "# written by lrm_rt\n";
+    s.reserve(nv * (col ? 110 : 70) + nf * 40);
+    for (size_t i = 0; i < nv; ++i) {
+        s += 'v';
+        for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.vertices[3 * i + k]);
+        if (col)
+            for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.colors[3 * i + k]);
+        s += '\n';
+    }
+    const std::vector<float> normals = vertex_normals(m);
+    char line[96];
+    for (size_t i = 0; i < nv; ++i) {
+        const float* n = &normals[3 * i];
+        s.append(line, (size_t)std::snprintf(line, sizeof line, "vn %.6f %.6f %.6f\n", n[0], n[1], n[2]));
+    }
+    for (size_t f = 0; f < nf; ++f) {  // "a//a": vertex a with normal a
+        s += 'f';
+        for (int k = 0; k < 3; ++k) {
+            const std::string i = std::to_string(m.faces[3 * f + k] + 1);
+            s += ' ' + i + "//" + i;
+        }
+        s += '\n';
+    }
+    return s;
 }
 
 std::string glb(const MeshData& m) {

@@ -217,16 +217,34 @@ def test_mesh_matches_python_reconstructor(name, lib, build_dir, fixtures_dir, t
         faces = np.ctypeslib.as_array(lib.lrm_mesh_faces(mesh), shape=(nf, 3)).copy()
         colors = np.ctypeslib.as_array(lib.lrm_mesh_colors(mesh), shape=(nv, 3)).copy()
         lib.lrm_mesh_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]
-        assert lib.lrm_mesh_write(mesh, str(tmp_path / "c.glb").encode(), 0) == LRM_OK
+        for fmt in ("glb", "ply", "obj"):
+            assert lib.lrm_mesh_write(mesh, str(tmp_path / f"c.{fmt}").encode(), 0) == LRM_OK
     finally:
         lib.lrm_mesh_free(mesh)
         ctx.close()
-    # the C library's GLB carries the same smooth normals as Python's writer
+    # the C library's files carry the same smooth normals as Python's writers, and its PLY their layout
     from conftest import glb_attribute
-    from lrm_rt.mesh import vertex_normals
+    from lrm_rt.mesh import Mesh, ply_bytes, vertex_normals
 
-    normals = glb_attribute((tmp_path / "c.glb").read_bytes(), "NORMAL")
-    np.testing.assert_allclose(normals, vertex_normals(verts, faces), atol=1e-5)
+    normals = vertex_normals(verts, faces)
+    np.testing.assert_allclose(glb_attribute((tmp_path / "c.glb").read_bytes(), "NORMAL"), normals, atol=1e-5)
+    c_ply, py_ply = (tmp_path / "c.ply").read_bytes(), ply_bytes(Mesh(verts, faces, colors))
+    assert len(c_ply) == len(py_ply)
+    head = py_ply.index(b"end_header\n") + 11
+    assert c_ply[:head] == py_ply[:head]
+    row = np.dtype([(k, "<f4") for k in ("x", "y", "z", "nx", "ny", "nz")] + [(k, "u1") for k in ("r", "g", "b")])
+    c_rows, py_rows = (np.frombuffer(b, row, nv, head) for b in (c_ply, py_ply))
+    for k in ("x", "y", "z", "r", "g", "b"):
+        np.testing.assert_array_equal(c_rows[k], py_rows[k])
+    for k in ("nx", "ny", "nz"):
+        np.testing.assert_allclose(c_rows[k], py_rows[k], atol=1e-5)
+    assert c_ply[head + nv * row.itemsize:] == py_ply[head + nv * row.itemsize:]  # the faces
+    lines = (tmp_path / "c.obj").read_text().splitlines()
+    vn = np.array([[float(x) for x in ln.split()[1:]] for ln in lines if ln.startswith("vn ")])
+    np.testing.assert_allclose(vn, normals, atol=1e-5)
+    obj_faces = np.array([[int(t.split("//")[0]) - 1 for t in ln.split()[1:]] for ln in lines if ln.startswith("f ")])
+    np.testing.assert_array_equal(obj_faces, faces)
+    assert all(t.split("//")[0] == t.split("//")[1] for ln in lines if ln.startswith("f ") for t in ln.split()[1:])
     ref = Reconstructor(str(ckpt)).reconstruct(str(ckpt / "input.png"), mc_resolution=64).mesh
     assert (nv, nf) == (ref.num_vertices, ref.num_faces)
     np.testing.assert_array_equal(faces, ref.faces)

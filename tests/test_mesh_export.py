@@ -1,4 +1,5 @@
-"""The GLB writer (lrm_rt.mesh.glb_bytes): what trimesh reads back, and the container rules of glTF 2.0."""
+"""The mesh writers (lrm_rt.mesh: GLB, OBJ, PLY): what trimesh reads back, the container rules of glTF 2.0, and the
+smooth normals every format carries."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, to_trimesh
+from lrm_rt.mesh import Mesh, export_mesh, glb_bytes, mesh_normals, obj_bytes, ply_bytes, to_trimesh
 
 from conftest import glb_attribute
 
@@ -79,6 +80,35 @@ def test_normals_are_unit_outward_and_rotate_with_the_mesh(orientation):
     assert np.einsum("ij,ij->i", normals, ref.vertex_normals).min() > 0.999  # trimesh weights faces a little otherwise
     centre = ref.vertices.mean(axis=0)
     assert (np.einsum("ij,ij->i", normals, ref.vertices - centre) > 0).all()  # an ellipsoid: all point outward
+
+
+@pytest.mark.parametrize("orientation", ["native", "y_up"])
+@pytest.mark.parametrize("colors", [True, False])
+@pytest.mark.parametrize("fmt", ["obj", "ply"])
+def test_obj_and_ply_read_back_with_the_glb_normals(fmt, colors, orientation):
+    """OBJ and PLY carry the GLB's smooth normals (``vn`` with ``f a//a``; PLY nx ny nz), so viewers shade them
+    smooth too; vertices, faces and colours read back as written."""
+    mesh = _mesh(colors)
+    data = (obj_bytes if fmt == "obj" else ply_bytes)(mesh, orientation)
+    back = trimesh.load(io.BytesIO(data), file_type=fmt, process=False)
+    ref = to_trimesh(mesh, orientation)
+    np.testing.assert_allclose(back.vertices, ref.vertices, atol=1e-7)  # OBJ: 9 significant digits
+    np.testing.assert_array_equal(back.faces, mesh.faces)
+    if colors:  # OBJ holds the colours as floats, trimesh rounds them back to 8 bits
+        assert np.abs(back.visual.vertex_colors.astype(int) - ref.visual.vertex_colors).max() <= (fmt == "obj")
+    glb_normals = glb_attribute(glb_bytes(mesh, orientation), "NORMAL")
+    np.testing.assert_allclose(mesh_normals(mesh, orientation), glb_normals, atol=1e-7)
+    if fmt == "ply":
+        row = np.dtype([(k, "<f4") for k in ("x", "y", "z", "nx", "ny", "nz")] + [(k, "u1") for k in "rgb"[:3 * colors]])
+        rows = np.frombuffer(data, row, len(mesh.vertices), data.index(b"end_header\n") + 11)
+        normals = np.stack([rows["nx"], rows["ny"], rows["nz"]], axis=1)
+        assert len(data) == data.index(b"end_header\n") + 11 + row.itemsize * len(rows) + 13 * mesh.num_faces
+    else:
+        lines = data.decode().splitlines()
+        normals = np.array([[float(x) for x in ln.split()[1:]] for ln in lines if ln.startswith("vn ")])
+        faces = [ln.split()[1:] for ln in lines if ln.startswith("f ")]
+        assert all(a == b for face in faces for a, _, b in (t.partition("//") for t in face))
+    np.testing.assert_allclose(normals, glb_normals, atol=1e-6)
 
 
 def test_export_writes_the_glb(tmp_path):

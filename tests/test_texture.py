@@ -172,6 +172,10 @@ def test_textured_glb_and_obj(tiny, tmp_path):
         ["chair.mtl", "chair.obj", "chair_texture.png"]
     obj = trimesh.load(path, force="mesh", process=False)
     assert len(obj.faces) == baked.num_faces
+    text = path.read_text()  # smooth normals shared across the UV seams, as in the GLB: "f a/a/a"
+    vn = np.array([[float(x) for x in ln.split()[1:]] for ln in text.splitlines() if ln.startswith("vn ")])
+    np.testing.assert_allclose(vn, glb_attribute(glb_bytes(baked), "NORMAL"), atol=1e-6)
+    assert all(len(set(t.split("/"))) == 1 for ln in text.splitlines() if ln.startswith("f ") for t in ln.split()[1:])
     np.testing.assert_array_equal(np.asarray(obj.visual.material.image)[..., :3], baked.texture)
     with pytest.raises(ConfigError, match="textured mesh is written as glb or obj"):
         export_mesh(baked, tmp_path / "chair.ply")

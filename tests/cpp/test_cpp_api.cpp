@@ -53,12 +53,17 @@ void check_files(const lrm::Mesh& mesh, const std::string& work, float radius) {
             worst = std::max(worst, std::abs((int)ply.rgb[i] - (int)std::nearbyint(mesh.colors()[i] * 255.f)));
         CHECK(worst == 0);
     }
-    // OBJ: one "v" line per vertex (with colour), one "f" line per face.
+    CHECK(ply.n.size() == nv * 3);  // smooth normals: unit length
+    double worst_len = 0.0;
+    for (size_t i = 0; i < ply.n.size() / 3; ++i)
+        worst_len = std::max(worst_len, std::abs(std::hypot(ply.n[3 * i], ply.n[3 * i + 1], ply.n[3 * i + 2]) - 1.0));
+    CHECK(worst_len < 1e-5);
+    // OBJ: one "v" line per vertex (with colour), one "vn" per vertex, one "f" line per face (a//a: vertex a, normal a).
     mesh.write(work + "/api.obj");
     {
         std::istringstream obj(test::read_file(work + "/api.obj"));
         std::string line;
-        size_t v = 0, f = 0, with_rgb = 0;
+        size_t v = 0, vn = 0, f = 0, with_rgb = 0, with_normals = 0;
         while (std::getline(obj, line)) {
             if (line.compare(0, 2, "v ") == 0) {
                 ++v;
@@ -67,11 +72,21 @@ void check_files(const lrm::Mesh& mesh, const std::string& work, float radius) {
                 int n = 0;
                 while (n < 6 && ls >> x[n]) ++n;
                 with_rgb += n == 6;
+            } else if (line.compare(0, 3, "vn ") == 0) {
+                ++vn;
             } else if (line.compare(0, 2, "f ") == 0) {
                 ++f;
+                std::istringstream ls(line.substr(2));
+                std::string a, b, c;
+                ls >> a >> b >> c;
+                auto paired = [](const std::string& t) {  // "i//i"
+                    const size_t k = t.find("//");
+                    return k != std::string::npos && t.substr(0, k) == t.substr(k + 2);
+                };
+                with_normals += paired(a) && paired(b) && paired(c);
             }
         }
-        CHECK(v == nv && f == nf && with_rgb == nv);
+        CHECK(v == nv && vn == nv && f == nf && with_rgb == nv && with_normals == nf);
     }
     // GLB: header, JSON chunk with COLOR_0 and NORMAL, binary chunk holding the positions.
     mesh.write(work + "/api.glb");

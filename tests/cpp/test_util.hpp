@@ -28,9 +28,10 @@ struct PlyMesh {
     std::vector<float> v;         // V * 3
     std::vector<int64_t> f;       // F * 3
     std::vector<uint8_t> rgb;     // V * 3 (empty without colours)
+    std::vector<float> n;         // V * 3 (empty without normals)
 };
 
-// Binary little-endian PLY with float x y z, optional uchar colour properties, triangles as uchar-count lists.
+// Binary little-endian PLY with float x y z, optional float normals and uchar colours, triangles as uchar-count lists.
 inline PlyMesh read_ply(const std::string& path) {
     const std::string d = read_file(path);
     const size_t end = d.find("end_header\n");
@@ -71,10 +72,11 @@ inline PlyMesh read_ply(const std::string& path) {
     auto need = [&](size_t n) {
         if (p + n > stop) throw std::runtime_error(path + ": truncated");
     };
-    bool has_rgb = false;
-    for (auto& pr : vprops) has_rgb |= pr.second == "red";
+    bool has_rgb = false, has_normals = false;
+    for (auto& pr : vprops) has_rgb |= pr.second == "red", has_normals |= pr.second == "nx";
     m.v.resize((size_t)nv * 3);
     if (has_rgb) m.rgb.resize((size_t)nv * 3);
+    if (has_normals) m.n.resize((size_t)nv * 3);
     for (int64_t i = 0; i < nv; ++i) {
         for (auto& pr : vprops) {
             const size_t sz = pr.first == "float" ? 4 : pr.first == "uchar" ? 1 : 0;
@@ -84,7 +86,9 @@ inline PlyMesh read_ply(const std::string& path) {
                 float x;
                 std::memcpy(&x, p, 4);
                 const int k = pr.second == "x" ? 0 : pr.second == "y" ? 1 : pr.second == "z" ? 2 : -1;
+                const int j = pr.second == "nx" ? 0 : pr.second == "ny" ? 1 : pr.second == "nz" ? 2 : -1;
                 if (k >= 0) m.v[(size_t)i * 3 + k] = x;
+                if (j >= 0) m.n[(size_t)i * 3 + j] = x;
             } else {
                 const int k = pr.second == "red" ? 0 : pr.second == "green" ? 1 : pr.second == "blue" ? 2 : -1;
                 if (k >= 0) m.rgb[(size_t)i * 3 + k] = (uint8_t)*p;
