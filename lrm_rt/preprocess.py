@@ -125,6 +125,10 @@ def to_rgba_array(im: Image.Image, path: PathLike) -> np.ndarray:
         out = np.empty(g.shape + (4,), dtype=np.uint8)
         out[..., :3] = g[..., None]
         out[..., 3] = 255
+        key = im.info.get("transparency")
+        if mode != "F" and isinstance(key, int) and not isinstance(key, bool):
+            # a 16-bit grey PNG's tRNS key, which convert() would drop: compared at full depth, as PNG defines it
+            out[a == key, 3] = 0
         if mode == "F" and not ok.all():
             # NaN / inf in a float image is "no data" (e.g. a depth or masked scan): transparent, not black.
             out[~ok, 3] = 0

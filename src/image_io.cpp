@@ -1,7 +1,7 @@
 // Image files -> RGBA8: PNG (zlib for the inflate, everything else here) and binary PNM (P5, P6, P7/PAM).
 // Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
 // 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
-// to 0..255, tRNS keys (16-bit RGB ones compared at their high byte; none for 16-bit grey) and palette alpha
+// to 0..255, tRNS keys (16-bit RGB ones compared at their high byte, grey ones at full depth) and palette alpha
 // become the alpha channel, and a PNG eXIf chunk's orientation is applied as Pillow's exif_transpose does.
 // Not read: an orientation given only in XMP, JPEG and other formats.
 #include <zlib.h>
@@ -159,7 +159,7 @@ void put_pixel(const PngHeader& hd, const PngPalette& pal, const unsigned char* 
             // 16-bit grey: Pillow opens it as I;16 and the Python loader rescales with rounding.
             const uint8_t g = d == 16 ? (uint8_t)std::lrint(v / 257.0) : to8(v, d);
             out[0] = out[1] = out[2] = g;
-            out[3] = (pal.has_key && d != 16 && v == pal.key[0]) ? 0 : 255;
+            out[3] = (pal.has_key && v == pal.key[0]) ? 0 : 255;  // every depth at full precision, as PNG defines
             break;
         }
         case 2: {

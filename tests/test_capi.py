@@ -372,6 +372,11 @@ def _pillow_images(tmp: Path):
     rgb16[1, 1], rgb16[3, 3], rgb16[2, 2] = (200, 100, 50), (201, 100, 50), (200 * 257, 100 * 257, 50 * 257)
     png("rgb16_key.png", 7, 5, 16, 2, 0, b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(5)),
         chunk(b"tRNS", struct.pack(">HHH", 200, 100, 50)))
+    # 16-bit grey with a key: compared at full depth (the pixel one above it, same high byte, stays opaque)
+    grey16 = big[..., 0].copy()
+    grey16[0, 0], grey16[0, 1], grey16[4, 6] = 1000, 1001, 1000
+    png("grey16_key.png", 7, 5, 16, 0, 0, b"".join(b"\x00" + grey16[y].astype(">u2").tobytes() for y in range(5)),
+        chunk(b"tRNS", struct.pack(">H", 1000)))
     # Adam7-interlaced RGBA: the seven sub-images in order, rows with filter byte 0 (empty passes omitted)
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
     inter = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes for row in rgba[y0::dy, x0::dx]
@@ -394,6 +399,8 @@ def test_image_decoding_matches_python_loader(lib, tmp_path):
     np.testing.assert_array_equal(_c_image(lib, files["exif6.png"]), np.rot90(upright, -1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_mm.png"]), np.rot90(upright, -1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_broken.png"]), upright)
+    keyed = _c_image(lib, files["grey16_key.png"])[..., 3] == 0  # the key was applied, not ignored by both
+    assert keyed[0, 0] and keyed[4, 6] and not keyed[0, 1]
 
 
 def test_errors_are_codes_not_crashes(lib, build_dir, tmp_path):

@@ -213,6 +213,20 @@ def test_16bit_rgb_colour_key_makes_the_keyed_pixels_transparent(tmp_path):
     np.testing.assert_array_equal(white[0, :, 3], [255, 255, 0, 255])
 
 
+def test_16bit_grey_colour_key_makes_the_keyed_pixels_transparent():
+    """Pillow opens a 16-bit grey PNG as I;16 and keeps its tRNS key in info, which the rescaling path had ignored
+    (the keyed pixels stayed opaque). Compared at full depth: 1001 shares 1000's high byte and stays opaque."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    px = np.array([[1000, 1001, 771, 60000, 1000]], np.uint16)
+    raw = b"\x00" + px[0].astype(">u2").tobytes()
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 1, 16, 0, 0, 0, 0)) +
+            chunk(b"tRNS", struct.pack(">H", 1000)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    a = decode_image(data)
+    np.testing.assert_array_equal(a[0, :, 3], [0, 255, 255, 255, 0])
+    np.testing.assert_array_equal(a[0, :, 0], np.rint(px[0] / 257.0))
+
+
 def test_32bit_int_and_float_modes(tmp_path):
     Image.fromarray(_gradient().astype(np.int32) * 257, "I").save(tmp_path / "i32.tif")
     a = load_image(tmp_path / "i32.tif")
