@@ -215,21 +215,20 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     inv = 1.0 / np.maximum(length, 1e-300)
     out = np.empty((vt.shape[1], 3), np.float32)
     out[:, 0], out[:, 1], out[:, 2] = nx * inv, ny * inv, nz * inv
-    out[np.flatnonzero(length == 0)] = (0.0, 0.0, 1.0)
+    out[np.flatnonzero(~(length > 0))] = (0.0, 0.0, 1.0)  # also NaN (a NaN vertex), as the C library writes
     return out
 
 
 def mesh_normals(mesh: Mesh, orientation: Orientation = "native") -> np.ndarray:
     """Smooth vertex normals as written to every format (without them viewers shade each face flat). A textured
     mesh is split along its UV seams: the copies of a vertex share one normal, or the seams would shade visibly."""
-    if mesh.texture is not None:
-        verts = np.ascontiguousarray(mesh.vertices, np.float32)
-        welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
-        weld = weld.reshape(-1)
-        smooth = vertex_normals(welded.view(np.float32).reshape(-1, 3), weld[mesh.faces])[weld]
-    else:
-        smooth = vertex_normals(mesh.vertices, mesh.faces)
-    return oriented_vertices(smooth, orientation)
+    # computed in the output frame (the rotation is exact), so a vertex without faces gets (0, 0, 1) there, as in C
+    verts = np.ascontiguousarray(oriented_vertices(mesh.vertices, orientation), np.float32)
+    if mesh.texture is None:
+        return vertex_normals(verts, mesh.faces)
+    welded, weld = np.unique(verts.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
+    weld = weld.reshape(-1)
+    return vertex_normals(welded.view(np.float32).reshape(-1, 3), weld[mesh.faces])[weld]
 
 
 def glb_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
@@ -312,8 +311,9 @@ def obj_bytes(mesh: Mesh, orientation: Orientation = "native") -> bytes:
     pos = oriented_vertices(mesh.vertices, orientation)
     if mesh.vertex_colors is None:
         verts = _rows("v %.9g %.9g %.9g\n", pos)
-    else:
-        verts = _rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", np.concatenate([pos, mesh.vertex_colors], axis=1))
+    else:  # clipped: OpenLRM's colours reach 1.001, and a channel above 1 makes readers take the row as 0..255
+        rgb = np.clip(mesh.vertex_colors, 0.0, 1.0)
+        verts = _rows("v %.9g %.9g %.9g %.6g %.6g %.6g\n", np.concatenate([pos, rgb], axis=1))
     faces = _rows("f %d//%d %d//%d %d//%d\n", np.repeat(mesh.faces + 1, 2, axis=1))
     return ("# written by lrm_rt\n" + verts + _rows("vn %.6f %.6f %.6f\n", mesh_normals(mesh, orientation))
             + faces).encode()

@@ -96,8 +96,8 @@ std::string obj(const MeshData& m) {
     for (size_t i = 0; i < nv; ++i) {
         s += 'v';
         for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.vertices[3 * i + k]);
-        if (col)
-            for (int k = 0; k < 3; ++k) s += ' ' + number_text(m.colors[3 * i + k]);
+        if (col)  // clipped: OpenLRM's colours reach 1.001, and a channel above 1 makes readers take the row as 0..255
+            for (int k = 0; k < 3; ++k) s += ' ' + number_text(std::min(std::max(m.colors[3 * i + k], 0.0f), 1.0f));
         s += '\n';
     }
     const std::vector<float> normals = vertex_normals(m);
