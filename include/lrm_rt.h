@@ -117,7 +117,7 @@ typedef struct lrm_image lrm_image;
 LRM_API const char* lrm_version(void);
 /* Static name of a status code ("LRM_ERR_IO", ...); "LRM_ERR_UNKNOWN" for other values. */
 LRM_API const char* lrm_status_string(int32_t status);
-/* Which optional parts this build has: a comma-separated list such as "cpu,aoti,png". */
+/* Which optional parts this build has: a comma-separated list such as "cpu,aoti,png,pnm,jpeg". */
 LRM_API const char* lrm_build_features(void);
 /* ctx == NULL: the message of the last failed call on this thread (e.g. lrm_create).
  * ctx != NULL: the message of the last failed call on that context, from any thread.
@@ -150,8 +150,10 @@ LRM_API lrm_status lrm_get_model_info(const lrm_context* ctx, lrm_model_info* ou
  * does without rembg), and an image without one is used whole. */
 LRM_API lrm_status lrm_reconstruct_rgba(lrm_context* ctx, const uint8_t* pixels, int32_t width, int32_t height,
                                         int64_t stride_bytes, lrm_mesh** out);
-/* Same from an image file: PNG (8/16-bit, any colour type, interlaced or not), or binary
- * PNM: PPM (P6), PGM (P5), PAM (P7: GRAYSCALE, GRAYSCALE_ALPHA, RGB, RGB_ALPHA). */
+/* Same from an image file: PNG (8/16-bit, any colour type, interlaced or not), JPEG (baseline or progressive;
+ * grey, colour or CMYK; when the build found libjpeg: "jpeg" in lrm_build_features()), or binary PNM: PPM (P6),
+ * PGM (P5), PAM (P7: GRAYSCALE, GRAYSCALE_ALPHA, RGB, RGB_ALPHA). Pixels and orientation (EXIF, else XMP) as the
+ * Python package reads them through Pillow. */
 LRM_API lrm_status lrm_reconstruct_file(lrm_context* ctx, const char* image_path, lrm_mesh** out);
 /* The encoder input the network sees: (1, 3, S, S) float32 NCHW, normalised; out_count must be
  * 3 * S * S (S = lrm_model_info.input_size). */

@@ -186,7 +186,11 @@ const char* lrm_build_features(void) {
 #if defined(LRM_RT_WITH_TENSORRT)
            ",tensorrt"
 #endif
-           ",png,pnm";
+           ",png,pnm"
+#if defined(LRM_RT_WITH_JPEG)
+           ",jpeg"
+#endif
+        ;
 }
 
 const char* lrm_last_warnings(void) { return t_warnings.c_str(); }

@@ -2,9 +2,16 @@
 // Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
 // 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
 // to 0..255, tRNS keys (16-bit RGB ones compared at their high byte, grey ones at full depth) and palette alpha
-// become the alpha channel, and a PNG eXIf chunk's orientation is applied as Pillow's exif_transpose does.
-// Not read: an orientation given only in XMP, JPEG and other formats.
+// become the alpha channel, and the orientation is applied as Pillow's exif_transpose does: EXIF (a PNG eXIf
+// chunk, a tEXt "exif" or ImageMagick's "Raw profile type exif" text; a JPEG APP1), else an XMP packet's
+// tiff:Orientation. JPEG through libjpeg(-turbo), the library Pillow decodes with, when the build found it.
 #include <zlib.h>
+#if defined(LRM_RT_WITH_JPEG)
+#include <csetjmp>
+#include <cstdio>  // jpeglib.h needs FILE
+#include <jpeglib.h>
+#include <jerror.h>  // after jpeglib.h: the message codes (JWRN_JPEG_EOF)
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -35,33 +42,54 @@ uint32_t be32(const unsigned char* p) { return (uint32_t)p[0] << 24 | (uint32_t)
 
 // ------------------------------------------------------------------------------------------------ EXIF
 
-// The Orientation tag (0x0112) of an EXIF block's first IFD: 1..8, or 1 when absent or unreadable (a broken block
-// leaves the image as stored, as in the Python loader). The block is a TIFF file, optionally after "Exif\0\0".
+constexpr int kNoOrientation = -1;
+
+// The Orientation tag (0x0112) of an EXIF block's first IFD, kNoOrientation when the block has none or cannot be
+// read (a broken block leaves the image as stored, as in the Python loader). The block is a TIFF file, optionally
+// after "Exif\0\0". Any value is returned; only 2-8 change the image.
 int exif_orientation(std::string block) {
     if (block.compare(0, 6, std::string("Exif\0\0", 6)) == 0) block.erase(0, 6);
     const auto* b = reinterpret_cast<const unsigned char*>(block.data());
     const size_t n = block.size();
-    if (n < 8) return 1;
+    if (n < 8) return kNoOrientation;
     const bool le = b[0] == 'I' && b[1] == 'I';
-    if (!le && !(b[0] == 'M' && b[1] == 'M')) return 1;
+    if (!le && !(b[0] == 'M' && b[1] == 'M')) return kNoOrientation;
     auto u16 = [&](size_t at) -> uint32_t { return le ? b[at] | b[at + 1] << 8 : b[at] << 8 | b[at + 1]; };
     auto u32 = [&](size_t at) -> uint32_t { return le ? u16(at) | u16(at + 2) << 16 : u16(at) << 16 | u16(at + 2); };
-    if (u16(2) != 42) return 1;
+    if (u16(2) != 42) return kNoOrientation;
     const size_t ifd = u32(4);
-    if (ifd > n - 2) return 1;
+    if (ifd > n - 2) return kNoOrientation;
     const size_t entries = u16(ifd);
     for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= n; ++e) {
         const size_t at = ifd + 2 + 12 * e;
         if (u16(at) != 0x0112) continue;
         const uint32_t type = u16(at + 2), value = type == 3 ? u16(at + 8) : type == 4 ? u32(at + 8) : 0;
-        return value >= 1 && value <= 8 ? (int)value : 1;
+        return (int)std::min<uint32_t>(value, 1000);
     }
-    return 1;
+    return kNoOrientation;
+}
+
+// An XMP packet's orientation, as Pillow reads one: the first "tiff:Orientation" followed by '="' or '>' and a digit.
+int xmp_orientation(const std::string& xmp) {
+    for (size_t at = xmp.find("tiff:Orientation"); at != std::string::npos; at = xmp.find("tiff:Orientation", at + 1)) {
+        size_t v = at + 16;
+        if (xmp.compare(v, 2, "=\"") == 0) v += 2;
+        else if (xmp.compare(v, 1, ">") == 0) v += 1;
+        else continue;
+        if (v < xmp.size() && xmp[v] >= '0' && xmp[v] <= '9') return xmp[v] - '0';
+    }
+    return kNoOrientation;
+}
+
+// Pillow's exif_transpose: the EXIF orientation, else the XMP one.
+int orientation_of(const std::string& exif, const std::string& xmp) {
+    const int o = exif_orientation(exif);
+    return o != kNoOrientation ? o : xmp_orientation(xmp);
 }
 
 // The image as it should be displayed: orientation 2-8 flip / rotate / transpose it (5-8 swap its sides).
 Image apply_orientation(Image in, int orientation) {
-    if (orientation <= 1) return in;  // moved out, not copied
+    if (orientation < 2 || orientation > 8) return in;  // moved out, not copied
     const size_t w = in.width, h = in.height;
     const bool swap = orientation >= 5;
     Image out;
@@ -87,6 +115,76 @@ Image apply_orientation(Image in, int orientation) {
 }
 
 // ------------------------------------------------------------------------------------------------ PNG
+
+// What Pillow keeps of a PNG's text chunks for the orientation (later chunks replace earlier ones, as in its dict).
+struct PngText {
+    std::string exif, raw_profile, xmp_text, xmp;  // xmp: an iTXt's bytes (Pillow's info["xmp"])
+    bool have_exif = false, exif_is_text = false, have_raw_profile = false;
+};
+
+// zlib data of a text chunk, at most 1 MiB out (Pillow's MAX_TEXT_CHUNK); false when it does not inflate.
+bool inflate_text(const std::string& in, std::string& out) {
+    z_stream zs;
+    std::memset(&zs, 0, sizeof(zs));
+    if (inflateInit(&zs) != Z_OK) return false;
+    out.assign(1 << 20, '\0');
+    zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(in.data()));
+    zs.avail_in = (uInt)in.size();
+    zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
+    zs.avail_out = (uInt)out.size();
+    const int r = inflate(&zs, Z_FINISH);
+    out.resize(out.size() - zs.avail_out);
+    inflateEnd(&zs);
+    return r == Z_STREAM_END;
+}
+
+void read_text_chunk(const std::string& type, const std::string& body, PngText& meta) {
+    const size_t nul = body.find('\0');
+    const std::string key = body.substr(0, nul);
+    std::string value = nul == std::string::npos ? "" : body.substr(nul + 1);
+    if (key != "exif" && key != "Raw profile type exif" && key != "XML:com.adobe.xmp") return;
+    if (type == "zTXt") {  // method byte 0 (deflate), then the data; data that does not inflate reads as ""
+        std::string text;
+        value = !value.empty() && value[0] == 0 && inflate_text(value.substr(1), text) ? text : "";
+    } else if (type == "iTXt") {  // flag, method, language\0, translated keyword\0, text
+        if (value.size() < 2) return;
+        const char flag = value[0], method = value[1];
+        const size_t a = value.find('\0', 2), b = a == std::string::npos ? a : value.find('\0', a + 1);
+        if (b == std::string::npos) return;
+        std::string text = value.substr(b + 1);
+        if (flag != 0 && (method != 0 || !inflate_text(value.substr(b + 1), text))) return;
+        value = text;
+        if (key == "XML:com.adobe.xmp") meta.xmp = value;
+    }
+    if (key == "exif") meta.exif = value, meta.have_exif = true, meta.exif_is_text = type != "tEXt";  // zTXt / iTXt: text
+    else if (key == "Raw profile type exif") meta.raw_profile = value, meta.have_raw_profile = true;
+    else meta.xmp_text = value;
+}
+
+// ImageMagick's "Raw profile type exif": a header of three lines, then the block in hex (Pillow: bytes.fromhex of
+// the lines after the third, joined). False when that is not hex.
+bool raw_profile_exif(const std::string& text, std::string& out) {
+    size_t at = 0;
+    for (int line = 0; line < 3; ++line) {
+        at = text.find('\n', at);
+        if (at == std::string::npos) return out.clear(), true;
+        ++at;
+    }
+    std::string hex;
+    for (size_t i = at; i < text.size(); ++i)
+        if (text[i] != '\n') hex += text[i];
+    auto digit = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                                         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
+    auto space = [](char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f'; };
+    out.clear();
+    for (size_t i = 0; i < hex.size();) {
+        if (space(hex[i])) { ++i; continue; }
+        if (i + 1 >= hex.size() || digit(hex[i]) < 0 || digit(hex[i + 1]) < 0) return false;
+        out += (char)(digit(hex[i]) << 4 | digit(hex[i + 1]));
+        i += 2;
+    }
+    return true;
+}
 
 struct PngHeader {
     uint32_t w = 0, h = 0;
@@ -198,7 +296,8 @@ Image decode_png(const std::string& bytes, const std::string& source) {
     const size_t n = bytes.size();
     PngHeader hd;
     PngPalette pal;
-    std::string idat, exif;
+    PngText meta;
+    std::string idat;
     bool have_ihdr = false, have_iend = false;
     size_t pos = 8;
     while (pos + 12 <= n) {
@@ -243,7 +342,10 @@ Image decode_png(const std::string& bytes, const std::string& source) {
                 for (int c = 0; c < 3; ++c) pal.key[c] = (uint16_t)(data[2 * c] << 8 | data[2 * c + 1]);
             }
         } else if (t == "eXIf") {
-            exif.assign(reinterpret_cast<const char*>(data), len);
+            meta.exif.assign(reinterpret_cast<const char*>(data), len);
+            meta.have_exif = true, meta.exif_is_text = false;
+        } else if (t == "tEXt" || t == "zTXt" || t == "iTXt") {
+            read_text_chunk(t, std::string(reinterpret_cast<const char*>(data), len), meta);
         } else if (t == "IDAT") {
             idat.append(reinterpret_cast<const char*>(data), len);
         } else if (t == "IEND") {
@@ -304,8 +406,110 @@ Image decode_png(const std::string& bytes, const std::string& source) {
         }
         off += ph[k] * (rb + 1);
     }
-    return apply_orientation(std::move(img), exif_orientation(exif));
+    // Pillow's info["exif"] (eXIf or tEXt "exif", the later), else ImageMagick's hex text; then XMP. Where Pillow's
+    // exif_transpose raises (an iTXt "exif", a hex text that is not hex), the Python loader keeps the image as stored.
+    std::string exif = meta.exif;
+    if (meta.have_exif && meta.exif_is_text) return img;
+    if (!meta.have_exif && meta.have_raw_profile && !raw_profile_exif(meta.raw_profile, exif)) return img;
+    return apply_orientation(std::move(img), orientation_of(exif, meta.xmp_text.empty() ? meta.xmp : meta.xmp_text));
 }
+
+// ------------------------------------------------------------------------------------------------ JPEG
+#if defined(LRM_RT_WITH_JPEG)
+
+// libjpeg reports errors through error_exit, which must not return: it jumps back to decode_jpeg. Only plain C
+// data lives between setjmp and longjmp there (the C++ objects are made before setjmp), so no destructor is skipped.
+struct JpegErrors {
+    jpeg_error_mgr pub;
+    std::jmp_buf jump;
+    char message[JMSG_LENGTH_MAX];
+};
+
+[[noreturn]] void jpeg_error_jump(j_common_ptr cinfo) {
+    auto* e = reinterpret_cast<JpegErrors*>(cinfo->err);
+    (*cinfo->err->format_message)(cinfo, e->message);
+    std::longjmp(e->jump, 1);
+}
+
+// Warnings about damaged data are ignored, as Pillow does, except the end of the data before the image's end: a
+// truncated file, which libjpeg would pad with grey and Pillow refuses.
+void jpeg_warning(j_common_ptr cinfo, int level) {
+    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_jump(cinfo);
+}
+
+// Pillow's CMYK -> RGB (Convert.c cmyk2rgb) on libjpeg's Adobe-inverted samples (Pillow unpacks them as "CMYK;I").
+uint8_t cmyk_channel(uint8_t inverted_c, uint8_t inverted_k) {
+    const int c = 255 - inverted_c, nk = inverted_k, t = c * nk + 128;
+    return (uint8_t)(nk - (((t >> 8) + t) >> 8));
+}
+
+Image decode_jpeg(const std::string& bytes, const std::string& source) {
+    Image img;
+    std::string exif, xmp, refusal;
+    std::vector<JSAMPLE> row;
+    jpeg_decompress_struct cinfo;
+    JpegErrors err;
+    cinfo.err = jpeg_std_error(&err.pub);
+    err.pub.error_exit = jpeg_error_jump;
+    err.pub.emit_message = jpeg_warning;
+    err.message[0] = '\0';
+    if (setjmp(err.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        bad_image(source, std::string("image data is truncated or corrupt (JPEG: ") + err.message + ")");
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, reinterpret_cast<unsigned char*>(const_cast<char*>(bytes.data())), (unsigned long)bytes.size());
+    jpeg_save_markers(&cinfo, JPEG_APP0 + 1, 0xFFFF);
+    jpeg_read_header(&cinfo, TRUE);
+    {
+        // Pillow's info: "exif" from the first Exif APP1, "xmp" from the last XMP one (after its namespace and
+        // NUL). Read now: the saved markers live in the image's memory pool, which jpeg_finish_decompress frees.
+        static const char xmp_ns[] = "http://ns.adobe.com/xap/1.0/";
+        bool have_exif = false;
+        for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next) {
+            const std::string d(reinterpret_cast<const char*>(m->data), m->data_length);
+            if (m->marker != JPEG_APP0 + 1) continue;
+            if (!have_exif && d.compare(0, 6, std::string("Exif\0\0", 6)) == 0) exif = d, have_exif = true;
+            else if (d.compare(0, sizeof xmp_ns, std::string(xmp_ns, sizeof xmp_ns)) == 0) xmp = d.substr(sizeof xmp_ns);
+        }
+    }
+    const int64_t w = cinfo.image_width, h = cinfo.image_height;
+    const int nc = cinfo.num_components;
+    if (w <= 0 || h <= 0 || w > kMaxImagePixels / h) {
+        refusal = "size";
+    } else if (nc != 1 && nc != 3 && nc != 4) {
+        refusal = "unsupported JPEG with " + std::to_string(nc) + " colour components";
+    }
+    if (!refusal.empty()) {
+        jpeg_destroy_decompress(&cinfo);
+        if (refusal == "size") check_size(w, h, source);
+        bad_image(source, refusal);
+    }
+    // Pillow's modes: L, RGB (libjpeg converts YCbCr), CMYK (libjpeg converts YCCK)
+    cinfo.out_color_space = nc == 1 ? JCS_GRAYSCALE : nc == 3 ? JCS_RGB : JCS_CMYK;
+    jpeg_start_decompress(&cinfo);
+    img.width = (int32_t)cinfo.output_width;
+    img.height = (int32_t)cinfo.output_height;
+    img.rgba.resize((size_t)img.width * img.height * 4);
+    row.resize((size_t)cinfo.output_width * cinfo.output_components);
+    while (cinfo.output_scanline < cinfo.output_height) {
+        uint8_t* out = &img.rgba[(size_t)cinfo.output_scanline * img.width * 4];
+        JSAMPROW r = row.data();
+        jpeg_read_scanlines(&cinfo, &r, 1);
+        for (int32_t x = 0; x < img.width; ++x, out += 4) {
+            const JSAMPLE* px = &row[(size_t)x * cinfo.output_components];
+            if (nc == 1) out[0] = out[1] = out[2] = px[0];
+            else if (nc == 3) out[0] = px[0], out[1] = px[1], out[2] = px[2];
+            else for (int c = 0; c < 3; ++c) out[c] = cmyk_channel(px[c], px[3]);
+            out[3] = 255;
+        }
+    }
+    jpeg_finish_decompress(&cinfo);
+    jpeg_destroy_decompress(&cinfo);
+    return apply_orientation(std::move(img), orientation_of(exif, xmp));
+}
+
+#endif
 
 // ------------------------------------------------------------------------------------------------ PNM
 
@@ -408,9 +612,14 @@ Image decode_image(const std::string& bytes, const std::string& source) {
     } else if (bytes.size() >= 3 && bytes[0] == 'P' && (bytes[1] == '5' || bytes[1] == '6' || bytes[1] == '7')) {
         img = decode_pnm(bytes, source);
     } else if (bytes.size() >= 3 && (unsigned char)bytes[0] == 0xFF && (unsigned char)bytes[1] == 0xD8) {
-        bad_image(source, "JPEG is not supported by the C library (PNG, PPM/PGM/PAM are); convert the image to PNG");
+#if defined(LRM_RT_WITH_JPEG)
+        img = decode_jpeg(bytes, source);
+#else
+        bad_image(source, "JPEG is not supported by this build of the C library (built without libjpeg; PNG and "
+                          "PPM/PGM/PAM are); convert the image to PNG, or rebuild with libjpeg-turbo's headers");
+#endif
     } else {
-        bad_image(source, "not a recognised image file (PNG, PPM/PGM/PAM)");
+        bad_image(source, "not a recognised image file (PNG, JPEG, PPM/PGM/PAM)");
     }
     bool any = false;
     for (size_t p = 3; p < img.rgba.size() && !any; p += 4) any = img.rgba[p] != 0;

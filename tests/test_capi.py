@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def lib(build_dir):
     lib.lrm_last_error.restype = ctypes.c_char_p
     lib.lrm_last_error.argtypes = [vp]
     lib.lrm_last_warnings.restype = ctypes.c_char_p
+    lib.lrm_build_features.restype = ctypes.c_char_p
     lib.lrm_last_warnings.argtypes = []
     lib.lrm_create.argtypes = [ctypes.c_char_p, vp, ctypes.POINTER(vp)]
     lib.lrm_free.argtypes = [vp]
@@ -350,7 +352,6 @@ def _pillow_images(tmp: Path):
          exif=b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00")
     save("exif_broken.png", Image.fromarray(rgba, "RGBA"), exif=b"II\x2a\x00\xff\xff\xff\x7f")  # IFD past the end
     # 16-bit RGBA PNG (Pillow cannot write one): the encoder is a few lines
-    import struct
     import zlib
 
     big = rng.integers(0, 65536, (5, 7, 4), dtype=np.uint16)
@@ -377,6 +378,40 @@ def _pillow_images(tmp: Path):
     grey16[0, 0], grey16[0, 1], grey16[4, 6] = 1000, 1001, 1000
     png("grey16_key.png", 7, 5, 16, 0, 0, b"".join(b"\x00" + grey16[y].astype(">u2").tobytes() for y in range(5)),
         chunk(b"tRNS", struct.pack(">H", 1000)))
+    # orientation given elsewhere than an eXIf chunk: XMP (iTXt compressed, tEXt), ImageMagick's hex "Raw profile
+    # type exif" (zTXt), and EXIF beside a contradicting XMP (EXIF wins)
+    from PIL.PngImagePlugin import PngInfo
+
+    def xmp(k, attribute=True):
+        value = f'tiff:Orientation="{k}"' if attribute else f"<tiff:Orientation>{k}</tiff:Orientation>"
+        return f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description {value}/></x:xmpmeta>'
+
+    info = PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp(6), zip=True)
+    save("xmp_itxt.png", Image.fromarray(rgba, "RGBA"), pnginfo=info)
+    info = PngInfo()
+    info.add_text("XML:com.adobe.xmp", xmp(3, attribute=False))
+    save("xmp_text.png", Image.fromarray(rgba, "RGBA"), pnginfo=info)
+    exif8 = Image.Exif()
+    exif8[0x0112] = 8
+    hexed = exif8.tobytes().hex()
+    info = PngInfo()
+    info.add_text("Raw profile type exif", "\nexif\n" + f"{len(hexed) // 2:8d}\n" +
+                  "\n".join(hexed[i:i + 72] for i in range(0, len(hexed), 72)) + "\n", zip=True)
+    save("raw_profile.png", Image.fromarray(rgba, "RGBA"), pnginfo=info)
+    info = PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp(3))
+    save("exif_and_xmp.png", Image.fromarray(rgba, "RGBA"), pnginfo=info, exif=exif8)
+    # JPEG (libjpeg in both): 4:2:0 baseline, progressive, grey, CMYK, EXIF and XMP-only orientations
+    photo = np.clip(rgba[..., :3].astype(int) // 2 + np.arange(31)[None, :, None] * 4, 0, 255).astype(np.uint8)
+    save("photo.jpg", Image.fromarray(photo, "RGB"), quality=90)
+    save("progressive.jpg", Image.fromarray(photo, "RGB"), quality=75, progressive=True, subsampling=0)
+    save("grey.jpg", Image.fromarray(grey, "L"))
+    save("cmyk.jpg", Image.fromarray(photo, "RGB").convert("CMYK"))
+    exif6 = Image.Exif()
+    exif6[0x0112] = 6
+    save("exif6.jpg", Image.fromarray(photo, "RGB"), quality=90, exif=exif6)
+    save("xmp8.jpg", Image.fromarray(photo, "RGB"), quality=90, xmp=xmp(8).encode())
     # Adam7-interlaced RGBA: the seven sub-images in order, rows with filter byte 0 (empty passes omitted)
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
     inter = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes for row in rgba[y0::dy, x0::dx]
@@ -389,7 +424,13 @@ def test_image_decoding_matches_python_loader(lib, tmp_path):
     from lrm_rt.preprocess import load_image
 
     files = _pillow_images(tmp_path)
+    jpeg = "jpeg" in lib.lrm_build_features().decode().split(",")
     for name, path in files.items():
+        if name.endswith(".jpg") and not jpeg:  # a build without libjpeg says so
+            img = ctypes.c_void_p()
+            assert lib.lrm_image_load(str(path).encode(), ctypes.byref(img)) == 3  # LRM_ERR_IMAGE
+            assert b"built without libjpeg" in lib.lrm_last_error(None)
+            continue
         got = _c_image(lib, path)
         want = load_image(path)
         assert got.shape == want.shape, name
@@ -399,6 +440,33 @@ def test_image_decoding_matches_python_loader(lib, tmp_path):
     np.testing.assert_array_equal(_c_image(lib, files["exif6.png"]), np.rot90(upright, -1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_mm.png"]), np.rot90(upright, -1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_broken.png"]), upright)
+    np.testing.assert_array_equal(_c_image(lib, files["xmp_itxt.png"]), np.rot90(upright, -1))
+    np.testing.assert_array_equal(_c_image(lib, files["xmp_text.png"]), np.rot90(upright, 2))
+    np.testing.assert_array_equal(_c_image(lib, files["raw_profile.png"]), np.rot90(upright, 1))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_and_xmp.png"]), np.rot90(upright, 1))
+    if jpeg:
+        photo = _c_image(lib, files["photo.jpg"])
+        assert photo.shape == (23, 31, 4) and (photo[..., 3] == 255).all()
+        np.testing.assert_array_equal(_c_image(lib, files["exif6.jpg"]), np.rot90(photo, -1))
+        np.testing.assert_array_equal(_c_image(lib, files["xmp8.jpg"]), np.rot90(photo, 1))
+        # a truncated JPEG is refused, as by the Python loader (libjpeg alone would pad it with grey)
+        data = files["progressive.jpg"].read_bytes()
+        for cut, name in ((len(data) * 2 // 3, "cut.jpg"), (len(data) - 2, "no_eoi.jpg"), (400, "header.jpg")):
+            (tmp_path / name).write_bytes(data[:cut])
+            with pytest.raises(Exception, match="truncated"):
+                load_image(tmp_path / name)
+            img = ctypes.c_void_p()
+            assert lib.lrm_image_load(str(tmp_path / name).encode(), ctypes.byref(img)) == 3, name  # LRM_ERR_IMAGE
+            assert b"truncated or corrupt" in lib.lrm_last_error(None), name
+        # a header claiming 65000 x 65000 pixels is refused before libjpeg allocates anything for it
+        sof = struct.pack(">BHHB", 8, 65000, 65000, 3) + bytes([1, 0x22, 0, 2, 0x11, 0, 3, 0x11, 0])
+        sos = bytes([3, 1, 0, 2, 0x11, 3, 0x11, 0, 63, 0])
+        bomb = (b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof +
+                b"\xff\xda" + struct.pack(">H", len(sos) + 2) + sos + b"\xff\xd9")
+        (tmp_path / "bomb.jpg").write_bytes(bomb)
+        img = ctypes.c_void_p()
+        assert lib.lrm_image_load(str(tmp_path / "bomb.jpg").encode(), ctypes.byref(img)) == 3
+        assert b"image is too large (65000x65000 pixels" in lib.lrm_last_error(None)
     keyed = _c_image(lib, files["grey16_key.png"])[..., 3] == 0  # the key was applied, not ignored by both
     assert keyed[0, 0] and keyed[4, 6] and not keyed[0, 1]
 
