@@ -152,8 +152,8 @@ LRM_API lrm_status lrm_reconstruct_rgba(lrm_context* ctx, const uint8_t* pixels,
                                         int64_t stride_bytes, lrm_mesh** out);
 /* Same from an image file: PNG (8/16-bit, any colour type, interlaced or not), JPEG (baseline or progressive;
  * grey, colour or CMYK; when the build found libjpeg: "jpeg" in lrm_build_features()), or binary PNM: PPM (P6),
- * PGM (P5), PAM (P7: GRAYSCALE, GRAYSCALE_ALPHA, RGB, RGB_ALPHA). Pixels and orientation (EXIF, else XMP) as the
- * Python package reads them through Pillow. */
+ * PGM (P5), PAM (P7: GRAYSCALE, GRAYSCALE_ALPHA, RGB, RGB_ALPHA). Pixels and orientation (EXIF, else XMP) follow
+ * what the Python package reads through Pillow (tested equal; see README "C / C++"). */
 LRM_API lrm_status lrm_reconstruct_file(lrm_context* ctx, const char* image_path, lrm_mesh** out);
 /* The encoder input the network sees: (1, 3, S, S) float32 NCHW, normalised; out_count must be
  * 3 * S * S (S = lrm_model_info.input_size). */

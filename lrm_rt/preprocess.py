@@ -33,7 +33,7 @@ from typing import List, Literal, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from lrm_rt.config import DINO_VITB16_MEAN, DINO_VITB16_STD  # facebook/dino-vitb16's processor (OpenLRM v1.0)
 from lrm_rt.errors import ConfigError, ImageError
@@ -232,15 +232,26 @@ def decode_image(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
     return image_to_rgba(im, path)
 
 
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the turn that shows the image upright
+
+
 def image_to_rgba(im: Image.Image, source: PathLike = "<PIL image>") -> np.ndarray:
     """A Pillow image (any mode) -> (H, W, 4) uint8 RGBA with the EXIF orientation applied."""
     w, h = im.size
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(_too_large_message(source, w, h))
+    # The orientation Pillow reads (EXIF, else XMP), applied here rather than by ImageOps.exif_transpose, which also
+    # rewrites the EXIF block afterwards and fails on blocks it reads but cannot write back (a turned image kept as
+    # stored). The C loader reads the orientation by the same rules.
     try:
-        im = ImageOps.exif_transpose(im)
+        method = _TRANSPOSE.get(im.getexif().get(0x0112))
     except Exception as e:  # a broken EXIF block should not make a decodable image unusable
         log.warning("ignoring unreadable EXIF orientation of %s: %s", source, _one_line(e))
+        method = None
+    if method is not None:
+        im = im.transpose(method)
 
     rgba = to_rgba_array(im, source)
     if rgba.ndim != 3 or rgba.shape[0] == 0 or rgba.shape[1] == 0:

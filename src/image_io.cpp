@@ -1,10 +1,10 @@
-// Image files -> RGBA8: PNG (zlib for the inflate, everything else here) and binary PNM (P5, P6, P7/PAM).
+// Image files -> RGBA8: PNG (zlib for the inflate, everything else here), JPEG (libjpeg), binary PNM (P5, P6, P7).
 // Conversions follow what the Python loader gets from Pillow, so both runtimes see the same pixels:
 // 16-bit colour samples keep their high byte, 16-bit grey is rounded (v / 257), low bit depths are scaled
 // to 0..255, tRNS keys (16-bit RGB ones compared at their high byte, grey ones at full depth) and palette alpha
-// become the alpha channel, and the orientation is applied as Pillow's exif_transpose does: EXIF (a PNG eXIf
-// chunk, a tEXt "exif" or ImageMagick's "Raw profile type exif" text; a JPEG APP1), else an XMP packet's
-// tiff:Orientation. JPEG through libjpeg(-turbo), the library Pillow decodes with, when the build found it.
+// become the alpha channel, and the orientation Pillow reports is applied: EXIF (a PNG eXIf chunk, a tEXt "exif"
+// or ImageMagick's "Raw profile type exif" text; JPEG APP1s), else an XMP packet's tiff:Orientation. JPEG through
+// libjpeg-turbo, the library Pillow decodes with, when the build found it.
 #include <zlib.h>
 #if defined(LRM_RT_WITH_JPEG)
 #include <csetjmp>
@@ -42,29 +42,69 @@ uint32_t be32(const unsigned char* p) { return (uint32_t)p[0] << 24 | (uint32_t)
 
 // ------------------------------------------------------------------------------------------------ EXIF
 
-constexpr int kNoOrientation = -1;
+constexpr int kNoOrientation = -1;  // no orientation given: the XMP one, if any, is used
+constexpr int kUnreadable = -2;     // a block Pillow's reader raises on: the Python loader keeps the image as stored
 
-// The Orientation tag (0x0112) of an EXIF block's first IFD, kNoOrientation when the block has none or cannot be
-// read (a broken block leaves the image as stored, as in the Python loader). The block is a TIFF file, optionally
-// after "Exif\0\0". Any value is returned; only 2-8 change the image.
-int exif_orientation(std::string block) {
-    if (block.compare(0, 6, std::string("Exif\0\0", 6)) == 0) block.erase(0, 6);
-    const auto* b = reinterpret_cast<const unsigned char*>(block.data());
-    const size_t n = block.size();
-    if (n < 8) return kNoOrientation;
-    const bool le = b[0] == 'I' && b[1] == 'I';
-    if (!le && !(b[0] == 'M' && b[1] == 'M')) return kNoOrientation;
-    auto u16 = [&](size_t at) -> uint32_t { return le ? b[at] | b[at + 1] << 8 : b[at] << 8 | b[at + 1]; };
-    auto u32 = [&](size_t at) -> uint32_t { return le ? u16(at) | u16(at + 2) << 16 : u16(at) << 16 | u16(at + 2); };
-    if (u16(2) != 42) return kNoOrientation;
-    const size_t ifd = u32(4);
-    if (ifd > n - 2) return kNoOrientation;
-    const size_t entries = u16(ifd);
-    for (size_t e = 0; e < entries && ifd + 2 + 12 * (e + 1) <= n; ++e) {
-        const size_t at = ifd + 2 + 12 * e;
-        if (u16(at) != 0x0112) continue;
-        const uint32_t type = u16(at + 2), value = type == 3 ? u16(at + 8) : type == 4 ? u32(at + 8) : 0;
-        return (int)std::min<uint32_t>(value, 1000);
+// An EXIF block's Orientation tag read by Pillow's rules (Exif.load, ImageFileDirectory_v2.load), so that both
+// loaders turn the same images: up to two "Exif\0\0" prefixes, a TIFF header of its accepted forms (BigTIFF makes
+// it raise), the first IFD's entries up to the first that cannot be read whole (an out-of-line value past the end
+// ends the reading, one beyond the running total of such values is skipped); entries of an unknown type or no data
+// are skipped and the first of a repeated tag counts. Returns the value when it is a whole number in 1..8, 0 for any
+// other value (present: no XMP fallback, no turn), or kNoOrientation / kUnreadable.
+int exif_orientation(const std::string& block) {
+    size_t start = 0;
+    for (int k = 0; k < 2 && block.compare(start, 6, std::string("Exif\0\0", 6)) == 0; ++k) start += 6;
+    const auto* b = reinterpret_cast<const unsigned char*>(block.data()) + start;
+    const uint64_t n = block.size() - start;
+    if (n == 0) return kNoOrientation;
+    if (n < 8) return kUnreadable;
+    const bool le = b[0] == 'I' && b[1] == 'I', be = b[0] == 'M' && b[1] == 'M';
+    const bool classic = (b[2] == 42 && b[3] == 0) || (b[2] == 0 && b[3] == 42);
+    if (!(le || be) || !classic) return kUnreadable;
+    auto u16 = [&](uint64_t at) -> uint32_t { return le ? b[at] | b[at + 1] << 8 : b[at] << 8 | b[at + 1]; };
+    auto u32 = [&](uint64_t at) -> uint32_t { return le ? u16(at) | u16(at + 2) << 16 : u16(at) << 16 | u16(at + 2); };
+    auto u64 = [&](uint64_t at) -> uint64_t {
+        return le ? u32(at) | (uint64_t)u32(at + 4) << 32 : (uint64_t)u32(at) << 32 | u32(at + 4);
+    };
+    static const int unit[17] = {0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8};  // bytes per value, by type
+    const uint64_t ifd = u32(4);
+    if (ifd + 2 > n) return kNoOrientation;
+    std::vector<bool> stored(65536, false);
+    uint64_t total = 0, pos = ifd + 2;
+    const uint32_t entries = u16(ifd);
+    for (uint32_t e = 0; e < entries && pos + 12 <= n; ++e, pos += 12) {
+        const uint32_t tag = u16(pos), type = u16(pos + 2);
+        if (stored[tag] || type > 16 || unit[type] == 0) continue;
+        const uint64_t size = (uint64_t)u32(pos + 4) * unit[type];
+        uint64_t at = pos + 8;
+        if (size > 4) {
+            total += size;
+            if (total > n) continue;
+            at = u32(pos + 8);
+            if (at + size > n) break;
+        }
+        if (size == 0) continue;
+        stored[tag] = true;
+        if (tag != 0x0112) continue;
+        double v;  // the first value, as Pillow decodes it (BYTE, ASCII and UNDEFINED are bytes or text: never match)
+        switch (type) {
+            case 6: v = (int8_t)b[at]; break;
+            case 3: v = u16(at); break;
+            case 8: v = (int16_t)u16(at); break;
+            case 4: case 13: v = u32(at); break;  // 13: an IFD offset, read as a LONG
+            case 9: v = (int32_t)u32(at); break;
+            case 16: v = (double)u64(at); break;
+            case 11: { const uint32_t bits = u32(at); float f; std::memcpy(&f, &bits, 4); v = f; break; }
+            case 12: { const uint64_t bits = u64(at); std::memcpy(&v, &bits, 8); break; }
+            case 5: case 10: {  // a fraction: equal to k only when the numerator is k times the denominator
+                const int64_t num = type == 5 ? (int64_t)u32(at) : (int32_t)u32(at);
+                const int64_t den = type == 5 ? (int64_t)u32(at + 4) : (int32_t)u32(at + 4);
+                v = den != 0 && num % den == 0 ? (double)(num / den) : 0.0;
+                break;
+            }
+            default: v = 0; break;
+        }
+        return v >= 1 && v <= 8 && v == std::floor(v) ? (int)v : 0;
     }
     return kNoOrientation;
 }
@@ -81,9 +121,10 @@ int xmp_orientation(const std::string& xmp) {
     return kNoOrientation;
 }
 
-// Pillow's exif_transpose: the EXIF orientation, else the XMP one.
+// The orientation Pillow's getexif() reports: the EXIF one, else the XMP one.
 int orientation_of(const std::string& exif, const std::string& xmp) {
     const int o = exif_orientation(exif);
+    if (o == kUnreadable) return 1;
     return o != kNoOrientation ? o : xmp_orientation(xmp);
 }
 
@@ -122,12 +163,13 @@ struct PngText {
     bool have_exif = false, exif_is_text = false, have_raw_profile = false;
 };
 
-// zlib data of a text chunk, at most 1 MiB out (Pillow's MAX_TEXT_CHUNK); false when it does not inflate.
-bool inflate_text(const std::string& in, std::string& out) {
+// zlib data of a text chunk, inflated to at most 1 MiB (Pillow's MAX_TEXT_CHUNK).
+enum class Inflated { ok, corrupt, too_large };
+Inflated inflate_text(const std::string& in, std::string& out) {
     z_stream zs;
     std::memset(&zs, 0, sizeof(zs));
-    if (inflateInit(&zs) != Z_OK) return false;
-    out.assign(1 << 20, '\0');
+    if (inflateInit(&zs) != Z_OK) fail(LRM_ERR_OUT_OF_MEMORY, "zlib inflateInit failed");
+    out.assign((1 << 20) + 1, '\0');  // one byte more than allowed: filling it means too large
     zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(in.data()));
     zs.avail_in = (uInt)in.size();
     zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
@@ -135,30 +177,60 @@ bool inflate_text(const std::string& in, std::string& out) {
     const int r = inflate(&zs, Z_FINISH);
     out.resize(out.size() - zs.avail_out);
     inflateEnd(&zs);
-    return r == Z_STREAM_END;
+    if (out.size() > (1u << 20)) return Inflated::too_large;
+    return r == Z_STREAM_END ? Inflated::ok : Inflated::corrupt;
 }
 
-void read_text_chunk(const std::string& type, const std::string& body, PngText& meta) {
+// Strict UTF-8, as Python's decoder: no overlong forms, surrogates or code points past U+10FFFF.
+bool valid_utf8(const std::string& t) {
+    const auto* p = reinterpret_cast<const unsigned char*>(t.data());
+    for (size_t i = 0, n = t.size(); i < n;) {
+        const unsigned c = p[i];
+        const int extra = c < 0x80 ? 0 : (c >= 0xC2 && c <= 0xDF) ? 1 : (c >= 0xE0 && c <= 0xEF) ? 2
+                                                                     : (c >= 0xF0 && c <= 0xF4) ? 3 : -1;
+        if (extra < 0 || n - i <= (size_t)extra) return false;
+        for (int k = 1; k <= extra; ++k)
+            if ((p[i + k] & 0xC0) != 0x80) return false;
+        const unsigned second = extra ? p[i + 1] : 0;
+        if ((c == 0xE0 && second < 0xA0) || (c == 0xED && second > 0x9F) || (c == 0xF0 && second < 0x90) ||
+            (c == 0xF4 && second > 0x8F))
+            return false;
+        i += 1 + extra;
+    }
+    return true;
+}
+
+// Pillow's reading of tEXt / zTXt / iTXt: refuses a zTXt of an unknown compression method and compressed text
+// beyond 1 MiB (so does this loader); keeps what the orientation needs.
+void read_text_chunk(const std::string& type, const std::string& body, PngText& meta, const std::string& source) {
     const size_t nul = body.find('\0');
     const std::string key = body.substr(0, nul);
     std::string value = nul == std::string::npos ? "" : body.substr(nul + 1);
-    if (key != "exif" && key != "Raw profile type exif" && key != "XML:com.adobe.xmp") return;
+    auto inflated = [&](const std::string& data, std::string& text) {
+        const Inflated r = inflate_text(data, text);
+        if (r == Inflated::too_large)
+            bad_image(source, "PNG " + type + " text chunk '" + key + "' is larger than 1 MiB when inflated");
+        return r == Inflated::ok;
+    };
     if (type == "zTXt") {  // method byte 0 (deflate), then the data; data that does not inflate reads as ""
+        if (!value.empty() && value[0] != 0)
+            bad_image(source, "PNG zTXt text chunk '" + key + "' uses an unknown compression method");
         std::string text;
-        value = !value.empty() && value[0] == 0 && inflate_text(value.substr(1), text) ? text : "";
+        value = !value.empty() && inflated(value.substr(1), text) ? text : "";
     } else if (type == "iTXt") {  // flag, method, language\0, translated keyword\0, text
         if (value.size() < 2) return;
         const char flag = value[0], method = value[1];
         const size_t a = value.find('\0', 2), b = a == std::string::npos ? a : value.find('\0', a + 1);
         if (b == std::string::npos) return;
         std::string text = value.substr(b + 1);
-        if (flag != 0 && (method != 0 || !inflate_text(value.substr(b + 1), text))) return;
+        if (flag != 0 && (method != 0 || !inflated(value.substr(b + 1), text))) return;
+        if (key == "XML:com.adobe.xmp") meta.xmp = text;
+        if (!valid_utf8(value.substr(2, b - 2)) || !valid_utf8(text)) return;  // Pillow keeps no text entry then
         value = text;
-        if (key == "XML:com.adobe.xmp") meta.xmp = value;
     }
-    if (key == "exif") meta.exif = value, meta.have_exif = true, meta.exif_is_text = type != "tEXt";  // zTXt / iTXt: text
+    if (key == "exif") meta.exif = value, meta.have_exif = true, meta.exif_is_text = type != "tEXt";  // else text
     else if (key == "Raw profile type exif") meta.raw_profile = value, meta.have_raw_profile = true;
-    else meta.xmp_text = value;
+    else if (key == "XML:com.adobe.xmp") meta.xmp_text = value;
 }
 
 // ImageMagick's "Raw profile type exif": a header of three lines, then the block in hex (Pillow: bytes.fromhex of
@@ -342,10 +414,10 @@ Image decode_png(const std::string& bytes, const std::string& source) {
                 for (int c = 0; c < 3; ++c) pal.key[c] = (uint16_t)(data[2 * c] << 8 | data[2 * c + 1]);
             }
         } else if (t == "eXIf") {
-            meta.exif.assign(reinterpret_cast<const char*>(data), len);
+            meta.exif = std::string("Exif\0\0", 6) + std::string(reinterpret_cast<const char*>(data), len);  // Pillow's
             meta.have_exif = true, meta.exif_is_text = false;
         } else if (t == "tEXt" || t == "zTXt" || t == "iTXt") {
-            read_text_chunk(t, std::string(reinterpret_cast<const char*>(data), len), meta);
+            read_text_chunk(t, std::string(reinterpret_cast<const char*>(data), len), meta, source);
         } else if (t == "IDAT") {
             idat.append(reinterpret_cast<const char*>(data), len);
         } else if (t == "IEND") {
@@ -419,22 +491,33 @@ Image decode_png(const std::string& bytes, const std::string& source) {
 
 // libjpeg reports errors through error_exit, which must not return: it jumps back to decode_jpeg. Only plain C
 // data lives between setjmp and longjmp there (the C++ objects are made before setjmp), so no destructor is skipped.
-struct JpegErrors {
-    jpeg_error_mgr pub;
+// One decode's state, on the heap and owned by decode_jpeg: read_jpeg, which calls setjmp, has no local that
+// changes between setjmp and a longjmp (libjpeg's error_exit must not return, so it jumps back there), and every
+// C++ object outlives the jump.
+struct JpegJob {
+    jpeg_decompress_struct cinfo;
+    jpeg_error_mgr err;
     std::jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
+    bool eof = false;  // the data ended before the image did
+    Image img;
+    std::string exif, xmp;
+    std::vector<JSAMPLE> row;
 };
 
 [[noreturn]] void jpeg_error_jump(j_common_ptr cinfo) {
-    auto* e = reinterpret_cast<JpegErrors*>(cinfo->err);
-    (*cinfo->err->format_message)(cinfo, e->message);
-    std::longjmp(e->jump, 1);
+    auto* job = reinterpret_cast<JpegJob*>(cinfo->client_data);
+    (*cinfo->err->format_message)(cinfo, job->message);
+    std::longjmp(job->jump, 1);
 }
 
-// Warnings about damaged data are ignored, as Pillow does, except the end of the data before the image's end: a
+// Warnings about damaged data are ignored, as Pillow does, except the end of the data before the last row: a
 // truncated file, which libjpeg would pad with grey and Pillow refuses.
 void jpeg_warning(j_common_ptr cinfo, int level) {
-    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_error_jump(cinfo);
+    if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) {
+        reinterpret_cast<JpegJob*>(cinfo->client_data)->eof = true;
+        jpeg_error_jump(cinfo);
+    }
 }
 
 // Pillow's CMYK -> RGB (Convert.c cmyk2rgb) on libjpeg's Adobe-inverted samples (Pillow unpacks them as "CMYK;I").
@@ -443,70 +526,77 @@ uint8_t cmyk_channel(uint8_t inverted_c, uint8_t inverted_k) {
     return (uint8_t)(nk - (((t >> 8) + t) >> 8));
 }
 
-Image decode_jpeg(const std::string& bytes, const std::string& source) {
-    Image img;
-    std::string exif, xmp, refusal;
-    std::vector<JSAMPLE> row;
-    jpeg_decompress_struct cinfo;
-    JpegErrors err;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = jpeg_error_jump;
-    err.pub.emit_message = jpeg_warning;
-    err.message[0] = '\0';
-    if (setjmp(err.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        bad_image(source, std::string("image data is truncated or corrupt (JPEG: ") + err.message + ")");
-    }
+// 0 when decoded into job.img, 1 after a libjpeg error (job.message), 2 for a size the guard refuses, 3 for a
+// component count Pillow has no mode for. The caller destroys the decompressor whatever happens.
+int read_jpeg(JpegJob& job, const std::string& bytes) {
+    jpeg_decompress_struct& cinfo = job.cinfo;
+    cinfo.err = jpeg_std_error(&job.err);
+    job.err.error_exit = jpeg_error_jump;
+    job.err.emit_message = jpeg_warning;
+    cinfo.client_data = &job;  // kept by jpeg_create_decompress
+    if (setjmp(job.jump)) return 1;
     jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, reinterpret_cast<unsigned char*>(const_cast<char*>(bytes.data())), (unsigned long)bytes.size());
+    auto* data = reinterpret_cast<unsigned char*>(const_cast<char*>(bytes.data()));  // libjpeg 6b's API is not const
+    jpeg_mem_src(&cinfo, data, (unsigned long)bytes.size());
     jpeg_save_markers(&cinfo, JPEG_APP0 + 1, 0xFFFF);
     jpeg_read_header(&cinfo, TRUE);
-    {
-        // Pillow's info: "exif" from the first Exif APP1, "xmp" from the last XMP one (after its namespace and
-        // NUL). Read now: the saved markers live in the image's memory pool, which jpeg_finish_decompress frees.
-        static const char xmp_ns[] = "http://ns.adobe.com/xap/1.0/";
-        bool have_exif = false;
-        for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next) {
-            const std::string d(reinterpret_cast<const char*>(m->data), m->data_length);
-            if (m->marker != JPEG_APP0 + 1) continue;
-            if (!have_exif && d.compare(0, 6, std::string("Exif\0\0", 6)) == 0) exif = d, have_exif = true;
-            else if (d.compare(0, sizeof xmp_ns, std::string(xmp_ns, sizeof xmp_ns)) == 0) xmp = d.substr(sizeof xmp_ns);
-        }
+    // Pillow's info: "exif" from the Exif APP1s (the first whole, the later ones' data appended), "xmp" from the last
+    // XMP one (after its namespace and NUL). Read now: the saved markers live in the image's memory pool.
+    static const char xmp_ns[] = "http://ns.adobe.com/xap/1.0/";
+    for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next) {
+        const char* d = reinterpret_cast<const char*>(m->data);
+        const size_t len = m->data_length;
+        if (m->marker != JPEG_APP0 + 1) continue;
+        if (len >= 6 && std::memcmp(d, "Exif\0\0", 6) == 0) job.exif.append(d + (job.exif.empty() ? 0 : 6), d + len);
+        else if (len >= sizeof xmp_ns && std::memcmp(d, xmp_ns, sizeof xmp_ns) == 0)
+            job.xmp.assign(d + sizeof xmp_ns, d + len);
     }
     const int64_t w = cinfo.image_width, h = cinfo.image_height;
+    if (w <= 0 || h <= 0 || w > kMaxImagePixels / h) return 2;
     const int nc = cinfo.num_components;
-    if (w <= 0 || h <= 0 || w > kMaxImagePixels / h) {
-        refusal = "size";
-    } else if (nc != 1 && nc != 3 && nc != 4) {
-        refusal = "unsupported JPEG with " + std::to_string(nc) + " colour components";
-    }
-    if (!refusal.empty()) {
-        jpeg_destroy_decompress(&cinfo);
-        if (refusal == "size") check_size(w, h, source);
-        bad_image(source, refusal);
-    }
+    if (nc != 1 && nc != 3 && nc != 4) return 3;
     // Pillow's modes: L, RGB (libjpeg converts YCbCr), CMYK (libjpeg converts YCCK)
     cinfo.out_color_space = nc == 1 ? JCS_GRAYSCALE : nc == 3 ? JCS_RGB : JCS_CMYK;
     jpeg_start_decompress(&cinfo);
+    Image& img = job.img;
     img.width = (int32_t)cinfo.output_width;
     img.height = (int32_t)cinfo.output_height;
     img.rgba.resize((size_t)img.width * img.height * 4);
-    row.resize((size_t)cinfo.output_width * cinfo.output_components);
+    job.row.resize((size_t)cinfo.output_width * cinfo.output_components);
     while (cinfo.output_scanline < cinfo.output_height) {
         uint8_t* out = &img.rgba[(size_t)cinfo.output_scanline * img.width * 4];
-        JSAMPROW r = row.data();
+        JSAMPROW r = job.row.data();
         jpeg_read_scanlines(&cinfo, &r, 1);
         for (int32_t x = 0; x < img.width; ++x, out += 4) {
-            const JSAMPLE* px = &row[(size_t)x * cinfo.output_components];
+            const JSAMPLE* px = &job.row[(size_t)x * cinfo.output_components];
             if (nc == 1) out[0] = out[1] = out[2] = px[0];
             else if (nc == 3) out[0] = px[0], out[1] = px[1], out[2] = px[2];
             else for (int c = 0; c < 3; ++c) out[c] = cmyk_channel(px[c], px[3]);
             out[3] = 255;
         }
     }
-    jpeg_finish_decompress(&cinfo);
-    jpeg_destroy_decompress(&cinfo);
-    return apply_orientation(std::move(img), orientation_of(exif, xmp));
+    // No jpeg_finish_decompress: every row is in, and what follows the last one (an EOI, or a marker and the end of
+    // the file) does not change the image; Pillow does not ask for it either.
+    return 0;
+}
+
+Image decode_jpeg(const std::string& bytes, const std::string& source) {
+    auto job = std::make_unique<JpegJob>();
+    int status;
+    try {
+        status = read_jpeg(*job, bytes);
+    } catch (...) {  // std::bad_alloc from the pixel buffers
+        jpeg_destroy_decompress(&job->cinfo);
+        throw;
+    }
+    jpeg_destroy_decompress(&job->cinfo);
+    if (status == 1 && job->eof)
+        bad_image(source, "image data is truncated or corrupt (the JPEG data ends before its last row)");
+    if (status == 1) bad_image(source, std::string("unsupported or corrupt JPEG (libjpeg: ") + job->message + ")");
+    if (status == 2) check_size(job->cinfo.image_width, job->cinfo.image_height, source);
+    if (status == 3)
+        bad_image(source, "unsupported JPEG with " + std::to_string(job->cinfo.num_components) + " colour components");
+    return apply_orientation(std::move(job->img), orientation_of(job->exif, job->xmp));
 }
 
 #endif
@@ -611,7 +701,8 @@ Image decode_image(const std::string& bytes, const std::string& source) {
         img = decode_png(bytes, source);
     } else if (bytes.size() >= 3 && bytes[0] == 'P' && (bytes[1] == '5' || bytes[1] == '6' || bytes[1] == '7')) {
         img = decode_pnm(bytes, source);
-    } else if (bytes.size() >= 3 && (unsigned char)bytes[0] == 0xFF && (unsigned char)bytes[1] == 0xD8) {
+    } else if (bytes.size() >= 3 && (unsigned char)bytes[0] == 0xFF && (unsigned char)bytes[1] == 0xD8 &&
+               (unsigned char)bytes[2] == 0xFF) {  // SOI and a marker, as Pillow identifies a JPEG
 #if defined(LRM_RT_WITH_JPEG)
         img = decode_jpeg(bytes, source);
 #else

@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -352,8 +353,6 @@ def _pillow_images(tmp: Path):
          exif=b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00")
     save("exif_broken.png", Image.fromarray(rgba, "RGBA"), exif=b"II\x2a\x00\xff\xff\xff\x7f")  # IFD past the end
     # 16-bit RGBA PNG (Pillow cannot write one): the encoder is a few lines
-    import zlib
-
     big = rng.integers(0, 65536, (5, 7, 4), dtype=np.uint16)
     raw = b"".join(b"\x00" + big[y].astype(">u2").tobytes() for y in range(5))
 
@@ -402,6 +401,22 @@ def _pillow_images(tmp: Path):
     info = PngInfo()
     info.add_itxt("XML:com.adobe.xmp", xmp(3))
     save("exif_and_xmp.png", Image.fromarray(rgba, "RGBA"), pnginfo=info, exif=exif8)
+    # EXIF blocks read by Pillow's rules: a signed SHORT turns, a BYTE does not (Pillow reads bytes); an entry whose
+    # value lies past the block's end ends the reading (the orientation after it is lost: the XMP one counts); a
+    # block Pillow reads but cannot write back (ImageOps.exif_transpose failed after turning it)
+    def tiff(entries, tail=b""):
+        body = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries)
+        return b"II*\x00" + struct.pack("<I", 8) + body + b"\0\0\0\0" + tail
+
+    short6 = struct.pack("<HH", 6, 0)
+    save("exif_sshort.png", Image.fromarray(rgba, "RGBA"), exif=tiff([(0x112, 8, 1, short6)]))
+    save("exif_byte.png", Image.fromarray(rgba, "RGBA"), exif=tiff([(0x112, 1, 1, b"\x06\0\0\0")]))
+    info = PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp(3))
+    save("exif_cut.png", Image.fromarray(rgba, "RGBA"), pnginfo=info,
+         exif=tiff([(0x10F, 2, 10, struct.pack("<I", 900)), (0x112, 3, 1, short6)]))
+    save("exif_unwritable.png", Image.fromarray(rgba, "RGBA"),
+         exif=tiff([(0x112, 3, 1, short6), (0x128, 7, 1, b"\x02\0\0\0")]))
     # JPEG (libjpeg in both): 4:2:0 baseline, progressive, grey, CMYK, EXIF and XMP-only orientations
     photo = np.clip(rgba[..., :3].astype(int) // 2 + np.arange(31)[None, :, None] * 4, 0, 255).astype(np.uint8)
     save("photo.jpg", Image.fromarray(photo, "RGB"), quality=90)
@@ -444,11 +459,30 @@ def test_image_decoding_matches_python_loader(lib, tmp_path):
     np.testing.assert_array_equal(_c_image(lib, files["xmp_text.png"]), np.rot90(upright, 2))
     np.testing.assert_array_equal(_c_image(lib, files["raw_profile.png"]), np.rot90(upright, 1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_and_xmp.png"]), np.rot90(upright, 1))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_sshort.png"]), np.rot90(upright, -1))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_byte.png"]), upright)
+    np.testing.assert_array_equal(_c_image(lib, files["exif_cut.png"]), np.rot90(upright, 2))
+    np.testing.assert_array_equal(_c_image(lib, files["exif_unwritable.png"]), np.rot90(upright, -1))
+    # refused by both: compressed PNG text of an unknown method (Pillow's rule), "FF D8" without a marker after it
+    bad = files["rgba.png"].read_bytes()
+    ztxt = b"zTXtComment\0\x01xyz"
+    bad = bad[:33] + struct.pack(">I", len(ztxt) - 4) + ztxt + struct.pack(">I", zlib.crc32(ztxt)) + bad[33:]
+    for name, data in (("ztxt_method.png", bad), ("not_a.jpg", b"\xff\xd8\x00\xff\xe0" + bytes(40))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(Exception):
+            load_image(tmp_path / name)
+        img = ctypes.c_void_p()
+        assert lib.lrm_image_load(str(tmp_path / name).encode(), ctypes.byref(img)) == 3, name  # LRM_ERR_IMAGE
     if jpeg:
         photo = _c_image(lib, files["photo.jpg"])
         assert photo.shape == (23, 31, 4) and (photo[..., 3] == 255).all()
         np.testing.assert_array_equal(_c_image(lib, files["exif6.jpg"]), np.rot90(photo, -1))
         np.testing.assert_array_equal(_c_image(lib, files["xmp8.jpg"]), np.rot90(photo, 1))
+        # every row present and a marker where the EOI should be: decoded by both
+        data = files["photo.jpg"].read_bytes()
+        (tmp_path / "com_for_eoi.jpg").write_bytes(data[:-2] + b"\xff\xfe")
+        np.testing.assert_array_equal(_c_image(lib, tmp_path / "com_for_eoi.jpg"), photo)
+        np.testing.assert_array_equal(load_image(tmp_path / "com_for_eoi.jpg"), photo)
         # a truncated JPEG is refused, as by the Python loader (libjpeg alone would pad it with grey)
         data = files["progressive.jpg"].read_bytes()
         for cut, name in ((len(data) * 2 // 3, "cut.jpg"), (len(data) - 2, "no_eoi.jpg"), (400, "header.jpg")):
