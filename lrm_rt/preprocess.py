@@ -23,6 +23,7 @@ import ctypes
 import io
 import logging
 import math
+import re
 import struct
 import warnings
 import dataclasses
@@ -182,6 +183,8 @@ def decode_image(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
         raise ImageError(f"image is empty (0 bytes): {path}")
     if len(data) > MAX_IMAGE_FILE_BYTES:
         raise ImageError(f"image file is too large ({len(data)} bytes, limit {MAX_IMAGE_FILE_BYTES}): {path}")
+    if data[:2] == b"P7":
+        return _checked_rgba(decode_pam(data, path), path)
     with warnings.catch_warnings():
         # Pillow warns (DecompressionBombWarning) above its own limit; our stricter check below
         # replaces that warning with an error.
@@ -253,11 +256,54 @@ def image_to_rgba(im: Image.Image, source: PathLike = "<PIL image>") -> np.ndarr
     if method is not None:
         im = im.transpose(method)
 
-    rgba = to_rgba_array(im, source)
+    return _checked_rgba(to_rgba_array(im, source), source)
+
+
+def _checked_rgba(rgba: np.ndarray, source: PathLike) -> np.ndarray:
     if rgba.ndim != 3 or rgba.shape[0] == 0 or rgba.shape[1] == 0:
         raise ImageError(f"image has zero size: {source}")
     if rgba[..., 3].max() == 0:
         raise ImageError(f"alpha channel is empty (every pixel fully transparent): {source}")
+    return rgba
+
+
+def _header_number(text: bytes) -> int:
+    """A PAM header value as C's strtoll reads it (leading blanks, a sign, digits; 0 when there are none)."""
+    m = re.match(rb"\s*([+-]?\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+def decode_pam(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
+    """A PAM (P7) file, which Pillow does not read, as the C library decodes it: depth 1-4 (grey, grey + alpha,
+    RGB, RGBA; TUPLTYPE not needed), maxval up to 65535 (two bytes per sample above 255, scaled to 0..255)."""
+    fields, i = {}, 2
+    while True:
+        end = data.find(b"\n", i)
+        if end < 0:
+            raise ImageError(f"PAM header is truncated: {path}")
+        line, i = data[i:end].removesuffix(b"\r"), end + 1
+        if line == b"ENDHDR":
+            break
+        if line and not line.startswith(b"#"):
+            key, _, value = line.partition(b" ")
+            fields[key] = value
+    w, h, depth, maxval = (_header_number(fields.get(k, b"")) for k in (b"WIDTH", b"HEIGHT", b"DEPTH", b"MAXVAL"))
+    if w <= 0 or h <= 0:
+        raise ImageError(f"image has zero size ({w}x{h}): {path}")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(_too_large_message(path, w, h))
+    if not (1 <= maxval <= 65535 and 1 <= depth <= 4):
+        raise ImageError(f"unsupported PNM variant (depth {depth}, maxval {maxval}): {path}")
+    dtype = np.dtype(">u2" if maxval > 255 else "u1")
+    if len(data) - i < w * h * depth * dtype.itemsize:
+        raise ImageError(f"image data is truncated or corrupt (PNM samples end early): {path}")
+    v = np.frombuffer(data, dtype, w * h * depth, i).reshape(h, w, depth)
+    if maxval != 255:  # the C loader's rounding: lrint(min(v, maxval) * 255 / maxval), halves to even
+        v = np.rint(np.minimum(v, maxval).astype(np.float64) * 255.0 / maxval)
+    v = v.astype(np.uint8)
+    rgba = np.empty((h, w, 4), np.uint8)
+    rgba[..., :3] = v[..., :1] if depth <= 2 else v[..., :3]
+    rgba[..., 3] = v[..., -1] if depth in (2, 4) else 255
     return rgba
 
 

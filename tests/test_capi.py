@@ -427,6 +427,15 @@ def _pillow_images(tmp: Path):
     exif6[0x0112] = 6
     save("exif6.jpg", Image.fromarray(photo, "RGB"), quality=90, exif=exif6)
     save("xmp8.jpg", Image.fromarray(photo, "RGB"), quality=90, xmp=xmp(8).encode())
+    # PAM (P7; Pillow reads none: the Python package's own reader): RGBA, and grey + alpha at maxval 1000 in 16 bits
+    pam = tmp / "rgba.pam"
+    pam.write_bytes(b"P7\nWIDTH 31\nHEIGHT 23\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n" + rgba.tobytes())
+    files["rgba.pam"] = pam
+    grey_alpha = rng.integers(0, 1001, (5, 7, 2)).astype(">u2")
+    grey_alpha[0, 0, 1] = 1000
+    pam = tmp / "grey_alpha16.pam"
+    pam.write_bytes(b"P7\r\n# a comment\nWIDTH 7\nHEIGHT 5\nDEPTH 2\nMAXVAL 1000\nENDHDR\n" + grey_alpha.tobytes())
+    files["grey_alpha16.pam"] = pam
     # Adam7-interlaced RGBA: the seven sub-images in order, rows with filter byte 0 (empty passes omitted)
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
     inter = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in passes for row in rgba[y0::dy, x0::dx]
@@ -459,6 +468,7 @@ def test_image_decoding_matches_python_loader(lib, tmp_path):
     np.testing.assert_array_equal(_c_image(lib, files["xmp_text.png"]), np.rot90(upright, 2))
     np.testing.assert_array_equal(_c_image(lib, files["raw_profile.png"]), np.rot90(upright, 1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_and_xmp.png"]), np.rot90(upright, 1))
+    np.testing.assert_array_equal(load_image(files["rgba.pam"]), upright)  # the same pixels as rgba.png
     np.testing.assert_array_equal(_c_image(lib, files["exif_sshort.png"]), np.rot90(upright, -1))
     np.testing.assert_array_equal(_c_image(lib, files["exif_byte.png"]), upright)
     np.testing.assert_array_equal(_c_image(lib, files["exif_cut.png"]), np.rot90(upright, 2))

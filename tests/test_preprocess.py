@@ -227,6 +227,20 @@ def test_16bit_grey_colour_key_makes_the_keyed_pixels_transparent():
     np.testing.assert_array_equal(a[0, :, 0], np.rint(px[0] / 257.0))
 
 
+def test_pam_is_read_and_bad_pam_named():
+    """PAM (the CLI takes .pam files; Pillow reads none) decoded as by the C library, bad headers refused."""
+    head = b"P7\nWIDTH 2\nHEIGHT 1\nDEPTH 3\nMAXVAL 1023\nENDHDR\n"
+    a = decode_image(head + np.array([0, 511, 1023, 100, 2000, 3], ">u2").tobytes(), "x.pam")
+    np.testing.assert_array_equal(a[0], [[0, 127, 255, 255], [25, 255, 1, 255]])  # 511 * 255 / 1023 = 127.4
+    for data, message in ((b"P7\nWIDTH 2\n", "PAM header is truncated"),
+                          (head.replace(b"DEPTH 3", b"DEPTH 5"), r"unsupported PNM variant \(depth 5, maxval 1023\)"),
+                          (head + b"\0\0", "PNM samples end early"),
+                          (head.replace(b"WIDTH 2", b"WIDTH x"), r"zero size \(0x1\)"),
+                          (head.replace(b"WIDTH 2\nHEIGHT 1", b"WIDTH 90000\nHEIGHT 90000"), "too large")):
+        with pytest.raises(ImageError, match=message):
+            decode_image(data, "x.pam")
+
+
 def test_32bit_int_and_float_modes(tmp_path):
     Image.fromarray(_gradient().astype(np.int32) * 257, "I").save(tmp_path / "i32.tif")
     a = load_image(tmp_path / "i32.tif")
