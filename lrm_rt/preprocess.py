@@ -225,8 +225,12 @@ def decode_image(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = prev
 
-    if getattr(im, "n_frames", 1) > 1:
-        log.warning("%s has %d frames (animation or pages): using the first", path, im.n_frames)
+    try:  # counting the frames seeks through them: a damaged later frame must not fail the decoded first one
+        frames = getattr(im, "n_frames", 1)
+    except Exception:
+        frames = 1
+    if frames > 1:
+        log.warning("%s has %d frames (animation or pages): using the first", path, frames)
     key = im.info.get("transparency")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[24:26] == b"\x10\x02" and isinstance(key, tuple):
         # A 16-bit RGB PNG's tRNS key holds 16-bit values, which Pillow compares with the 8-bit colours it decodes
@@ -269,8 +273,12 @@ def _checked_rgba(rgba: np.ndarray, source: PathLike) -> np.ndarray:
 
 def _header_number(text: bytes) -> int:
     """A PAM header value as C's strtoll reads it (leading blanks, a sign, digits; 0 when there are none)."""
-    m = re.match(rb"\s*([+-]?\d+)", text)
-    return int(m.group(1)) if m else 0
+    m = re.match(rb"\s*([+-]?)0*(\d+)", text)
+    if not m:
+        return 0
+    limit = 2**63 - 1  # strtoll saturates (and int() of over 4300 digits would raise)
+    value = limit if len(m.group(2)) > 19 else min(int(m.group(2)), limit)
+    return -value if m.group(1) == b"-" else value
 
 
 def decode_pam(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:

@@ -236,9 +236,27 @@ def test_pam_is_read_and_bad_pam_named():
                           (head.replace(b"DEPTH 3", b"DEPTH 5"), r"unsupported PNM variant \(depth 5, maxval 1023\)"),
                           (head + b"\0\0", "PNM samples end early"),
                           (head.replace(b"WIDTH 2", b"WIDTH x"), r"zero size \(0x1\)"),
-                          (head.replace(b"WIDTH 2\nHEIGHT 1", b"WIDTH 90000\nHEIGHT 90000"), "too large")):
+                          (head.replace(b"WIDTH 2\nHEIGHT 1", b"WIDTH 90000\nHEIGHT 90000"), "too large"),
+                          (head.replace(b"WIDTH 2", b"WIDTH " + b"1" * 5000), "too large")):  # strtoll saturates
         with pytest.raises(ImageError, match=message):
             decode_image(data, "x.pam")
+
+
+def test_damaged_later_frame_keeps_the_first():
+    """Counting an animation's frames seeks through them: a GIF cut inside its second frame raised IndexError /
+    struct.error from there (a traceback), though its first frame decodes."""
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    for cut in range(len(data) - 25, len(data) - 1):
+        try:
+            a = decode_image(data[:cut], "cut.gif")
+        except ImageError:
+            continue
+        assert a.shape == (8, 8, 4) and (a[..., 0] == 255).all()
+    wide = b"P7\nWIDTH " + b"0" * 4300 + b"2\nHEIGHT 1\nDEPTH 1\nMAXVAL 255\nENDHDR\n\x10\x20"
+    np.testing.assert_array_equal(decode_image(wide, "x.pam")[0, :, 0], [16, 32])  # leading zeros, as strtoll
 
 
 def test_32bit_int_and_float_modes(tmp_path):
