@@ -163,21 +163,29 @@ struct PngText {
     bool have_exif = false, exif_is_text = false, have_raw_profile = false;
 };
 
-// zlib data of a text chunk, inflated to at most 1 MiB (Pillow's MAX_TEXT_CHUNK).
-enum class Inflated { ok, corrupt, too_large };
-Inflated inflate_text(const std::string& in, std::string& out) {
+// Inflates a whole zlib stream into out[0, cap): the zlib status, and the bytes written in `got`.
+int inflate_into(const void* in, size_t n, unsigned char* out, size_t cap, size_t& got) {
     z_stream zs;
     std::memset(&zs, 0, sizeof(zs));
     if (inflateInit(&zs) != Z_OK) fail(LRM_ERR_OUT_OF_MEMORY, "zlib inflateInit failed");
-    out.assign((1 << 20) + 1, '\0');  // one byte more than allowed: filling it means too large
-    zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(in.data()));
-    zs.avail_in = (uInt)in.size();
-    zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
-    zs.avail_out = (uInt)out.size();
+    zs.next_in = reinterpret_cast<Bytef*>(const_cast<void*>(in));
+    zs.avail_in = (uInt)n;
+    zs.next_out = out;
+    zs.avail_out = (uInt)cap;
     const int r = inflate(&zs, Z_FINISH);
-    out.resize(out.size() - zs.avail_out);
+    got = cap - zs.avail_out;
     inflateEnd(&zs);
-    if (out.size() > (1u << 20)) return Inflated::too_large;
+    return r;
+}
+
+// zlib data of a text chunk, inflated to at most 1 MiB (Pillow's MAX_TEXT_CHUNK).
+enum class Inflated { ok, corrupt, too_large };
+Inflated inflate_text(const std::string& in, std::string& out) {
+    out.assign((1 << 20) + 1, '\0');  // one byte more than allowed: filling it means too large
+    size_t got = 0;
+    const int r = inflate_into(in.data(), in.size(), reinterpret_cast<unsigned char*>(&out[0]), out.size(), got);
+    out.resize(got);
+    if (got > (1u << 20)) return Inflated::too_large;
     return r == Z_STREAM_END ? Inflated::ok : Inflated::corrupt;
 }
 
@@ -445,16 +453,8 @@ Image decode_png(const std::string& bytes, const std::string& source) {
         if (pw[k] && ph[k]) total += (size_t)ph[k] * (hd.row_bytes(pw[k]) + 1);
     }
     std::vector<unsigned char> raw(total);
-    z_stream zs;
-    std::memset(&zs, 0, sizeof(zs));
-    if (inflateInit(&zs) != Z_OK) fail(LRM_ERR_OUT_OF_MEMORY, "zlib inflateInit failed");
-    zs.next_in = reinterpret_cast<Bytef*>(&idat[0]);
-    zs.avail_in = (uInt)idat.size();
-    zs.next_out = raw.data();
-    zs.avail_out = (uInt)raw.size();
-    const int zr = inflate(&zs, Z_FINISH);
-    const size_t got = raw.size() - zs.avail_out;
-    inflateEnd(&zs);
+    size_t got = 0;
+    const int zr = inflate_into(idat.data(), idat.size(), raw.data(), raw.size(), got);
     if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR && zr != Z_OK) || got != raw.size())
         bad_image(source, "image data is truncated or corrupt (PNG pixel data ends early)");
 

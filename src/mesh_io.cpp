@@ -36,7 +36,7 @@ void put(std::string& s, T v) {  // little-endian (checked in write_mesh)
     s.append(b, sizeof(T));
 }
 
-uint8_t quantise(float c) {  // lrm_rt.mesh.to_trimesh: clip(rint(c * 255), 0, 255)
+uint8_t quantise(float c) {  // lrm_rt.mesh._vertex_rgba: clip(rint(c * 255), 0, 255)
     const float v = std::nearbyint(c * 255.0f);
     return (uint8_t)(v < 0.f ? 0.f : (v > 255.f ? 255.f : v));
 }
