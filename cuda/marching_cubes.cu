@@ -44,12 +44,18 @@ LRM_DEVICE_FN int lrm_mc_case(const float* __restrict__ g, int64_t p, int64_t s0
 LRM_DEVICE_FN int lrm_mc_popc3(unsigned m) { return (int)((m & 1u) + ((m >> 1) & 1u) + ((m >> 2) & 1u)); }
 
 // Crossing parameter along a -> b. For finite values with a <= level < b (or the reverse) float
-// rounding keeps t in [0, 1]. Only infinite corner values fall through; the crossing then sits at the
-// finite end (the limit of the interpolation), or midway when both ends are infinite.
+// rounding keeps t in [0, 1] unless b - a overflows (ends of opposite sign near +-3.4e38): then the
+// same quotient is taken on halved values, which cannot overflow. Infinite corner values put the
+// crossing at the finite end (the limit of the interpolation), or midway when both ends are infinite.
 LRM_DEVICE_FN float lrm_mc_lerp_t(float a, float b, float level) {
-    const float t = (level - a) / (b - a);
-    if (t >= 0.f && t <= 1.f) return t;
+    const float d = b - a;
+    const float t = (level - a) / d;
+    if (t >= 0.f && t <= 1.f && d - d == 0.f) return t;
     const bool a_inf = !(a - a == 0.f), b_inf = !(b - b == 0.f);
+    if (!a_inf && !b_inf) {
+        const float th = (0.5f * level - 0.5f * a) / (0.5f * b - 0.5f * a);
+        return th < 0.f ? 0.f : (th > 1.f ? 1.f : th);
+    }
     return (a_inf && !b_inf) ? 1.f : ((!a_inf && b_inf) ? 0.f : 0.5f);
 }
 

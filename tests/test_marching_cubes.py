@@ -354,6 +354,21 @@ def test_infinite_values_are_meshed():
     assert edge_topology(f).watertight
 
 
+def test_crossing_between_huge_values_of_opposite_sign():
+    """b - a overflows to inf for finite corners near +-3.4e38: the crossing must still sit where the
+    interpolation puts it (midway for -3e38 / +3e38 at level 0), not at the first corner."""
+    big = np.float32(3e38)
+    g = np.full((2, 2, 3), -big, np.float32)
+    g[:, :, 2] = big
+    g[:, :, 0] = -big  # cells along axis 2: (-big, -big, +big), crossing at 1.5
+    v, f = marching_cubes(g, 0.0, backend="native")
+    assert len(f) > 0 and np.isfinite(v).all()
+    np.testing.assert_allclose(v[:, 2], 1.5, atol=1e-6)
+    g[:, :, 2] = big / 3  # (-3e38, 1e38): crossing 3/4 of the way
+    v, _ = marching_cubes(g, 0.0, backend="native")
+    np.testing.assert_allclose(v[:, 2], 1.75, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------- fixtures
 
 
