@@ -666,16 +666,57 @@ def recenter(rgba: np.ndarray, size: int = 512, border_ratio: float = 0.2, sourc
     return out
 
 
-def composite_uint8(rgba: np.ndarray, background: Background = 0.5) -> np.ndarray:
-    """TripoSR's ``rgb*a + bg*(1-a)`` in float32, then ``(x*255).astype(uint8)`` (truncation, not rounding).
+def _composite_with_table(rgba: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 = table[channel, alpha * 256 + colour]: a per-pixel float formula evaluated once per (colour,
+    alpha) pair instead of once per pixel (a 4096^2 canvas: ~0.2 s instead of ~1.6 s), bit for bit the same."""
+    h, w = rgba.shape[:2]
+    flat = rgba.reshape(-1, 4)
+    out = np.empty((h * w, 3), np.uint8)
+    step = 1 << 20  # bounds the int64 index temporaries to ~8 MB
+    for i in range(0, h * w, step):
+        a = flat[i : i + step, 3].astype(np.intp) << 8
+        for c in range(3):
+            out[i : i + step, c] = table[c][a | flat[i : i + step, c]]
+    return out.reshape(h, w, 3)
 
-    Operation order and dtypes follow ``run.py`` so the result is bit-identical to its ``input.png``.
-    """
+
+def _pair_image() -> np.ndarray:
+    """Every (alpha, colour) pair as one (1, 65536, 4) uint8 image, alpha-major: a formula applied to it gives the
+    table ``_composite_with_table`` reads."""
+    a, c = np.divmod(np.arange(65536), 256)
+    return np.stack([c, c, c, a], -1).astype(np.uint8)[None]
+
+
+def _composite_uint8_direct(rgba: np.ndarray, background: Background) -> np.ndarray:
     x = rgba.astype(np.float32) / 255.0
     a = x[..., 3:4]
     bg = float(background) if np.isscalar(background) else np.asarray(background, dtype=np.float32)
     rgb = x[..., :3] * a + (1 - a) * bg
     return (rgb * 255.0).astype(np.uint8)
+
+
+def composite_uint8(rgba: np.ndarray, background: Background = 0.5) -> np.ndarray:
+    """TripoSR's ``rgb*a + bg*(1-a)`` in float32, then ``(x*255).astype(uint8)`` (truncation, not rounding).
+
+    Operation order and dtypes follow ``run.py`` so the result is bit-identical to its ``input.png``.
+    """
+    if rgba.shape[0] * rgba.shape[1] < 1 << 17:
+        return _composite_uint8_direct(rgba, background)
+    return _composite_with_table(rgba, _composite_uint8_direct(_pair_image(), background)[0].T.copy())
+
+
+def _display_openlrm_direct(rgba: np.ndarray, background: Background) -> np.ndarray:
+    x = rgba.astype(np.float32) / 255.0
+    bg = np.float32(background) if np.isscalar(background) else np.asarray(background, np.float32)
+    return np.clip(np.rint((x[..., :3] * x[..., 3:] + (1 - x[..., 3:]) * bg) * 255.0), 0, 255).astype(np.uint8)
+
+
+def display_openlrm(rgba: np.ndarray, background: Background = 1.0) -> np.ndarray:
+    """OpenLRM's float composite ``rgb*a + bg*(1-a)`` rounded to uint8: for display only (the model side
+    composites in float)."""
+    if rgba.shape[0] * rgba.shape[1] < 1 << 17:
+        return _display_openlrm_direct(rgba, background)
+    return _composite_with_table(rgba, _display_openlrm_direct(_pair_image(), background)[0].T.copy())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -914,9 +955,7 @@ def preprocess(rgba: np.ndarray, cfg: PreprocessConfig, source: str = "<array>")
         rgb01 = _resize_rgb_uint8(display, cfg)
     else:
         rgb01 = _resize_rgba_float(framed, cfg)
-        x = framed.astype(np.float32) / 255.0
-        bg = np.float32(cfg.background) if np.isscalar(cfg.background) else np.asarray(cfg.background, np.float32)
-        display = np.clip(np.rint((x[..., :3] * x[..., 3:] + (1 - x[..., 3:]) * bg) * 255.0), 0, 255).astype(np.uint8)
+        display = display_openlrm(framed, cfg.background)
 
     pixel_values = normalize(rgb01, cfg.mean, cfg.std).contiguous()
     return PreprocessResult(pixel_values, rgb01, display, framed, mask_source, msgs)

@@ -96,6 +96,18 @@ def test_openlrm_v10_image_and_normalisation(openlrm_io, openlrm_v10_io):
     torch.testing.assert_close(real.pixel_values, (openlrm_v10_io["image"] - 0.5) / 0.5, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("background", [0.5, 1.0, (0.2, 0.7, 1.0), 1 / 3])
+def test_display_composites_by_table_equal_the_per_pixel_formulas(background):
+    """Large images composite through a (colour, alpha) table: every pair, in an image big enough to take that
+    path, must give what the float32 formula gives pixel by pixel (TripoSR's input.png is compared bit for bit)."""
+    a, c = np.divmod(np.arange(65536), 256)
+    pairs = np.stack([c, (c * 7) % 256, 255 - c, a], -1).astype(np.uint8)
+    img = np.concatenate([pairs, pairs[::-1]]).reshape(512, 256, 4)
+    assert img.shape[0] * img.shape[1] >= 1 << 17  # the table path
+    np.testing.assert_array_equal(composite_uint8(img, background), pp._composite_uint8_direct(img, background))
+    np.testing.assert_array_equal(pp.display_openlrm(img, background), pp._display_openlrm_direct(img, background))
+
+
 def test_resize_foreground_reference_arithmetic():
     # Alpha box rows 10..29, cols 5..44 inclusive -> exclusive max crops to 19 x 39.
     rgba = np.zeros((50, 60, 4), np.uint8)
