@@ -131,9 +131,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:  # say so, or an HTTP/1.1 client sends its next request into a closed socket
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":  # a HEAD answer is the headers alone
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":  # a HEAD answer is the headers alone
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client left without its answer: nobody to tell
+            self.close_connection = True
 
     def _json(self, status: int, doc: dict, headers: Optional[Dict[str, str]] = None) -> None:
         self._send(status, json.dumps(doc).encode() + b"\n", "application/json", headers)
@@ -184,7 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             body = self.rfile.read(int(length))
-        except OSError:  # stalled past SOCKET_TIMEOUT_S or gone mid-upload: closed quietly, as http.server does
+        except OSError:  # stalled past SOCKET_TIMEOUT_S or reset mid-upload: closed quietly, as http.server does
+            body = b""
+        if len(body) < int(length):  # the client closed before sending what it announced: nothing to answer
             self.server.slots.release()
             self.close_connection = True
             return

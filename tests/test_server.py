@@ -244,3 +244,33 @@ def test_a_stalled_upload_is_dropped_quietly_and_frees_its_slot(monkeypatch, cap
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_body_cut_short_is_not_decoded_and_a_vanished_client_prints_no_traceback(server, monkeypatch, capsys):
+    """A client that announces more bytes than it sends and closes is dropped without decoding the part it sent
+    (which once came back as a 400 about the image, into a closed socket: BrokenPipeError's traceback); an answer
+    that finds the client gone is dropped quietly too."""
+    import socket
+
+    import lrm_rt.server as S
+
+    calls = []
+    monkeypatch.setattr(server, "reconstruct", lambda body, params: calls.append(len(body)) or pytest.fail("decoded"))
+    with socket.create_connection(server.server_address, timeout=30) as s:
+        s.sendall(b"POST /reconstruct HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(CHAIR) * 2)
+                  + CHAIR[:1000])
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(4096) == b""  # closed, no answer
+    monkeypatch.undo()
+    assert calls == []
+
+    def gone(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(S._Handler, "end_headers", gone)
+    with socket.create_connection(server.server_address, timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096) == b""  # nothing went out: the headers are sent by end_headers
+    monkeypatch.undo()
+    assert "Traceback" not in capsys.readouterr().err
+    assert _request(server, "GET", "/health")[0] == 200
