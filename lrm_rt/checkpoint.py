@@ -357,5 +357,6 @@ def load_model(spec: str, *, random_weights: bool = False, seed: int = 0) -> Loa
         return LoadedModel(cfg, build_network(cfg, sd, spec), spec)
     if path.exists():
         raise CheckpointError(f"{spec} is a file; --model takes a model directory, a model name or a repo id")
+    shipped = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
     raise ConfigError(f"unknown model {spec!r}: not a directory, not a known name "
-                      f"({', '.join(sorted(NAMED_CONFIGS))}) and not a Hugging Face repo id")
+                      f"({', '.join(shipped + sorted(NAMED_CONFIGS))}) and not a Hugging Face repo id")

@@ -291,7 +291,7 @@ def _output_target(args):
                            "pass an output directory")
         if args.format and args.format != suffix:
             raise LrmError(f"--format {args.format} contradicts the --out file name {args.out}")
-        return out.parent, out.stem, suffix
+        return out.parent, out.name, suffix  # the name as given ("Chair.GLB" stays so)
     return out, None, args.format or "glb"
 
 
@@ -411,8 +411,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``error: ...`` line and status 2, not the usage block first
+    (``--help`` still shows it). Sub-command parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrm-rt", description="Fast inference for Large Reconstruction Models")
+    parser = _Parser(prog="lrm-rt", description="Fast inference for Large Reconstruction Models")
     parser.add_argument("--version", action="version", version=f"lrm_rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_reconstruct(sub)

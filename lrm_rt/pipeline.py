@@ -251,16 +251,18 @@ class Reconstructor:
     @staticmethod
     def save(result: Reconstruction, out_dir: Union[str, Path], name: str, fmt: MeshFormat = "glb",
              orientation: Orientation = "native") -> List[Path]:
-        """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths."""
+        """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths. A name that
+        already ends in ``.fmt``, in any case ("chair.GLB"), is the mesh file's name as given."""
         if not name or name in (".", "..") or "/" in name or "\\" in name:  # os.sep / altsep are one of these
             raise ConfigError(f"output name must be a plain file name (no directories), got {name!r}")
         fmt = str(fmt).lower()  # type: ignore[assignment]
+        file_name = f"{name}.{fmt}"
         if name.lower().endswith(f".{fmt}") and len(name) > len(fmt) + 1:  # "chair.glb" means chair + .glb
-            name = name[:-len(fmt) - 1]
+            name, file_name = name[:-len(fmt) - 1], name
         out = Path(out_dir)
         written: List[Path] = []
         if result.mesh is not None:
-            path = export_mesh(result.mesh, out / f"{name}.{fmt}", fmt, orientation)
+            path = export_mesh(result.mesh, out / file_name, fmt, orientation)
             written += mesh_files(result.mesh, path, fmt)
         for k, img in enumerate(result.views):
             p = out / f"{name}_view{k:03d}.png"
