@@ -742,6 +742,27 @@ def composite_resize_bicubic(rgba: np.ndarray, size: int, background: Background
     Compositing happens in float before resizing (unlike TripoSR), so the uint8 composite is not an
     intermediate here.
     """
+    h, w = rgba.shape[:2]
+    rows, cols = _bicubic_taps(h, size), _bicubic_taps(w, size)
+    if h * w < 1 << 20 or len(rows) * len(cols) * 4 > h * w:
+        x = _composite_float(rgba, background)
+    else:
+        # Downscaling reads 4 x 4 source pixels per output pixel: composite only the rows and columns it can
+        # read, through the (colour, alpha) table, into a zero image (pixels it never reads stay 0). A 4096^2
+        # canvas to 128 px: ~0.05 s instead of ~0.6 s, the same bits.
+        table = _composite_float(_pair_image(), background)[0, :, 0, :].numpy()  # (3, 65536): alpha-major pairs
+        sub = rgba[np.ix_(rows, cols)]
+        a = sub[..., 3].astype(np.intp) << 8
+        xn = np.zeros((3, h, w), np.float32)
+        for c in range(3):
+            xn[c][np.ix_(rows, cols)] = table[c][a | sub[..., c]]
+        x = torch.from_numpy(xn)[None]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
+    return torch.clamp(x, 0, 1).contiguous()
+
+
+def _composite_float(rgba: np.ndarray, background: Background) -> torch.Tensor:
+    """OpenLRM's float composite as (1, 3, H, W): ``u8/255``, then ``rgb*a + bg*(1-a)``."""
     x = torch.from_numpy(np.ascontiguousarray(rgba)).permute(2, 0, 1).unsqueeze(0) / 255.0
     a = x[:, 3:]
     if np.isscalar(background):
@@ -749,9 +770,14 @@ def composite_resize_bicubic(rgba: np.ndarray, size: int, background: Background
     else:
         bg = torch.tensor(background, dtype=torch.float32).view(1, 3, 1, 1)
     # "+ (1 - a) * 1.0" is exact, so the white case is bit-identical to the reference "+ (1 - a)".
-    x = x[:, :3] * a + (1 - a) * bg
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
-    return torch.clamp(x, 0, 1).contiguous()
+    return x[:, :3] * a + (1 - a) * bg
+
+
+def _bicubic_taps(n: int, size: int) -> np.ndarray:
+    """Source indices (sorted, unique) that an align_corners bicubic resize of n samples to ``size`` may read:
+    floor(position) - 1 .. + 2, one more each side as torch computes the position in float."""
+    pos = np.floor(np.arange(size) * ((n - 1) / max(size - 1, 1))).astype(np.int64)
+    return np.unique(np.clip(pos[:, None] + np.arange(-2, 4), 0, n - 1))
 
 
 def normalize(x: torch.Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> torch.Tensor:

@@ -108,6 +108,21 @@ def test_display_composites_by_table_equal_the_per_pixel_formulas(background):
     np.testing.assert_array_equal(pp.display_openlrm(img, background), pp._display_openlrm_direct(img, background))
 
 
+@pytest.mark.parametrize("h,w,size,background", [(1600, 2500, 128, 1.0), (2047, 1601, 64, (0.2, 0.7, 1.0)),
+                                                  (4096, 3000, 224, 1.0)])
+def test_bicubic_composite_of_a_large_canvas_reads_only_its_taps_and_equals_the_full_one(h, w, size, background):
+    """OpenLRM's composite-then-bicubic of a large canvas composites only the rows and columns the resize reads:
+    bit for bit what compositing every pixel gives."""
+    import torch.nn.functional as F
+
+    rgba = np.random.default_rng(h).integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rows, cols = pp._bicubic_taps(h, size), pp._bicubic_taps(w, size)
+    assert len(rows) * len(cols) * 4 <= h * w  # the sparse path
+    full = torch.clamp(F.interpolate(pp._composite_float(rgba, background), size=(size, size), mode="bicubic",
+                                     align_corners=True), 0, 1)
+    assert torch.equal(composite_resize_bicubic(rgba, size, background), full)
+
+
 def test_resize_foreground_reference_arithmetic():
     # Alpha box rows 10..29, cols 5..44 inclusive -> exclusive max crops to 19 x 39.
     rgba = np.zeros((50, 60, 4), np.uint8)
