@@ -114,21 +114,24 @@ def _add_export(sub) -> None:
                    help="device the AOTInductor package is compiled for (default cpu)")
     p.add_argument("--opset", type=int_in(1, 1000), default=None, help="ONNX opset (default 17)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for a release name")
-    p.add_argument("--max-batch", type=int, default=4, help="largest batch of the TensorRT profile (default 4)")
-    p.add_argument("--check-batch", type=int, default=2, help="batch size of the built-in validation (default 2)")
+    # the bounds export_model checks (its module imports torch, which the parser should not wait for)
+    p.add_argument("--max-batch", type=int_in(1, 64), default=4,
+                   help="largest batch of the TensorRT profile (default 4)")
+    p.add_argument("--check-batch", type=int_in(1, 16), default=2,
+                   help="batch size of the built-in validation (default 2)")
     p.add_argument("--threads", type=int_in(1, 1024), default=None)
     p.add_argument("--quiet", action="store_true")
 
 
 def cmd_export(args) -> int:
-    import torch
-
     from .checkpoint import load_model
     from .export import DEFAULT_OPSET, export_model, require_onnx
 
     require_onnx()  # before loading the model
     if args.threads:
-        torch.set_num_threads(int(args.threads))
+        from .pipeline import set_torch_threads
+
+        set_torch_threads(args.threads)
     if args.aoti:  # before the ONNX export, which takes minutes
         from .export.aoti import check_aoti_device
 

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigError
 from .field.spec import OPENLRM_FIELD, TRIPOSR_FIELD, FieldSpec
@@ -105,6 +105,58 @@ def _finite(where: str, key: str, value: Any, positive: bool = False) -> float:
     return x
 
 
+# Twice the largest release input (TripoSR's 512 px): the encoder's cost grows with the square of the side, and a
+# config asking for 4096 px ran lrm-tiny's encoder for 2 minutes, 20000 px for 14 minutes and 11 GB before failing.
+MAX_INPUT_SIZE = 1024
+MAX_SAMPLES_PER_RAY = 1024
+MAX_GRID = 4096  # the CLI's bound for --mc-resolution and --render-size
+
+
+def check_config(cfg: ModelConfig, name_of: Callable[[str], str] = lambda f: f"model config: {f}") -> ModelConfig:
+    """Every value a stage relies on, checked once where a config is read (a checkpoint's files, an export
+    manifest): a wrong one is a ConfigError naming it (``name_of(field)`` says where it came from), not an error
+    deep inside the network, the renderer or marching cubes, nor a silently wrong mesh."""
+    def fail(field: str, what: str) -> None:
+        raise ConfigError(f"{name_of(field)} must be {what}, got {getattr(cfg, field)!r}")
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONFIG_SIZE):
+            fail(f.name, f"an integer in [0, {MAX_CONFIG_SIZE}]")
+        if f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            fail(f.name, "a finite number")
+    for f in dataclasses.fields(cfg.encoder):
+        v = getattr(cfg.encoder, f.name)
+        if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONFIG_SIZE):
+            raise ConfigError(f"{name_of('encoder')}.{f.name} must be an integer in [0, {MAX_CONFIG_SIZE}], got {v!r}")
+    if cfg.family not in ("triposr", "openlrm") or (cfg.family == "triposr") != (cfg.version == "triposr"):
+        raise ConfigError(f"{name_of('family')}: unknown family / version {cfg.family!r} / {cfg.version!r}")
+    patch = getattr(cfg.encoder, "patch_size", 1)
+    checks = [("input_size", patch, MAX_INPUT_SIZE), ("mc_resolution", 2, MAX_GRID), ("render_size", 1, MAX_GRID),
+              ("samples_per_ray", 8 if cfg.family == "openlrm" else 1, MAX_SAMPLES_PER_RAY),  # OpenLRM: 4 + 4 at least
+              ("camera_embed_dim", 0 if cfg.family == "triposr" else 1, MAX_CONFIG_SIZE)]
+    checks += [(f, 1, MAX_CONFIG_SIZE) for f in ("transformer_dim", "transformer_layers", "transformer_heads", "head_dim",
+                                                 "encoder_feat_dim", "triplane_low_res", "triplane_dim", "decoder_in",
+                                                 "decoder_hidden", "decoder_linear_layers")]
+    for field, lo, hi in checks:
+        if not lo <= getattr(cfg, field) <= hi:
+            fail(field, f"an integer in [{lo}, {hi}]")
+    if cfg.foreground_ratio is not None and not (isinstance(cfg.foreground_ratio, (int, float))
+                                                 and 0.05 <= cfg.foreground_ratio <= 1):
+        fail("foreground_ratio", "a number in [0.05, 1] or absent")
+    if not 0 <= cfg.background <= 1:
+        fail("background", "a grey level in [0, 1]")
+    if not 1 < cfg.source_cam_dist <= 100:  # the object fills [-1, 1]^3: the camera must look at it from outside
+        fail("source_cam_dist", "a distance in (1, 100]")
+    for field, positive in (("image_mean", False), ("image_std", True)):
+        v = getattr(cfg, field)
+        if v is not None and not (isinstance(v, tuple) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+                for x in v)):
+            fail(field, f"three finite{' positive' if positive else ''} numbers (one per RGB channel) or absent")
+    return cfg
+
+
 def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
                    vit: Optional[ViTConfig] = None) -> ModelConfig:
     """From TripoSR's config.yaml (already parsed; ``${...}`` interpolations resolved or not)."""
@@ -133,7 +185,8 @@ def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
         if ren.get("density_bias", -1.0) != -1.0 or ren.get("color_activation", "sigmoid") != "sigmoid":
             raise ConfigError(f"{where}: renderer.density_bias {ren.get('density_bias')!r} / color_activation "
                               f"{ren.get('color_activation')!r} are not supported (only -1.0 / sigmoid)")
-        return ModelConfig(
+        keys = {"input_size": "cond_image_size", "samples_per_ray": "renderer.num_samples_per_ray"}
+        return check_config(ModelConfig(
             name=name, family="triposr", version="triposr",
             encoder=vit or DINO_VITB16,
             input_size=_int(where, "cond_image_size", yaml_cfg.get("cond_image_size", 512)),
@@ -152,7 +205,7 @@ def triposr_config(yaml_cfg: Mapping[str, Any], name: str = "triposr",
             samples_per_ray=_int(where, "renderer.num_samples_per_ray", ren.get("num_samples_per_ray", 128)),
             mc_resolution=256, mc_threshold=25.0, render_size=256,
             foreground_ratio=0.85, background=0.5,
-        )
+        ), lambda f: f"{where}: {keys.get(f, f)}")
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: invalid or missing value ({exc})") from None
 
@@ -193,7 +246,11 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
             mean, std = image_norm or (DINO_VITB16_MEAN, DINO_VITB16_STD)
             size, render = 512, 384  # only used without a checkpoint: real ones carry kwargs.infer
         size = _int(iwhere, "source_size", infer.get("source_size", size))
-        return ModelConfig(
+        infer_keys = {"input_size": "source_size", "mc_resolution": "mesh_size", "mc_threshold": "mesh_thres",
+                      "render_size": "render_size", "foreground_ratio": "foreground_ratio",
+                      "source_cam_dist": "source_cam_dist"}
+        model_keys = {"samples_per_ray": "rendering_samples_per_ray"}
+        return check_config(ModelConfig(
             name=name, family="openlrm", version=version, encoder=encoder,
             input_size=size, image_mean=mean, image_std=std,
             transformer_dim=dim, transformer_layers=_int(where, "transformer_layers", kwargs["transformer_layers"]),
@@ -213,7 +270,7 @@ def openlrm_config(kwargs: Mapping[str, Any], version: Literal["1.0", "1.1"], na
                               else _finite(iwhere, "foreground_ratio", infer["foreground_ratio"], positive=True)),
             background=1.0,
             source_cam_dist=_finite(iwhere, "source_cam_dist", infer.get("source_cam_dist", 2.0), positive=True),
-        )
+        ), lambda f: f"{iwhere}: {infer_keys[f]}" if f in infer_keys else f"{where}: {model_keys.get(f, f)}")
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: invalid or missing value ({exc})") from None
 

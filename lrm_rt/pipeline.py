@@ -6,6 +6,7 @@ density grid + marching cubes + vertex colours -> mesh export; novel views by vo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,12 @@ def check_device(device: str) -> str:
 def cuda_index(device: str) -> Optional[int]:
     """N of "cuda:N"; None for "cuda" (the current GPU) or the CPU."""
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else None
+
+
+def set_torch_threads(n: int) -> None:
+    """torch's intra-op threads, at most one per processor: OpenMP exits the process (no Python error) when the
+    OS refuses a thread, and more threads than processors only add overhead to these CPU-bound loops."""
+    torch.set_num_threads(max(1, min(int(n), os.cpu_count() or 1)))
 
 
 def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
@@ -139,7 +146,7 @@ class Reconstructor:
             raise ConfigError(f"model must be a name, a directory or a LoadedModel, got {type(model).__name__}")
         check_device(device)
         if threads is not None:
-            torch.set_num_threads(check_int("threads", threads, 1))
+            set_torch_threads(check_int("threads", threads, 1))
         t0 = time.perf_counter()
         if isinstance(model, (str, Path)) and not isinstance(network_backend, NetworkBackend) and is_export_dir(model):
             # An export directory (lrm-rt export) holds graphs, not torch weights: no checkpoint to load.

@@ -1,4 +1,5 @@
 """Checkpoint layouts and the errors a wrong or damaged checkpoint must produce."""
+import json
 import shutil
 
 import pytest
@@ -239,6 +240,10 @@ def test_malformed_configs_are_one_checkpoint_error(ckpts, tmp_path, layout, key
     ("mesh_thres", "abc", "infer.yaml of .*: mesh_thres must be a finite number, got 'abc'"),
     ("source_cam_dist", -2.0, "source_cam_dist must be a finite positive number, got -2.0"),
     ("source_cam_dist", float("inf"), "source_cam_dist must be a finite positive number, got inf"),
+    ("source_cam_dist", 0.5, r"infer.yaml of .*: source_cam_dist must be a distance in \(1, 100\], got 0.5"),
+    ("source_size", 20000, r"infer.yaml of .*: source_size must be an integer in \[14, 1024\], got 20000"),
+    ("foreground_ratio", 5, r"infer.yaml of .*: foreground_ratio must be a number in \[0.05, 1\] or absent, got 5"),
+    ("render_size", 0, r"infer.yaml of .*: render_size must be an integer in \[1, 65536\], got 0"),
 ])
 def test_bad_infer_settings_name_infer_yaml(ckpts, tmp_path, key, value, pattern):
     import yaml
@@ -283,3 +288,16 @@ def test_triposr_prefers_safetensors_to_the_pickle(ckpts, tmp_path):
     save_file({k: v.contiguous() for k, v in read_state_dict(d / "model.ckpt").items()}, str(d / "model.safetensors"))
     (d / "model.ckpt").write_bytes(b"not read")
     assert load_model(str(d)).config.family == "triposr"
+
+
+@pytest.mark.parametrize("spr", [3, 7])
+def test_too_few_samples_per_ray_are_refused_at_load(ckpts, tmp_path, spr):
+    """OpenLRM's importance renderer needs 4 coarse + 4 fine samples: fewer failed inside max_pool1d / sample_pdf
+    on the first rendered view."""
+    d = _copy(ckpts / "openlrm-tiny-1.1", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rendering_samples_per_ray"] = spr
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=rf"config.json of .*: rendering_samples_per_ray must be an integer in "
+                                          rf"\[8, 1024\], got {spr}"):
+        load_model(str(d))

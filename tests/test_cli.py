@@ -291,3 +291,29 @@ def test_python_api_takes_rgb_and_grey_arrays_and_plain_names(fixtures_dir, tmp_
     assert [p.name for p in rec.save(res, tmp_path, "chair.glb", fmt="GLB")] == ["chair.glb"]
     empty = rec.reconstruct(rgb, mc_resolution=16, mc_threshold=1e9)
     assert empty.mesh.num_faces == 0 and any("the mesh is empty: the density stays below" in w for w in empty.warnings)
+
+
+def test_thread_counts_are_capped_at_the_processor_count():
+    """--threads 600 under a memory limit ended the process from inside libgomp ("Thread creation failed") with
+    no error line: torch gets at most one thread per processor, as the native kernels do."""
+    import os
+
+    import torch
+
+    from lrm_rt.pipeline import set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_torch_threads(600)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("option,value", [("--check-batch", "100000"), ("--max-batch", "0")])
+def test_export_batch_sizes_are_bounded(fixtures_dir, tmp_path, capsys, option, value):
+    """--check-batch 100000 ran the validation until the kernel's OOM killer ended it at 24 GB."""
+    rc = _main_rc(["export", "--model", str(fixtures_dir / "checkpoints" / "triposr-tiny"), "--out",
+                   str(tmp_path / "x"), option, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"argument {option}: must be in [1," in err and not (tmp_path / "x").exists(), err

@@ -208,6 +208,43 @@ def test_bad_export_dir_errors(exports, tmp_path, fixtures_dir, how, pattern):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("edit,pattern", [
+    ({"render_size": 0}, "render_size must be an integer in [1, 4096], got 0"),
+    ({"render_size": -5}, "render_size must be an integer in [0, 65536], got -5"),
+    ({"samples_per_ray": 0}, "samples_per_ray must be an integer in [8, 1024], got 0"),
+    ({"samples_per_ray": 7}, "samples_per_ray must be an integer in [8, 1024], got 7"),
+    ({"mc_threshold": "x"}, "mc_threshold must be a finite number, got 'x'"),
+    ({"mc_resolution": "64"}, "mc_resolution must be an integer in [0, 65536], got '64'"),
+    ({"input_size": 20000}, "input_size must be an integer in [14, 1024], got 20000"),
+    ({"background": "x"}, "background must be a finite number, got 'x'"),
+    ({"background": 7}, "background must be a grey level in [0, 1], got 7"),
+    ({"foreground_ratio": "a"}, "foreground_ratio must be a number in [0.05, 1] or absent, got 'a'"),
+    ({"source_cam_dist": 0}, "source_cam_dist must be a distance in (1, 100], got 0"),
+    ({"image_mean": [1]}, "image_mean must be three finite numbers (one per RGB channel) or absent, got (1,)"),
+    ({"image_std": [1, 1, 0]}, "image_std must be three finite positive numbers"),
+    ({"transformer_layers": True}, "transformer_layers must be an integer"),
+    ({"encoder": {"depth": "4"}}, "encoder.depth must be an integer"),
+    ({"graphs": [1]}, "graphs must be a mapping, got [1]"),
+    ({"decoder": "x"}, "decoder must be a mapping, got 'x'"),
+])
+def test_manifest_values_are_checked(exports, tmp_path, edit, pattern):
+    """Every value of an export's manifest is checked when it is read: a wrong type or range is one
+    CheckpointError naming the key (they had failed deep in the renderer, or made a different mesh silently)."""
+    d = tmp_path / "edited"
+    shutil.copytree(exports["openlrm-tiny-1.1"], d)
+    man = json.loads((d / "manifest.json").read_text())
+    for key, value in edit.items():
+        if key in ("graphs", "decoder"):
+            man[key] = value
+        elif key == "encoder":
+            man["config"]["encoder"].update(value)
+        else:
+            man["config"][key] = value
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(CheckpointError, match=re.escape(pattern)):
+        read_manifest(d)
+
+
 def test_backend_and_model_kind_must_agree(exports, fixtures_dir, tmp_path):
     img = str(fixtures_dir / "checkpoints" / "triposr-tiny" / "input.png")
     r = _cli("reconstruct", img, "--model", str(exports["triposr-tiny"]), "--network-backend", "torch",

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, check_config
 from ..errors import CheckpointError, ConfigError
 from ..models.dinov2 import Dinov2Config
 from ..models.vit import ViTConfig
@@ -70,9 +70,9 @@ def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
     fields = dict(data)
     fields["encoder"] = encoder
     for key in ("image_mean", "image_std"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(float(v) for v in fields[key])
-    return _dataclass_from(ModelConfig, fields, "model config")
+        if isinstance(fields.get(key), list):
+            fields[key] = tuple(fields[key])
+    return check_config(_dataclass_from(ModelConfig, fields, "model config"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,6 +150,9 @@ def read_manifest(export_dir: Union[str, Path], require: Tuple[str, ...] = ("enc
     if (cfg.family, cfg.version) != (man.get("family"), man.get("version")):
         raise CheckpointError(f"{path}: manifest says {man.get('family')} {man.get('version')} but its config is "
                               f"{cfg.family} {cfg.version}; the directory is inconsistent, re-export it")
+    for key in ("decoder", "graphs"):
+        if not isinstance(man.get(key, {}), dict):
+            raise CheckpointError(f"{path}: {key} must be a mapping, got {man[key]!r}; re-export with lrm-rt export")
     files = [_file_name(path, man.get("decoder", {}).get("file", DECODER_NAME), "decoder.file")]
     for g in require:
         info = man.get("graphs", {}).get(g)

@@ -248,6 +248,10 @@ def require_onnx() -> None:
                           "pip install onnx onnxruntime (the project's [onnx] extra)")
 
 
+MAX_CHECK_BATCH = 16
+MAX_PROFILE_BATCH = 64
+
+
 def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int = DEFAULT_OPSET, fp16: bool = False,
                  tensorrt: bool = False, max_batch: int = 4, check_batch: int = 2, seed: int = 0,
                  threads: Optional[int] = None, external_threshold: int = EXTERNAL_DATA_BYTES,
@@ -258,8 +262,11 @@ def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int =
         raise ConfigError(f"--opset {opset} is too old (need >= {MIN_OPSET}; {DEFAULT_OPSET} recommended)")
     if opset > (max_opset() or opset):  # before --out is touched: an earlier export there stays loadable
         raise _unsupported_opset(opset)
-    if check_batch < 1 or max_batch < 1:
-        raise ConfigError("batch sizes must be >= 1")
+    # the validation runs the torch model and ONNX Runtime at check_batch (100,000 of lrm-tiny took 24 GB);
+    # TensorRT builds its profile for max_batch
+    if not (1 <= check_batch <= MAX_CHECK_BATCH and 1 <= max_batch <= MAX_PROFILE_BATCH):
+        raise ConfigError(f"--check-batch must be in [1, {MAX_CHECK_BATCH}] and --max-batch in [1, {MAX_PROFILE_BATCH}], "
+                          f"got {check_batch} and {max_batch}")
     if tensorrt:
         from ..tensorrt_backend import require_tensorrt
 
