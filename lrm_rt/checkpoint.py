@@ -63,8 +63,23 @@ def read_state_dict(path: Path) -> StateDict:
         raise CheckpointError(f"cannot read checkpoint {path}: {load_error_text(exc)}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return tensor_dict(obj, str(path))
+
+
+# Weights are read as float32; other dtypes would be cast silently (int32 weights made an empty mesh).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor_dict(obj: Any, where: str) -> StateDict:
+    """``obj`` as a state dict: names to dense floating-point tensors with data, else one CheckpointError."""
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{where} does not hold a state dict of tensors (names to tensors)")
+    odd = [f"{k} ({v.dtype}, {v.layout}, {v.device.type})" for k, v in obj.items()
+           if v.dtype not in WEIGHT_DTYPES or v.layout != torch.strided or v.device.type != "cpu"]
+    if odd:
+        raise CheckpointError(f"{where}: {len(odd)} tensors are not dense floating-point weights: {', '.join(odd[:3])}"
+                              + (" ..." if len(odd) > 3 else ""))
     return dict(obj)
 
 
@@ -191,7 +206,7 @@ def _read_checkpoint_dir(directory: Path) -> Tuple[ModelConfig, StateDict]:
         vit = _vit_config(enc_name, d)
         cfg = openlrm_config(model_kw, "1.0", name, infer=kwargs.get("infer"), vit=vit,
                              image_norm=_v10_image_norm(enc_name, d))
-        return cfg, dict(obj["weights"])
+        return cfg, tensor_dict(obj["weights"], f"{d / 'model.pth'} weights")
     if (d / "config.json").is_file():
         cfg_json = read_json(d / "config.json")
         if "transformer_dim" not in cfg_json:

@@ -301,3 +301,29 @@ def test_too_few_samples_per_ray_are_refused_at_load(ckpts, tmp_path, spr):
     with pytest.raises(ConfigError, match=rf"config.json of .*: rendering_samples_per_ray must be an integer in "
                                           rf"\[8, 1024\], got {spr}"):
         load_model(str(d))
+
+
+@pytest.mark.parametrize("how", ["int32", "sparse", "meta", "int_key", "none_value"])
+def test_weights_must_be_dense_float_tensors_under_names(ckpts, tmp_path, how):
+    """Sparse or meta tensors escaped as load_state_dict's RuntimeError (a 50 KB traceback); int weights were cast
+    to float silently (an empty mesh); a v1.0 model.pth whose weights map an int to a tensor, or a name to None,
+    failed with AttributeError."""
+    d = _copy(ckpts / "openlrm-tiny-1.0", tmp_path)
+    obj = torch.load(d / "model.pth", weights_only=True)
+    w = obj["weights"]
+    k = sorted(w)[0]
+    if how == "int32":
+        w = {n: v.to(torch.int32) for n, v in w.items()}
+    elif how == "sparse":
+        w[k] = w[k].to_sparse()
+    elif how == "meta":
+        w[k] = w[k].to("meta")
+    elif how == "int_key":
+        w[5] = w.pop(k)
+    else:
+        w[k] = None
+    obj["weights"] = w
+    torch.save(obj, d / "model.pth")
+    pattern = "not dense floating-point weights" if how in ("int32", "sparse", "meta") else "state dict of tensors"
+    with pytest.raises(CheckpointError, match=f"model.pth weights.*{pattern}"):
+        load_model(str(d))
