@@ -280,6 +280,13 @@ def mesh_metrics(pred: Union[MeshLike, Sequence[MeshLike]], gt: Union[MeshLike, 
                                             if any(len(f) for _, f in pred_parts) else ng)
     gt_parts = [(apply_normalisation(v, ng), f) for v, f in gt_parts]
     pred_parts = [(apply_normalisation(v, npred), f) for v, f in pred_parts]
+    for parts, what in ((gt_parts, "ground-truth"), (pred_parts, "predicted")):
+        # finite coordinates can still overflow an area (a vertex at 1e300): sampling by area would divide inf by inf
+        with np.errstate(over="ignore", invalid="ignore"):
+            too_large = not all(np.isfinite(face_areas(v, f)).all() for v, f in parts)
+        if too_large:
+            raise MeshError(f"the {what} mesh has faces too large to measure (coordinates up to "
+                            f"{max(float(np.abs(v).max()) for v, _ in parts if len(v)):.3g} after normalisation)")
 
     def surface(parts, others_inside: bool, seed0: int):
         # Samples split between the parts by area, so the union is sampled uniformly; then the samples of one

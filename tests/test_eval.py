@@ -168,6 +168,18 @@ def test_non_finite_prediction_is_a_mesh_error():
             E.mesh_metrics((bad, f), (v, f), n_points=500, iou_points=500, normalize=normalize)
 
 
+def test_a_vertex_too_far_to_measure_is_a_mesh_error():
+    """A finite vertex at 1e300 overflows its faces' areas: sampling by area failed with numpy's "Probabilities
+    contain NaN" (predicted) or called the mesh degenerate (ground truth)."""
+    v, f = _icosphere(subdiv=2)
+    far = v.copy()
+    far[3] = (1e300, 0, 0)
+    with pytest.raises(E.MeshError, match="predicted mesh has faces too large to measure"):
+        E.mesh_metrics((far, f), (v, f), n_points=500, iou_points=500, normalize="gt")
+    with pytest.raises(E.MeshError, match="ground-truth mesh has faces too large to measure"):
+        E.mesh_metrics((v, f), (far, f), n_points=500, iou_points=500, normalize="none")
+
+
 def test_image_metrics_refuse_integer_mismatched_or_nan_images():
     rng = np.random.default_rng(0)
     img = rng.random((16, 16, 3))
