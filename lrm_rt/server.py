@@ -15,14 +15,16 @@ otherwise, and has no authentication: put it behind a proxy to expose it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from argparse import ArgumentTypeError
+import logging
 import sys
 import threading
 import time
 import traceback
+from argparse import ArgumentTypeError
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from .cli import finite, int_in
@@ -91,8 +93,8 @@ class ReconstructionServer(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(max_queue)  # bounds the bodies held: max_queue x max_body
 
     def reconstruct(self, image: bytes, params: Dict[str, object]) -> Tuple[bytes, str, Dict[str, float], list]:
-        """(mesh file bytes, format, seconds per stage, preprocessing warnings)"""
-        with self.lock:  # decoding too: a decoded image can be 1000x its compressed body
+        """(mesh file bytes, format, seconds per stage, warnings: the result's and those the library logged)"""
+        with self.lock, _logged_warnings() as logged:  # decoding too: a decoded image can be 1000x its body
             t0 = time.perf_counter()
             rgba = decode_image(image, "<request body>")
             del image
@@ -111,7 +113,24 @@ class ReconstructionServer(ThreadingHTTPServer):
             raise empty_mesh_error(res.mesh)
         fmt = str(params.get("format", "glb"))
         data = mesh_bytes(res.mesh, fmt, params.get("orientation", "native"))  # type: ignore[arg-type]
-        return data, fmt, {**res.timings, "preprocess": decode_and_preprocess}, res.warnings
+        return data, fmt, {**res.timings, "preprocess": decode_and_preprocess}, logged + res.warnings
+
+
+@contextlib.contextmanager
+def _logged_warnings() -> Iterator[List[str]]:
+    """Warnings the library logs in this thread meanwhile (an animation's first frame taken, a damaged EXIF block,
+    NaN pixels), for the client's X-Lrm-Warnings header; they still reach the server's log as before."""
+    got: List[str] = []
+    me = threading.get_ident()
+    handler = logging.Handler(logging.WARNING)
+    handler.addFilter(lambda record: record.thread == me)
+    handler.emit = lambda record: got.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("lrm_rt")
+    log.addHandler(handler)
+    try:
+        yield got
+    finally:
+        log.removeHandler(handler)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -274,3 +274,16 @@ def test_a_body_cut_short_is_not_decoded_and_a_vanished_client_prints_no_traceba
     monkeypatch.undo()
     assert "Traceback" not in capsys.readouterr().err
     assert _request(server, "GET", "/health")[0] == 200
+
+
+def test_warnings_the_library_logs_reach_the_client(server):
+    """An animation's "using the first frame" is logged while decoding, not returned with the result: it went to
+    the server's stderr only, while X-Lrm-Warnings promises the client every preprocessing warning."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(CHAIR)).convert("RGBA")
+    buf = io.BytesIO()
+    im.save(buf, format="GIF", save_all=True, append_images=[im.rotate(90)], duration=100)
+    status, headers, _ = _request(server, "POST", "/reconstruct?mc_resolution=16", buf.getvalue())
+    assert status == 200
+    assert any("has 2 frames" in w for w in json.loads(headers.get("X-Lrm-Warnings", "[]"))), headers
