@@ -4,6 +4,7 @@ Every failure caused by user input (images, checkpoints, options, engines) is an
 ``LrmError`` with a one-line message that names the problem; the CLI prints it
 and exits non-zero instead of showing a traceback.
 """
+import math
 
 
 class LrmError(Exception):
@@ -37,6 +38,14 @@ def check_int(name: str, value, lo: int, hi=None) -> int:
         bound = f">= {lo}" if hi is None else f"from {lo} to {hi}"
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)
+
+
+def check_finite(name: str, value) -> float:
+    """``value`` as a finite real number, or a ConfigError naming the option (a string, bool or list is refused)."""
+    ok = isinstance(value, (int, float)) or hasattr(value, "__float__") and not isinstance(value, (str, bytes))
+    if not ok or isinstance(value, bool) or not math.isfinite(float(value)):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class FieldError(LrmError):

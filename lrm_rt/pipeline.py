@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig
-from .errors import BackendError, ConfigError, LrmError, check_int
+from .errors import BackendError, ConfigError, LrmError, check_finite, check_int
 from .export.manifest import is_export_dir
 from .field.base import FieldBackend
 from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
@@ -201,6 +201,12 @@ class Reconstructor:
         if render_size is not None:
             check_int("render_size", render_size, 8, MAX_RENDER_SIZE)
         check_int("render_views", render_views, 0)
+        if render_size is not None and not render_views:
+            raise ConfigError("render_size sets the size of the novel views: pass render_views=N (none are rendered)")
+        if mc_threshold is not None:
+            mc_threshold = check_finite("mc_threshold", mc_threshold)
+        if not isinstance(vertex_colors, (bool, np.bool_)):  # "no" would count as true
+            raise ConfigError(f"vertex_colors must be True or False, got {vertex_colors!r}")
         if texture_size:
             check_texture_size(texture_size)
             require_xatlas()
@@ -260,7 +266,8 @@ class Reconstructor:
              orientation: Orientation = "native") -> List[Path]:
         """Write the mesh (and views) as ``out_dir/name.fmt`` (``name_viewK.png``); returns the paths. A name that
         already ends in ``.fmt``, in any case ("chair.GLB"), is the mesh file's name as given."""
-        if not name or name in (".", "..") or "/" in name or "\\" in name:  # os.sep / altsep are one of these
+        if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            # os.sep / altsep are one of these; NUL ends a name at the OS
             raise ConfigError(f"output name must be a plain file name (no directories), got {name!r}")
         fmt = str(fmt).lower()  # type: ignore[assignment]
         file_name = f"{name}.{fmt}"

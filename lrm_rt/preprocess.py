@@ -159,8 +159,13 @@ def load_image(path: PathLike) -> np.ndarray:
     above ``MAX_IMAGE_PIXELS``, or an alpha channel that is entirely 0.
     """
     p = Path(path)
-    if not p.exists():
-        raise ImageError(f"image file not found: {path}")
+    try:
+        p.stat()
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte in it
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:100]}...{str(path)[-60:]}"
+        raise ImageError(f"cannot read image file ({_one_line(e)}): {shown}") from None
     if p.is_dir():
         raise ImageError(f"image path is a directory, not a file: {path}")
     if not p.is_file():  # a FIFO would block the read forever, a device (/dev/zero) never end
@@ -828,7 +833,9 @@ class PreprocessConfig:
             raise ConfigError(f"unknown preprocessing family {self.family!r} (expected 'triposr' or 'openlrm')")
         if int(self.input_size) != self.input_size or self.input_size < 1:
             raise ConfigError(f"input_size must be a positive integer, got {self.input_size!r}")
-        if self.foreground_ratio is not None and not (MIN_FOREGROUND_RATIO <= self.foreground_ratio <= 1.0):
+        if self.foreground_ratio is not None and not (
+                isinstance(self.foreground_ratio, (int, float, np.floating)) and not isinstance(self.foreground_ratio, bool)
+                and MIN_FOREGROUND_RATIO <= self.foreground_ratio <= 1.0):
             raise ConfigError(f"foreground_ratio must be in [{MIN_FOREGROUND_RATIO}, 1], got {self.foreground_ratio!r}")
         if self.recenter and self.foreground_ratio is not None:
             raise ConfigError(

@@ -1,6 +1,7 @@
 """End to end through the command line: the fixture checkpoints in their published layouts -> the
 reference's own meshes, and the errors bad input must give."""
 import json
+import re
 import subprocess
 import sys
 
@@ -317,3 +318,29 @@ def test_export_batch_sizes_are_bounded(fixtures_dir, tmp_path, capsys, option, 
                    str(tmp_path / "x"), option, value])
     err = capsys.readouterr().err
     assert rc == 2 and f"argument {option}: must be in [1," in err and not (tmp_path / "x").exists(), err
+
+
+def test_python_api_refuses_values_of_the_wrong_kind(fixtures_dir, tmp_path):
+    """Python callers get one ConfigError / ImageError naming the argument, as the CLI's users do: a list or string
+    threshold (TypeError in marching cubes), a string ratio (TypeError in PreprocessConfig), vertex_colors="no"
+    (counted as true), a render size with no views (ignored), save names that are not plain strings (TypeError,
+    "embedded null byte"), a file name too long for the file system (a raw OSError)."""
+    from lrm_rt.errors import ConfigError, ImageError
+    from lrm_rt.pipeline import Reconstructor
+
+    d = fixtures_dir / "checkpoints" / "openlrm-tiny-1.1"
+    rec = Reconstructor(str(d))
+    img = str(d / "input.png")
+    for kwargs, pattern in [({"mc_threshold": [1.0]}, "mc_threshold must be a finite number"),
+                            ({"mc_threshold": "3"}, "mc_threshold must be a finite number"),
+                            ({"foreground_ratio": "0.5"}, "foreground_ratio must be in"),
+                            ({"vertex_colors": "no"}, "vertex_colors must be True or False"),
+                            ({"render_size": 64}, "pass render_views=N")]:
+        with pytest.raises(ConfigError, match=re.escape(pattern)):
+            rec.reconstruct(img, mc_resolution=16, **kwargs)
+    res = rec.reconstruct(img, mc_resolution=16)
+    for name in (5, "x\0y", None):
+        with pytest.raises(ConfigError, match="output name must be a plain file name"):
+            rec.save(res, tmp_path, name)
+    with pytest.raises(ImageError, match=r"cannot read image file \(.*\): a{100}\.\.\.a+\.png$"):
+        rec.reconstruct("a" * 5000 + ".png")
