@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -417,6 +418,12 @@ def cmd_info(args) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format: one ``error: ...`` line and status 2, not the usage block first
     (``--help`` still shows it). Sub-command parsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e3" for an option name ("--mc-threshold: expected one argument"): numbers in exponent
+        # form are values too (its own pattern covers -1 and -1.5 only)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")

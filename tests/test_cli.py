@@ -123,6 +123,7 @@ def _main_rc(argv):
     (["--device", "meta"], "unknown device"),
     (["--mc-resolution", "1"], "--mc-resolution"),
     (["--mc-threshold", "nan"], "--mc-threshold"),
+    (["--mc-threshold", "-1e3", "--mc-resolution", "1"], "--mc-resolution"),  # -1e3 is the threshold's value
     (["--render-size", "64"], "add --render-views N"),
     (["--texture", "examples/chair.png"], "put it after the images"),
     (["--texture", "32"], "--texture: must be in [64, 8192], got 32"),
