@@ -349,7 +349,7 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0) -> LoadedModel:
     """Resolve ``spec`` (directory, built-in name, known release name or HF repo id) and load it."""
-    from . import models_dir  # built-in models shipped with the package
+    from . import models_dir, shipped_models  # built-in models shipped with the package
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -372,6 +372,5 @@ def load_model(spec: str, *, random_weights: bool = False, seed: int = 0) -> Loa
         return LoadedModel(cfg, build_network(cfg, sd, spec), spec)
     if path.exists():
         raise CheckpointError(f"{spec} is a file; --model takes a model directory, a model name or a repo id")
-    shipped = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
     raise ConfigError(f"unknown model {spec!r}: not a directory, not a known name "
-                      f"({', '.join(shipped + sorted(NAMED_CONFIGS))}) and not a Hugging Face repo id")
+                      f"({', '.join(shipped_models() + sorted(NAMED_CONFIGS))}) and not a Hugging Face repo id")

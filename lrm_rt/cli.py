@@ -389,7 +389,7 @@ def cmd_info(args) -> int:
     import torch
 
     from .config import NAMED_CONFIGS
-    from . import models_dir
+    from . import shipped_models
 
     print(f"lrm_rt {__version__}  python {platform.python_version()}  {platform.platform()}")
     print(f"torch {torch.__version__}  numpy {numpy.__version__}  threads {torch.get_num_threads()}")
@@ -409,8 +409,7 @@ def cmd_info(args) -> int:
     native = f"yes ({simd_lanes() or 'unknown'} float lanes)" if reason is None else f"no ({reason[:300]})"
     print(f"field backends: torch, native {native}, cuda {'yes' if cuda else 'no'}")
     print("network backends: torch, onnxruntime (export dirs), tensorrt (export dirs, needs tensorrt + cupy)")
-    builtin = sorted(p.name for p in models_dir().iterdir() if p.is_dir()) if models_dir().is_dir() else []
-    print(f"built-in models: {', '.join(builtin) or 'none'}")
+    print(f"built-in models: {', '.join(shipped_models()) or 'none'}")
     print(f"release configs: {', '.join(sorted(NAMED_CONFIGS))}")
     return 0
 
@@ -450,14 +449,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    # Library warnings (lrm_rt.* loggers) print like the CLI's own, once, and --quiet silences them; the
-    # logger is restored afterwards, for callers that run main() in their own process.
+    # Library warnings (lrm_rt.* loggers) print like the CLI's own, once, and --quiet silences them here (the
+    # handler's level: the server still hands them to its clients); the logger is restored afterwards, for callers
+    # that run main() in their own process.
     lib_log = logging.getLogger("lrm_rt")
     saved = lib_log.handlers[:], lib_log.level, lib_log.propagate
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("  warning: %(message)s"))
+    handler.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
     lib_log.handlers[:] = [handler]
-    lib_log.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.WARNING)
+    lib_log.setLevel(logging.WARNING)
     lib_log.propagate = False
     try:
         return _run(args)

@@ -109,7 +109,30 @@ def _finite(where: str, key: str, value: Any, positive: bool = False) -> float:
 # config asking for 4096 px ran lrm-tiny's encoder for 2 minutes, 20000 px for 14 minutes and 11 GB before failing.
 MAX_INPUT_SIZE = 1024
 MAX_SAMPLES_PER_RAY = 1024
-MAX_GRID = 4096  # the CLI's bound for --mc-resolution and --render-size
+MAX_GRID = 4096  # marching-cubes resolution (the CLI's --mc-resolution bound, spelled out there)
+MIN_RENDER_SIZE, MAX_RENDER_SIZE = 8, 4096  # novel views (--render-size)
+# Smallest framing ratio accepted (the C library checks the same): the canvas is 1/ratio of the object.
+MIN_FOREGROUND_RATIO = 0.05
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_encoder_values(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """Types and ranges of an encoder config's values, checked before the dataclass is built: its own checks
+    divide by them (a zero head count was a ZeroDivisionError, a string width a formatting error)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        lo = 0 if f.name == "num_register_tokens" else 1
+        ok = {"int": lambda: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= MAX_CONFIG_SIZE,
+              "float": lambda: _is_number(v), "bool": lambda: isinstance(v, bool),
+              "str": lambda: isinstance(v, str)}.get(f.type, lambda: True)()
+        if not ok:
+            what = f"an integer in [{lo}, {MAX_CONFIG_SIZE}]" if f.type == "int" else f"a {f.type}"
+            raise ConfigError(f"{where}.{f.name} must be {what}, got {v!r}")
 
 
 def check_config(cfg: ModelConfig, name_of: Callable[[str], str] = lambda f: f"model config: {f}") -> ModelConfig:
@@ -123,16 +146,15 @@ def check_config(cfg: ModelConfig, name_of: Callable[[str], str] = lambda f: f"m
         v = getattr(cfg, f.name)
         if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONFIG_SIZE):
             fail(f.name, f"an integer in [0, {MAX_CONFIG_SIZE}]")
-        if f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        if f.type == "float" and not _is_number(v):
             fail(f.name, "a finite number")
-    for f in dataclasses.fields(cfg.encoder):
-        v = getattr(cfg.encoder, f.name)
-        if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONFIG_SIZE):
-            raise ConfigError(f"{name_of('encoder')}.{f.name} must be an integer in [0, {MAX_CONFIG_SIZE}], got {v!r}")
+        if f.type == "str" and not isinstance(v, str):
+            fail(f.name, "a string")
     if cfg.family not in ("triposr", "openlrm") or (cfg.family == "triposr") != (cfg.version == "triposr"):
         raise ConfigError(f"{name_of('family')}: unknown family / version {cfg.family!r} / {cfg.version!r}")
     patch = getattr(cfg.encoder, "patch_size", 1)
-    checks = [("input_size", patch, MAX_INPUT_SIZE), ("mc_resolution", 2, MAX_GRID), ("render_size", 1, MAX_GRID),
+    checks = [("input_size", patch, MAX_INPUT_SIZE), ("mc_resolution", 2, MAX_GRID),
+              ("render_size", MIN_RENDER_SIZE, MAX_RENDER_SIZE),
               ("samples_per_ray", 8 if cfg.family == "openlrm" else 1, MAX_SAMPLES_PER_RAY),  # OpenLRM: 4 + 4 at least
               ("camera_embed_dim", 0 if cfg.family == "triposr" else 1, MAX_CONFIG_SIZE)]
     checks += [(f, 1, MAX_CONFIG_SIZE) for f in ("transformer_dim", "transformer_layers", "transformer_heads", "head_dim",
@@ -141,18 +163,17 @@ def check_config(cfg: ModelConfig, name_of: Callable[[str], str] = lambda f: f"m
     for field, lo, hi in checks:
         if not lo <= getattr(cfg, field) <= hi:
             fail(field, f"an integer in [{lo}, {hi}]")
-    if cfg.foreground_ratio is not None and not (isinstance(cfg.foreground_ratio, (int, float))
-                                                 and 0.05 <= cfg.foreground_ratio <= 1):
-        fail("foreground_ratio", "a number in [0.05, 1] or absent")
+    if cfg.foreground_ratio is not None and not (_is_number(cfg.foreground_ratio)
+                                                 and MIN_FOREGROUND_RATIO <= cfg.foreground_ratio <= 1):
+        fail("foreground_ratio", f"a number in [{MIN_FOREGROUND_RATIO}, 1] or absent")
     if not 0 <= cfg.background <= 1:
         fail("background", "a grey level in [0, 1]")
     if not 1 < cfg.source_cam_dist <= 100:  # the object fills [-1, 1]^3: the camera must look at it from outside
         fail("source_cam_dist", "a distance in (1, 100]")
     for field, positive in (("image_mean", False), ("image_std", True)):
         v = getattr(cfg, field)
-        if v is not None and not (isinstance(v, tuple) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
-                for x in v)):
+        if v is not None and not (isinstance(v, tuple) and len(v) == 3
+                                  and all(_is_number(x) and (x > 0 or not positive) for x in v)):
             fail(field, f"three finite{' positive' if positive else ''} numbers (one per RGB channel) or absent")
     return cfg
 

@@ -42,8 +42,11 @@ def check_int(name: str, value, lo: int, hi=None) -> int:
 
 def check_finite(name: str, value) -> float:
     """``value`` as a finite real number, or a ConfigError naming the option (a string, bool or list is refused)."""
-    ok = isinstance(value, (int, float)) or hasattr(value, "__float__") and not isinstance(value, (str, bytes))
-    if not ok or isinstance(value, bool) or not math.isfinite(float(value)):
+    try:
+        ok = hasattr(value, "__float__") and not isinstance(value, (str, bytes, bool)) and math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):  # 10**400, an array of several values
+        ok = False
+    if not ok:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

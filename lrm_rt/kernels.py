@@ -118,6 +118,15 @@ def native_library_path() -> Path:
     return out
 
 
+def usable_cpus() -> int:
+    """Processors this process may run on (its affinity mask, e.g. under taskset or a container's cpuset): the
+    most threads worth starting. OpenMP exits the process, with no Python error, when the OS refuses a thread."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def native() -> ctypes.CDLL:
     """The loaded CPU kernel library (built once per process)."""
     global _lib

@@ -14,6 +14,7 @@ import torch
 
 from .errors import BackendError, CheckpointError, ConfigError, is_out_of_memory
 from .export import manifest as M
+from .kernels import usable_cpus
 from .models.network import default_source_camera
 from .network_backends import NetworkBackend
 
@@ -60,7 +61,7 @@ def make_session(path: Union[str, Path], providers: Providers = "auto", threads:
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
     if threads:
-        opts.intra_op_num_threads = int(threads)
+        opts.intra_op_num_threads = min(int(threads), usable_cpus())
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # ORT's per-node fp16 "cast inserted" notices are expected
     # ORT's idle worker threads spin after a run; on a small CPU that steals the cores from the field

@@ -6,7 +6,6 @@ density grid + marching cubes + vertex colours -> mesh export; novel views by vo
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,10 @@ import torch
 from PIL import Image
 
 from .checkpoint import LoadedModel, load_model
-from .config import ModelConfig
+from .config import MAX_RENDER_SIZE, MIN_RENDER_SIZE, ModelConfig
 from .errors import BackendError, ConfigError, LrmError, check_finite, check_int
 from .export.manifest import is_export_dir
+from .kernels import usable_cpus
 from .field.base import FieldBackend
 from .mesh import (Mesh, MeshFormat, Orientation, colour_vertices, export_mesh, extract_mesh, mesh_files,
                    empty_mesh_error, png_bytes, require_simplifier, simplify, write_atomic)
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "lrm-tiny"
 ImageInput = Union[str, Path, np.ndarray, Image.Image]
-MAX_RENDER_SIZE = 4096
 
 
 def check_device(device: str) -> str:
@@ -51,9 +50,9 @@ def cuda_index(device: str) -> Optional[int]:
 
 
 def set_torch_threads(n: int) -> None:
-    """torch's intra-op threads, at most one per processor: OpenMP exits the process (no Python error) when the
-    OS refuses a thread, and more threads than processors only add overhead to these CPU-bound loops."""
-    torch.set_num_threads(max(1, min(int(n), os.cpu_count() or 1)))
+    """torch's intra-op threads, at most one per usable processor (more only add overhead to CPU-bound loops,
+    and OpenMP exits the process when the OS refuses one)."""
+    torch.set_num_threads(max(1, min(int(n), usable_cpus())))
 
 
 def preprocess_config(cfg: ModelConfig, foreground_ratio: Optional[float] = None,
@@ -199,7 +198,7 @@ class Reconstructor:
         if mc_resolution is not None:
             check_int("mc_resolution", mc_resolution, 2)
         if render_size is not None:
-            check_int("render_size", render_size, 8, MAX_RENDER_SIZE)
+            check_int("render_size", render_size, MIN_RENDER_SIZE, MAX_RENDER_SIZE)
         check_int("render_views", render_views, 0)
         if render_size is not None and not render_views:
             raise ConfigError("render_size sets the size of the novel views: pass render_views=N (none are rendered)")

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from lrm_rt.config import DINO_VITB16_MEAN, DINO_VITB16_STD  # facebook/dino-vitb16's processor (OpenLRM v1.0)
+# facebook/dino-vitb16's processor values (OpenLRM v1.0); the smallest framing ratio (the C library checks the same)
+from lrm_rt.config import DINO_VITB16_MEAN, DINO_VITB16_STD, MIN_FOREGROUND_RATIO
 from lrm_rt.errors import ConfigError, ImageError
 from lrm_rt.kernels import use_native
 
@@ -60,8 +61,6 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 # need over 10 GB; with the bound a whole reconstruction of one peaked at 1.6 GB. The network input is
 # <= 512 px, so nothing it sees is lost; below the bound images are processed exactly as the references do.
 MAX_WORK_SIDE = 4096
-# Smallest framing ratio accepted (the C library checks the same): the canvas is 1/ratio of the object.
-MIN_FOREGROUND_RATIO = 0.05
 # An alpha channel is taken as the object's mask when at least this share of the pixels is less than half
 # opaque (and at least one pixel is); fewer is an opaque image with stray soft pixels. Small enough that a
 # 1-pixel transparent frame around an image at the size limit (4 / 8192 of its pixels) still counts.
@@ -164,8 +163,10 @@ def load_image(path: PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise ImageError(f"image file not found: {path}") from None
     except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte in it
-        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:100]}...{str(path)[-60:]}"
-        raise ImageError(f"cannot read image file ({_one_line(e)}): {shown}") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)  # without the name
+        shown = repr(str(path)) if "\0" in str(path) else str(path)
+        shown = shown if len(shown) <= 200 else f"{shown[:100]}...{shown[-60:]}"
+        raise ImageError(f"cannot read image file ({why}): {shown}") from None
     if p.is_dir():
         raise ImageError(f"image path is a directory, not a file: {path}")
     if not p.is_file():  # a FIFO would block the read forever, a device (/dev/zero) never end

@@ -116,21 +116,32 @@ class ReconstructionServer(ThreadingHTTPServer):
         return data, fmt, {**res.timings, "preprocess": decode_and_preprocess}, logged + res.warnings
 
 
+class _WarningCollector(logging.Handler):
+    """Keeps the messages of one thread's warnings. Where nothing else handles the library's records (no logging
+    set up), it also passes them to logging's last-resort stderr handler, which its presence would switch off."""
+
+    def __init__(self, thread: int, forward: bool):
+        super().__init__(logging.WARNING)
+        self.thread, self.forward, self.messages = thread, forward, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+        if self.forward and logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
 @contextlib.contextmanager
 def _logged_warnings() -> Iterator[List[str]]:
     """Warnings the library logs in this thread meanwhile (an animation's first frame taken, a damaged EXIF block,
     NaN pixels), for the client's X-Lrm-Warnings header; they still reach the server's log as before."""
-    got: List[str] = []
-    me = threading.get_ident()
-    handler = logging.Handler(logging.WARNING)
-    handler.addFilter(lambda record: record.thread == me)
-    handler.emit = lambda record: got.append(record.getMessage())  # type: ignore[method-assign]
     log = logging.getLogger("lrm_rt")
-    log.addHandler(handler)
+    collector = _WarningCollector(threading.get_ident(), forward=not log.hasHandlers())
+    log.addHandler(collector)
     try:
-        yield got
+        yield collector.messages
     finally:
-        log.removeHandler(handler)
+        log.removeHandler(collector)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -193,6 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
             self.close_connection = True
             self._json(411, {"error": "POST the image file as the body, with a Content-Length"})
+            return
+        if len(length.lstrip("0")) > 18:  # over any limit, and int() refuses 4300 digits
+            self.close_connection = True
+            self._json(413, {"error": f"image of a {len(length)}-digit length is over the limit of "
+                                      f"{self.server.max_body} bytes"})
             return
         if url.path != "/reconstruct":
             self._refuse(int(length), 404, f"no such path: {url.path} (POST /reconstruct)")

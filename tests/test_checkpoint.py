@@ -244,6 +244,7 @@ def test_malformed_configs_are_one_checkpoint_error(ckpts, tmp_path, layout, key
     ("source_size", 20000, r"infer.yaml of .*: source_size must be an integer in \[14, 1024\], got 20000"),
     ("foreground_ratio", 5, r"infer.yaml of .*: foreground_ratio must be a number in \[0.05, 1\] or absent, got 5"),
     ("render_size", 0, r"infer.yaml of .*: render_size must be an integer in \[1, 65536\], got 0"),
+    ("render_size", 4, r"infer.yaml of .*: render_size must be an integer in \[8, 4096\], got 4"),
 ])
 def test_bad_infer_settings_name_infer_yaml(ckpts, tmp_path, key, value, pattern):
     import yaml

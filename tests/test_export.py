@@ -209,7 +209,7 @@ def test_bad_export_dir_errors(exports, tmp_path, fixtures_dir, how, pattern):
 
 
 @pytest.mark.parametrize("edit,pattern", [
-    ({"render_size": 0}, "render_size must be an integer in [1, 4096], got 0"),
+    ({"render_size": 0}, "render_size must be an integer in [8, 4096], got 0"),
     ({"render_size": -5}, "render_size must be an integer in [0, 65536], got -5"),
     ({"samples_per_ray": 0}, "samples_per_ray must be an integer in [8, 1024], got 0"),
     ({"samples_per_ray": 7}, "samples_per_ray must be an integer in [8, 1024], got 7"),
@@ -224,6 +224,11 @@ def test_bad_export_dir_errors(exports, tmp_path, fixtures_dir, how, pattern):
     ({"image_std": [1, 1, 0]}, "image_std must be three finite positive numbers"),
     ({"transformer_layers": True}, "transformer_layers must be an integer"),
     ({"encoder": {"depth": "4"}}, "encoder.depth must be an integer"),
+    ({"encoder": {"num_heads": 0}}, "encoder.num_heads must be an integer in [1, 65536], got 0"),
+    ({"encoder": {"patch_size": 0}}, "encoder.patch_size must be an integer in [1, 65536], got 0"),
+    ({"encoder": {"init_values": "x"}}, "encoder.init_values must be a float, got 'x'"),
+    ({"foreground_ratio": True}, "foreground_ratio must be a number in [0.05, 1] or absent, got True"),
+    ({"name": 5}, "name must be a string, got 5"),
     ({"graphs": [1]}, "graphs must be a mapping, got [1]"),
     ({"decoder": "x"}, "decoder must be a mapping, got 'x'"),
 ])

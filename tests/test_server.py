@@ -287,3 +287,55 @@ def test_warnings_the_library_logs_reach_the_client(server):
     status, headers, _ = _request(server, "POST", "/reconstruct?mc_resolution=16", buf.getvalue())
     assert status == 200
     assert any("has 2 frames" in w for w in json.loads(headers.get("X-Lrm-Warnings", "[]"))), headers
+
+
+def _animated_gif() -> bytes:
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(CHAIR)).convert("RGBA")
+    buf = io.BytesIO()
+    im.save(buf, format="GIF", save_all=True, append_images=[im.rotate(90)], duration=100)
+    return buf.getvalue()
+
+
+def test_warnings_reach_clients_of_a_quiet_server_and_stderr_without_logging_setup(server, monkeypatch, capsys):
+    """`serve --quiet` (no request log) still hands warnings to clients: main() silences its stderr handler, not
+    the records. A server started from Python with no logging set up still prints them (logging's last resort,
+    which the collecting handler would otherwise switch off)."""
+    import logging
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lrm_rt.cli", "serve", "--port", "0", "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r":(\d+) ", line).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/reconstruct?mc_resolution=16", body=_animated_gif())
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200 and "has 2 frames" in (resp.getheader("X-Lrm-Warnings") or ""), resp.getheaders()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    log = logging.getLogger("lrm_rt")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(log, "handlers", [])
+    assert not log.hasHandlers()
+    capsys.readouterr()
+    status, headers, _ = _request(server, "POST", "/reconstruct?mc_resolution=16", _animated_gif())
+    assert status == 200 and "has 2 frames" in headers.get("X-Lrm-Warnings", "")
+    assert "has 2 frames" in capsys.readouterr().err
+
+
+def test_a_content_length_of_thousands_of_digits_is_413_not_a_traceback(server, capsys):
+    """int() refuses strings over 4300 digits (ValueError inside the handler: a traceback, no answer)."""
+    import socket
+
+    with socket.create_connection(server.server_address, timeout=30) as s:
+        s.sendall(b"POST /reconstruct HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and b"5000-digit length is over the limit" in answer, answer
+    assert "Traceback" not in capsys.readouterr().err

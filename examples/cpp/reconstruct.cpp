@@ -37,11 +37,11 @@ static bool parse_int(const char* s, int32_t* out) {
     return true;
 }
 
+// The whole text as a finite float (an underflow to a tiny or zero value is a value, as in Python).
 static bool parse_float(const char* s, float* out) {
     char* end = nullptr;
-    errno = 0;
     const float v = std::strtof(s, &end);
-    if (end == s || *end != '\0' || errno == ERANGE || !std::isfinite(v)) return false;
+    if (end == s || *end != '\0' || !std::isfinite(v)) return false;
     *out = v;
     return true;
 }
@@ -59,9 +59,9 @@ int main(int argc, char** argv) {
         }
         const char* v = takes_value ? argv[++i] : nullptr;
         if (a == "--mc-resolution") {
-            if (!parse_int(v, &params.mc_resolution)) return bad_value(a, v, "an integer");
+            if (!parse_int(v, &params.mc_resolution)) return bad_value(a, v, "a 32-bit integer");
         } else if (a == "--threads") {
-            if (!parse_int(v, &params.threads)) return bad_value(a, v, "an integer");
+            if (!parse_int(v, &params.threads)) return bad_value(a, v, "a 32-bit integer");
         } else if (a == "--mc-threshold") {
             if (!parse_float(v, &params.mc_threshold)) return bad_value(a, v, "a finite number");
         } else if (a == "--device") {

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..config import ModelConfig, check_config
+from ..config import ModelConfig, check_config, check_encoder_values
 from ..errors import CheckpointError, ConfigError
 from ..models.dinov2 import Dinov2Config
 from ..models.vit import ViTConfig
@@ -66,6 +66,7 @@ def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
     kind = enc.pop("type", None)
     if kind not in _ENCODER_TYPES:
         raise ConfigError(f"model config: unknown encoder type {kind!r} (vit, dinov2)")
+    check_encoder_values(_ENCODER_TYPES[kind], enc, "model config: encoder")
     encoder = _dataclass_from(_ENCODER_TYPES[kind], enc, f"{kind} encoder config")
     fields = dict(data)
     fields["encoder"] = encoder
@@ -145,7 +146,7 @@ def read_manifest(export_dir: Union[str, Path], require: Tuple[str, ...] = ("enc
                               f"reads version {FORMAT_VERSION}: re-export with this lrm_rt (lrm-rt export)")
     try:
         cfg = config_from_dict(man["config"])
-    except (KeyError, TypeError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, ConfigError) as exc:
         raise CheckpointError(f"{path}: invalid model config ({exc})") from None
     if (cfg.family, cfg.version) != (man.get("family"), man.get("version")):
         raise CheckpointError(f"{path}: manifest says {man.get('family')} {man.get('version')} but its config is "

@@ -8,7 +8,6 @@ The helpers at the top (flags, decoder packing, memory checks) are shared with t
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError, ConfigError, ResourceError
+from ..kernels import usable_cpus
 from .base import FieldBackend
 from .memory import available_host_memory, check_grid_memory  # noqa: F401  (re-exported)
 from .spec import FieldSpec, TriplaneField, check_finite_planes, check_finite_points
@@ -257,8 +257,7 @@ class NativeFieldBackend(FieldBackend):
 
     def _set_threads(self) -> ctypes.CDLL:
         lib = _lib()
-        # never more threads than processors: libgomp ends the process when it cannot create one
-        lib.lrm_field_set_num_threads(min(int(self.threads or torch.get_num_threads()), os.cpu_count() or 1))
+        lib.lrm_field_set_num_threads(min(int(self.threads or torch.get_num_threads()), usable_cpus()))
         return lib
 
     @staticmethod
