@@ -307,7 +307,7 @@ def test_occupancy_loss_is_bce_at_the_mesh_level_and_trains_the_network(tmp_path
     y = labels[0][sel[0]].double()
     bce = -(y * p.log() + (1 - y) * (1 - p).log())
     got = T.occupancy_loss(T.differentiable_field(net, planes[:1]), points[:1], labels[:1], sel[:1], far_args)
-    assert float(got.detach()) == pytest.approx(float(bce[far].mean()), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(bce[far].mean().detach()), rel=1e-5)
 
     # the loop: the occupancy loss runs and is logged; a split without labels is refused with a clear message
     ckpt = tmp_path / "ck.pt"
