@@ -157,9 +157,9 @@ def check_config(cfg: ModelConfig, name_of: Callable[[str], str] = lambda f: f"m
               ("render_size", MIN_RENDER_SIZE, MAX_RENDER_SIZE),
               ("samples_per_ray", 8 if cfg.family == "openlrm" else 1, MAX_SAMPLES_PER_RAY),  # OpenLRM: 4 + 4 at least
               ("camera_embed_dim", 0 if cfg.family == "triposr" else 1, MAX_CONFIG_SIZE)]
-    checks += [(f, 1, MAX_CONFIG_SIZE) for f in ("transformer_dim", "transformer_layers", "transformer_heads", "head_dim",
-                                                 "encoder_feat_dim", "triplane_low_res", "triplane_dim", "decoder_in",
-                                                 "decoder_hidden", "decoder_linear_layers")]
+    checks += [(f, 1, MAX_CONFIG_SIZE) for f in (
+        "transformer_dim", "transformer_layers", "transformer_heads", "head_dim", "encoder_feat_dim",
+        "triplane_low_res", "triplane_dim", "decoder_in", "decoder_hidden", "decoder_linear_layers")]
     for field, lo, hi in checks:
         if not lo <= getattr(cfg, field) <= hi:
             fail(field, f"an integer in [{lo}, {hi}]")

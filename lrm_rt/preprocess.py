@@ -672,9 +672,16 @@ def recenter(rgba: np.ndarray, size: int = 512, border_ratio: float = 0.2, sourc
     return out
 
 
+def _per_pair(formula, rgba: np.ndarray, background: Background) -> np.ndarray:
+    """``formula(rgba, background)``, a per-pixel uint8 composite, evaluated once per (colour, alpha) pair and
+    looked up for a large image (a 4096^2 canvas: ~0.2 s instead of ~1.6 s), bit for bit the same."""
+    if rgba.shape[0] * rgba.shape[1] < 1 << 17:
+        return formula(rgba, background)
+    return _composite_with_table(rgba, formula(_pair_image(), background)[0].T.copy())
+
+
 def _composite_with_table(rgba: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 = table[channel, alpha * 256 + colour]: a per-pixel float formula evaluated once per (colour,
-    alpha) pair instead of once per pixel (a 4096^2 canvas: ~0.2 s instead of ~1.6 s), bit for bit the same."""
+    """(H, W, 3) uint8 = table[channel, alpha * 256 + colour]."""
     h, w = rgba.shape[:2]
     flat = rgba.reshape(-1, 4)
     out = np.empty((h * w, 3), np.uint8)
@@ -706,9 +713,7 @@ def composite_uint8(rgba: np.ndarray, background: Background = 0.5) -> np.ndarra
 
     Operation order and dtypes follow ``run.py`` so the result is bit-identical to its ``input.png``.
     """
-    if rgba.shape[0] * rgba.shape[1] < 1 << 17:
-        return _composite_uint8_direct(rgba, background)
-    return _composite_with_table(rgba, _composite_uint8_direct(_pair_image(), background)[0].T.copy())
+    return _per_pair(_composite_uint8_direct, rgba, background)
 
 
 def _display_openlrm_direct(rgba: np.ndarray, background: Background) -> np.ndarray:
@@ -720,9 +725,7 @@ def _display_openlrm_direct(rgba: np.ndarray, background: Background) -> np.ndar
 def display_openlrm(rgba: np.ndarray, background: Background = 1.0) -> np.ndarray:
     """OpenLRM's float composite ``rgb*a + bg*(1-a)`` rounded to uint8: for display only (the model side
     composites in float)."""
-    if rgba.shape[0] * rgba.shape[1] < 1 << 17:
-        return _display_openlrm_direct(rgba, background)
-    return _composite_with_table(rgba, _display_openlrm_direct(_pair_image(), background)[0].T.copy())
+    return _per_pair(_display_openlrm_direct, rgba, background)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -834,9 +837,9 @@ class PreprocessConfig:
             raise ConfigError(f"unknown preprocessing family {self.family!r} (expected 'triposr' or 'openlrm')")
         if int(self.input_size) != self.input_size or self.input_size < 1:
             raise ConfigError(f"input_size must be a positive integer, got {self.input_size!r}")
-        if self.foreground_ratio is not None and not (
-                isinstance(self.foreground_ratio, (int, float, np.floating)) and not isinstance(self.foreground_ratio, bool)
-                and MIN_FOREGROUND_RATIO <= self.foreground_ratio <= 1.0):
+        ratio = self.foreground_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float, np.floating)) and not isinstance(ratio, bool)
+                                      and MIN_FOREGROUND_RATIO <= ratio <= 1.0):
             raise ConfigError(f"foreground_ratio must be in [{MIN_FOREGROUND_RATIO}, 1], got {self.foreground_ratio!r}")
         if self.recenter and self.foreground_ratio is not None:
             raise ConfigError(

@@ -265,8 +265,8 @@ def export_model(loaded: LoadedModel, out_dir: Union[str, Path], *, opset: int =
     # the validation runs the torch model and ONNX Runtime at check_batch (100,000 of lrm-tiny took 24 GB);
     # TensorRT builds its profile for max_batch
     if not (1 <= check_batch <= MAX_CHECK_BATCH and 1 <= max_batch <= MAX_PROFILE_BATCH):
-        raise ConfigError(f"--check-batch must be in [1, {MAX_CHECK_BATCH}] and --max-batch in [1, {MAX_PROFILE_BATCH}], "
-                          f"got {check_batch} and {max_batch}")
+        raise ConfigError(f"--check-batch must be in [1, {MAX_CHECK_BATCH}] and --max-batch in "
+                          f"[1, {MAX_PROFILE_BATCH}], got {check_batch} and {max_batch}")
     if tensorrt:
         from ..tensorrt_backend import require_tensorrt
 
